@@ -1,0 +1,1 @@
+"""coserve engine: the process that owns the model, KV cache and scheduler."""

@@ -1,0 +1,89 @@
+"""Attention over the paged KV cache for one flat token batch (native PyTorch).
+
+The batch is laid out as the plan orders it: first `num_decode_tokens` sequences
+with one query token each, then prefill chunks. Decodes are attended together in
+one batched SDPA over their gathered blocks; each prefill chunk is attended on its
+own, causally, against everything its sequence has in the cache.
+
+This native path is the reference that kernel-backed paths are tested against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillSpan:
+    token_start: int  # offset of the chunk in the flat batch
+    num_tokens: int  # query tokens in the chunk
+    num_computed: int  # tokens of this sequence already in the cache before the chunk
+    block_table: torch.Tensor  # [num_blocks_of_seq] long
+    # [num_tokens, num_computed + num_tokens] bool, None when the chunk starts the
+    # sequence (plain causal attention).
+    mask: torch.Tensor | None
+
+    @property
+    def context_len(self) -> int:
+        return self.num_computed + self.num_tokens
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] long: cache slot of each new token
+    num_decode_tokens: int
+    decode_block_tables: torch.Tensor  # [num_decodes, max_blocks] long (0-padded)
+    decode_mask: torch.Tensor  # [num_decodes, 1, 1, max_blocks * block_size] bool
+    prefills: list[PrefillSpan]
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    """k_cache, v_cache: [num_blocks, block_size, kv_heads, head_dim]; k, v: [num_tokens, kv_heads, head_dim]."""
+    kv_heads, head_dim = k.shape[1:]
+    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slots, k)
+    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slots, v)
+
+
+def paged_attention(
+    q: torch.Tensor,  # [num_tokens, heads, head_dim]
+    k: torch.Tensor,  # [num_tokens, kv_heads, head_dim]
+    v: torch.Tensor,
+    k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:  # [num_tokens, heads, head_dim]
+    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    out = torch.empty_like(q)
+    kv_heads, head_dim = k.shape[1:]
+    num_decodes = meta.num_decode_tokens
+    if num_decodes:
+        # [num_decodes, max_blocks, block_size, kv_heads, head_dim] -> [num_decodes, kv_heads, ctx, head_dim]
+        keys = k_cache[meta.decode_block_tables].view(num_decodes, -1, kv_heads, head_dim).transpose(1, 2)
+        values = v_cache[meta.decode_block_tables].view(num_decodes, -1, kv_heads, head_dim).transpose(1, 2)
+        query = q[:num_decodes].unsqueeze(2)  # [num_decodes, heads, 1, head_dim]
+        attended = F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True
+        )
+        out[:num_decodes] = attended.squeeze(2)
+    for span in meta.prefills:
+        rows = slice(span.token_start, span.token_start + span.num_tokens)
+        if span.num_computed == 0:
+            keys, values = k[rows], v[rows]  # fresh chunk: no need to read the cache back
+        else:
+            keys = k_cache[span.block_table].view(-1, kv_heads, head_dim)[: span.context_len]
+            values = v_cache[span.block_table].view(-1, kv_heads, head_dim)[: span.context_len]
+        attended = F.scaled_dot_product_attention(
+            q[rows].transpose(0, 1).unsqueeze(0),  # [1, heads, chunk, head_dim]
+            keys.transpose(0, 1).unsqueeze(0),  # [1, kv_heads, ctx, head_dim]
+            values.transpose(0, 1).unsqueeze(0),
+            attn_mask=span.mask,
+            is_causal=span.mask is None,
+            scale=scale,
+            enable_gqa=True,
+        )
+        out[rows] = attended[0].transpose(0, 1)
+    return out

@@ -1,0 +1,70 @@
+"""Engine configuration: plain dataclasses, validated once at construction.
+
+The HTTP edge (server/settings.py) owns user-facing settings and their docs; it
+builds one `EngineConfig` from them and hands it to the engine process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cpu_computes_bf16_natively() -> bool:
+    """True when the CPU has bf16 dot-product instructions (AVX512-BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    """`auto` picks the fastest type the device computes natively and correctly."""
+    if name != "auto":
+        if name not in _DTYPES:
+            raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {name!r}")
+        return _DTYPES[name]
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_computes_bf16_natively() else torch.float32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(k for k, v in _DTYPES.items() if v == dtype)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_dir: Path
+    dtype: str = "auto"
+    device: str = "cpu"
+    # Tokens per KV-cache block.
+    block_size: int = 16
+    # Memory for the KV cache; the number of blocks follows from it.
+    kv_cache_memory_gb: float = 2.0
+    # Token budget of one iteration (decodes + prefill chunks).
+    max_num_batched_tokens: int = 2048
+    # Sequences in one iteration.
+    max_num_seqs: int = 64
+    # Cap on prompt + output length; None = the model's max_position_embeddings.
+    max_model_len: int | None = None
+    # Intra-op threads for the CPU; None = torch's default (one per core).
+    num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
+        if self.kv_cache_memory_gb <= 0:
+            raise ValueError("kv_cache_memory_gb must be positive")
+        if self.max_num_seqs <= 0:
+            raise ValueError("max_num_seqs must be positive")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError("max_num_batched_tokens must be at least max_num_seqs")
+        if self.max_model_len is not None and self.max_model_len <= 0:
+            raise ValueError("max_model_len must be positive")
+        resolve_dtype(self.dtype, self.device)  # fails early on a bad name

@@ -1,0 +1,130 @@
+"""LLMEngine: the engine step, `schedule -> execute -> update`, and its bookkeeping."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import torch
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig, dtype_name, resolve_dtype
+from engine.messages import EngineReady, EngineRequest, IterationStats, RequestOutput
+from engine.model.loader import load_model
+from engine.runner import ModelRunner
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+def _eos_token_ids(config, model_dir) -> set[int]:
+    """EOS ids from config.json and generation_config.json (chat models often list several)."""
+    ids: set[int] = set()
+    sources = [getattr(config, "eos_token_id", None)]
+    gen_path = model_dir / "generation_config.json"
+    if gen_path.is_file():
+        sources.append(json.loads(gen_path.read_text()).get("eos_token_id"))
+    for value in sources:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(value)
+    return ids
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.dtype = resolve_dtype(config.dtype, config.device)
+        self.model = load_model(config.model_dir, self.dtype, config.device)
+        model_config = self.model.config
+
+        block_bytes = ModelRunner.kv_bytes_per_block(self.model, config.block_size, self.dtype)
+        num_blocks = int(config.kv_cache_memory_gb * 2**30 // block_bytes)
+        self.max_model_len = self._max_model_len(model_config, num_blocks * config.block_size)
+        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(
+            self.block_manager,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_num_seqs=config.max_num_seqs,
+            max_model_len=self.max_model_len,
+            eos_token_ids=_eos_token_ids(model_config, config.model_dir),
+        )
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.max_model_len, config.device)
+        self.sequences: dict[str, Sequence] = {}
+        log.info(
+            "engine ready: %s, dtype=%s, %d KV blocks of %d tokens, max_model_len=%d",
+            config.model_dir, dtype_name(self.dtype), num_blocks, config.block_size, self.max_model_len,
+        )
+
+    def _max_model_len(self, model_config, cache_tokens: int) -> int:
+        limits = [model_config.max_position_embeddings, cache_tokens]
+        if self.config.max_model_len:
+            limits.append(self.config.max_model_len)
+        # Beyond its window Mistral attends only locally; we attend fully, so we stop there.
+        window = getattr(model_config, "sliding_window", None)
+        if window and getattr(model_config, "use_sliding_window", True):
+            limits.append(window)
+        return min(limits)
+
+    def ready_info(self) -> EngineReady:
+        return EngineReady(
+            max_model_len=self.max_model_len,
+            num_kv_blocks=self.block_manager.num_blocks,
+            block_size=self.config.block_size,
+            dtype=dtype_name(self.dtype),
+        )
+
+    def add_request(self, request: EngineRequest) -> None:
+        seq = Sequence(request.request_id, request.prompt_token_ids, request.params, request.arrival_time)
+        self.scheduler.add(seq)
+        self.sequences[seq.request_id] = seq
+
+    def abort(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            if self.sequences.pop(request_id, None) is not None:
+                self.scheduler.abort(request_id)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> tuple[list[RequestOutput], IterationStats]:
+        started = time.perf_counter()
+        plan = self.scheduler.schedule()
+        outputs: list[RequestOutput] = []
+        if not plan.is_empty:
+            result = self.runner.execute(plan)
+            for request_id, entries in result.prompt_logprobs.items():
+                self.sequences[request_id].prompt_logprobs.extend(entries)
+            self.scheduler.update(plan, result.sampled)
+            for request_id, token in result.sampled.items():
+                seq = self.sequences[request_id]
+                prompt_logprobs = None
+                if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
+                    prompt_logprobs, seq.prompt_logprobs_sent = seq.prompt_logprobs, True
+                logprobs = [result.logprobs[request_id]] if request_id in result.logprobs else None
+                outputs.append(
+                    RequestOutput(
+                        request_id=request_id,
+                        new_token_ids=[token],
+                        logprobs=logprobs,
+                        prompt_logprobs=prompt_logprobs,
+                        finish_reason=seq.finish_reason,
+                        stop_token_id=seq.stop_token_id,
+                    )
+                )
+                if seq.is_finished:
+                    del self.sequences[request_id]
+        stats = IterationStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=self.block_manager.usage,
+            num_preemptions=self.scheduler.num_preemptions,
+            iteration_seconds=time.perf_counter() - started,
+            num_batched_tokens=plan.num_tokens,
+        )
+        return outputs, stats

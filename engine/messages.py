@@ -1,0 +1,103 @@
+"""Every message that crosses the server <-> engine boundary.
+
+The server sends `EngineRequest` and `AbortRequests` to the engine; the engine
+answers each iteration with one `EngineOutputs` batch. All are msgspec structs so
+that a frame costs microseconds to encode, and a schema change is a type error in
+one place instead of a dict key drifting between two processes.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class SamplingParams(msgspec.Struct, frozen=True):
+    """How to pick tokens for one sequence. Validated at the HTTP edge."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # Number of top alternatives to report per generated token; None = no logprobs,
+    # 0 = only the sampled token's logprob.
+    logprobs: int | None = None
+    # Same for the prompt tokens (completions `echo` + `logprobs`).
+    prompt_logprobs: int | None = None
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class EngineRequest(msgspec.Struct, tag=True, frozen=True):
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+
+
+class AbortRequests(msgspec.Struct, tag=True, frozen=True):
+    request_ids: list[str]
+
+
+class Shutdown(msgspec.Struct, tag=True, frozen=True):
+    pass
+
+
+# A token's logprob and the top alternatives: (sampled_logprob, [(token_id, logprob), ...]).
+TokenLogprobs = tuple[float, list[tuple[int, float]]]
+
+
+class RequestOutput(msgspec.Struct, frozen=True):
+    """What one request gained in one iteration."""
+
+    request_id: str
+    new_token_ids: list[int]
+    # One entry per new token when logprobs were asked for.
+    logprobs: list[TokenLogprobs] | None = None
+    # Sent once, with the first output, when prompt logprobs were asked for; the
+    # first prompt token has none, so the list has len(prompt) - 1 entries.
+    prompt_logprobs: list[TokenLogprobs] | None = None
+    # "stop" (EOS or stop token), "length" (max_tokens or context), "abort".
+    finish_reason: str | None = None
+    # The token id that stopped the request, when a stop token did.
+    stop_token_id: int | None = None
+
+
+class IterationStats(msgspec.Struct, frozen=True):
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # fraction of KV blocks in use
+    num_preemptions: int  # cumulative
+    iteration_seconds: float
+    num_batched_tokens: int
+
+
+class EngineOutputs(msgspec.Struct, tag=True, frozen=True):
+    outputs: list[RequestOutput]
+    stats: IterationStats | None = None
+
+
+class EngineReady(msgspec.Struct, tag=True, frozen=True):
+    """First frame the engine sends: what the server needs to validate requests."""
+
+    max_model_len: int
+    num_kv_blocks: int
+    block_size: int
+    dtype: str
+
+
+class EngineFailed(msgspec.Struct, tag=True, frozen=True):
+    """The engine could not start (bad model, out of memory); `message` says why."""
+
+    message: str
+
+
+ServerToEngine = EngineRequest | AbortRequests | Shutdown
+EngineToServer = EngineReady | EngineFailed | EngineOutputs

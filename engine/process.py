@@ -1,0 +1,69 @@
+"""The engine process: a loop around `LLMEngine.step()` fed over ZeroMQ.
+
+The server binds two sockets and starts this process, which connects to them:
+  input  (server PUSH -> engine PULL): EngineRequest | AbortRequests | Shutdown
+  output (engine PUSH -> server PULL): EngineReady | EngineFailed first, then one
+                                       EngineOutputs per iteration
+When idle the loop blocks on the input socket, so an idle engine costs no CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+
+import msgspec
+import zmq
+
+from engine.config import EngineConfig
+from engine.messages import (
+    AbortRequests,
+    EngineFailed,
+    EngineOutputs,
+    EngineRequest,
+    ServerToEngine,
+    Shutdown,
+)
+
+log = logging.getLogger(__name__)
+
+
+def run_engine_process(config: EngineConfig, input_addr: str, output_addr: str) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(levelname)s %(message)s")
+    ctx = zmq.Context()
+    inbox = ctx.socket(zmq.PULL)
+    inbox.connect(input_addr)
+    outbox = ctx.socket(zmq.PUSH)
+    outbox.connect(output_addr)
+    encoder = msgspec.msgpack.Encoder()
+    decoder = msgspec.msgpack.Decoder(ServerToEngine)
+    try:
+        from engine.llm_engine import LLMEngine
+
+        engine = LLMEngine(config)
+    except Exception as exc:  # noqa: BLE001 - any start failure is reported, then we exit
+        log.error("engine failed to start: %s", traceback.format_exc())
+        outbox.send(encoder.encode(EngineFailed(message=f"{type(exc).__name__}: {exc}")))
+        outbox.close(linger=2000)
+        return
+    outbox.send(encoder.encode(engine.ready_info()))
+    poller = zmq.Poller()
+    poller.register(inbox, zmq.POLLIN)
+    while True:
+        timeout = 0 if engine.has_work() else None
+        while poller.poll(timeout):
+            msg = decoder.decode(inbox.recv())
+            if isinstance(msg, EngineRequest):
+                engine.add_request(msg)
+            elif isinstance(msg, AbortRequests):
+                engine.abort(msg.request_ids)
+            elif isinstance(msg, Shutdown):
+                log.info("engine shutting down")
+                outbox.close(linger=0)
+                inbox.close(linger=0)
+                return
+            timeout = 0
+        if engine.has_work():
+            outputs, stats = engine.step()
+            if outputs or stats is not None:
+                outbox.send(encoder.encode(EngineOutputs(outputs=outputs, stats=stats)))

@@ -1,0 +1,148 @@
+"""ModelRunner: turns an `IterationPlan` into device tensors, runs the model, samples.
+
+CPU plan -> tensors, in one place:
+  input_ids, positions, slot_mapping: [num_tokens] for every scheduled token, in
+    plan order (decodes first, then prefill chunks);
+  decode block tables [num_decodes, max_blocks] and a validity mask over the
+    gathered context, shared by all layers;
+  one PrefillSpan per prefill chunk;
+  sample_rows: the flat index of the last token of each chunk that completes its
+    sequence: only those rows go through the LM head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from engine.attention import AttentionMetadata, PrefillSpan
+from engine.messages import TokenLogprobs
+from engine.model.llama import LlamaForCausalLM
+from engine.model.rope import rope_tables
+from engine.plan import IterationPlan, ScheduledChunk
+from engine.sampler import sample, token_logprobs
+
+
+@dataclass
+class RunnerOutput:
+    sampled: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    # Prompt logprobs gained this iteration, per request, in prompt order.
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, max_model_len: int, device: str):
+        self.model = model
+        self.block_size = block_size
+        self.device = device
+        config = model.config
+        dtype = model.embed_tokens.weight.dtype
+        # Per layer (k, v), each [num_blocks, block_size, kv_heads, head_dim].
+        shape = (num_blocks, block_size, config.num_key_value_heads, model.head_dim)
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(config.num_hidden_layers)
+        ]
+        cos, sin = rope_tables(config, model.head_dim, max_model_len)
+        self.cos, self.sin = cos.to(device=device, dtype=dtype), sin.to(device=device, dtype=dtype)
+
+    @staticmethod
+    def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
+        config = model.config
+        per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * model.head_dim
+        return per_token * block_size * torch.empty(0, dtype=dtype).element_size()
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def _metadata(self, chunks: list[ScheduledChunk], slots: list[int]) -> AttentionMetadata:
+        bs = self.block_size
+        num_decodes = 0
+        while num_decodes < len(chunks) and chunks[num_decodes].num_new_tokens == 1:
+            num_decodes += 1
+        decodes = chunks[:num_decodes]
+        max_blocks = max((-(-c.end // bs) for c in decodes), default=0)
+        tables = []
+        for c in decodes:
+            table = c.seq.block_table[: -(-c.end // bs)]
+            tables.extend(table + [0] * (max_blocks - len(table)))  # padding is masked out
+        context_lens = self._tensor([c.end for c in decodes])  # [num_decodes]
+        decode_mask = torch.arange(max_blocks * bs, device=self.device) < context_lens.unsqueeze(1)
+        prefills = []
+        offset = num_decodes
+        for c in chunks[num_decodes:]:
+            mask = None
+            if c.start > 0:
+                keys = torch.arange(c.end, device=self.device)
+                queries = torch.arange(c.start, c.end, device=self.device)
+                mask = keys.unsqueeze(0) <= queries.unsqueeze(1)  # [chunk, context]
+            table = self._tensor(c.seq.block_table[: -(-c.end // bs)])
+            prefills.append(PrefillSpan(offset, c.num_new_tokens, c.start, table, mask))
+            offset += c.num_new_tokens
+        return AttentionMetadata(
+            slot_mapping=self._tensor(slots),
+            num_decode_tokens=num_decodes,
+            decode_block_tables=self._tensor(tables).view(num_decodes, max_blocks),
+            decode_mask=decode_mask.view(num_decodes, 1, 1, max_blocks * bs),
+            prefills=prefills,
+        )
+
+    @torch.inference_mode()
+    def forward(self, plan: IterationPlan) -> torch.Tensor:
+        """Run the model over the plan's flat batch; returns hidden states [num_tokens, hidden]."""
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        for chunk in plan.chunks:
+            seq, start, end = chunk.seq, chunk.start, chunk.end
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(seq.block_table[p // bs] * bs + p % bs for p in range(start, end))
+        meta = self._metadata(plan.chunks, slots)
+        pos = self._tensor(positions)
+        return self.model(self._tensor(input_ids), self.cos[pos], self.sin[pos], self.kv_caches, meta)
+
+    @torch.inference_mode()
+    def execute(self, plan: IterationPlan) -> RunnerOutput:
+        hidden = self.forward(plan)
+        sample_rows: list[int] = []
+        sample_chunks: list[ScheduledChunk] = []
+        prompt_rows: dict[str, tuple[ScheduledChunk, list[int], list[int]]] = {}  # request -> (chunk, rows, targets)
+        row0 = 0
+        for chunk in plan.chunks:
+            seq, start, end = chunk.seq, chunk.start, chunk.end
+            if chunk.completes_sequence:
+                sample_rows.append(row0 + chunk.num_new_tokens - 1)
+                sample_chunks.append(chunk)
+            if seq.wants_prompt_logprobs():
+                # Position p predicts prompt token p + 1.
+                first = max(start, len(seq.prompt_logprobs))
+                last = min(end, seq.num_prompt_tokens - 1)
+                if first < last:
+                    rows = [row0 + p - start for p in range(first, last)]
+                    prompt_rows[seq.request_id] = (chunk, rows, seq.token_ids[first + 1 : last + 1])
+            row0 += chunk.num_new_tokens
+
+        out = RunnerOutput()
+        if sample_rows:
+            seqs = [c.seq for c in sample_chunks]
+            logits = self.model.compute_logits(hidden[self._tensor(sample_rows)])  # [n, vocab]
+            wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+            raw_logprobs = F.log_softmax(logits[wanted], dim=-1) if wanted else None
+            tokens = sample(logits, seqs)
+            for seq, token in zip(seqs, tokens):
+                out.sampled[seq.request_id] = token
+            if wanted:
+                num_top = max(seqs[i].params.logprobs for i in wanted)
+                chosen = self._tensor([tokens[i] for i in wanted])
+                for i, entry in zip(wanted, token_logprobs(raw_logprobs, chosen, num_top)):
+                    out.logprobs[seqs[i].request_id] = (entry[0], entry[1][: seqs[i].params.logprobs])
+        for request_id, (chunk, rows, targets) in prompt_rows.items():
+            logprobs = F.log_softmax(self.model.compute_logits(hidden[self._tensor(rows)]), dim=-1)
+            num_top = chunk.seq.params.prompt_logprobs
+            out.prompt_logprobs[request_id] = token_logprobs(logprobs, self._tensor(targets), num_top)
+        return out

@@ -1,0 +1,165 @@
+"""Continuous batching with chunked prefill over a paged KV cache.
+
+Each `schedule()` fills one token budget (`max_num_batched_tokens`, at most
+`max_num_seqs` sequences) in priority order:
+  1. running sequences with one token left (decodes), oldest first;
+  2. running sequences with more left (prefill chunks, or a recompute);
+  3. waiting sequences, strictly first come first served.
+Priority is arrival order. When the cache runs out of blocks the newest running
+sequence is preempted: its blocks are freed and it goes back to the waiting queue
+to be recomputed later. Because admission never skips the head of the queue and
+victims are always the newest, the oldest request always makes progress: nothing
+starves and nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections.abc import Iterable
+
+from engine.block_manager import BlockManager
+from engine.plan import IterationPlan, ScheduledChunk
+from engine.sequence import Sequence, SequenceStatus
+
+
+class Scheduler:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_batched_tokens: int,
+        max_num_seqs: int,
+        max_model_len: int,
+        eos_token_ids: Iterable[int],
+    ):
+        self.block_manager = block_manager
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.waiting: list[Sequence] = []  # sorted by priority
+        self.running: list[Sequence] = []  # sorted by priority
+        self.num_preemptions = 0
+        self._arrivals = itertools.count()
+        self._priority: dict[str, int] = {}
+
+    # -- queue management -------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        if seq.num_tokens >= self.max_model_len:
+            raise ValueError(f"prompt of {seq.num_tokens} tokens leaves no room under max_model_len={self.max_model_len}")
+        self._priority[seq.request_id] = next(self._arrivals)
+        self.waiting.append(seq)
+
+    def abort(self, request_id: str) -> Sequence | None:
+        for queue in (self.running, self.waiting):
+            for seq in queue:
+                if seq.request_id == request_id:
+                    queue.remove(seq)
+                    self._finish(seq, "abort")
+                    return seq
+        return None
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _key(self, seq: Sequence) -> int:
+        return self._priority[seq.request_id]
+
+    # -- planning ---------------------------------------------------------
+
+    def schedule(self) -> IterationPlan:
+        plan = IterationPlan()
+        budget = self.max_num_batched_tokens
+        scheduled: dict[str, ScheduledChunk] = {}
+
+        decodes = [s for s in self.running if s.num_uncomputed_tokens == 1]
+        prefills = [s for s in self.running if s.num_uncomputed_tokens > 1]
+        for seq in decodes + prefills:
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            if not self._make_room(seq, num_new, plan, scheduled):
+                continue  # preempted itself
+            scheduled[seq.request_id] = ScheduledChunk(seq, num_new)
+            # Recounted rather than decremented: a preemption may have dropped a chunk.
+            budget = self.max_num_batched_tokens - sum(c.num_new_tokens for c in scheduled.values())
+
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            if not self.block_manager.can_allocate(seq, seq.num_computed_tokens + num_new):
+                break
+            self.waiting.pop(0)
+            self.block_manager.allocate(seq, seq.num_computed_tokens + num_new)
+            seq.status = SequenceStatus.RUNNING
+            bisect.insort(self.running, seq, key=self._key)
+            scheduled[seq.request_id] = ScheduledChunk(seq, num_new)
+            budget -= num_new
+
+        chunks = sorted(scheduled.values(), key=lambda c: self._key(c.seq))
+        plan.chunks = [c for c in chunks if c.num_new_tokens == 1] + [c for c in chunks if c.num_new_tokens > 1]
+        return plan
+
+    def _make_room(
+        self, seq: Sequence, num_new: int, plan: IterationPlan, scheduled: dict[str, ScheduledChunk]
+    ) -> bool:
+        """Allocate blocks for `seq`'s chunk, preempting newer sequences if needed.
+
+        Returns False when `seq` itself had to be preempted.
+        """
+        target = seq.num_computed_tokens + num_new
+        while not self.block_manager.can_allocate(seq, target):
+            victim = self.running[-1]
+            scheduled.pop(victim.request_id, None)
+            self._preempt(victim, plan)
+            if victim is seq:
+                return False
+        self.block_manager.allocate(seq, target)
+        return True
+
+    def _preempt(self, seq: Sequence, plan: IterationPlan) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        bisect.insort(self.waiting, seq, key=self._key)
+        plan.preempted.append(seq)
+
+    # -- after the iteration ----------------------------------------------
+
+    def update(self, plan: IterationPlan, sampled: dict[str, int]) -> list[Sequence]:
+        """Advance token counts, append sampled tokens, finish what stops. Returns the finished."""
+        finished = []
+        for chunk in plan.chunks:
+            seq = chunk.seq
+            seq.num_computed_tokens += chunk.num_new_tokens
+            token = sampled.get(seq.request_id)
+            if token is None:
+                continue
+            seq.token_ids.append(token)
+            reason = self._stop_reason(seq, token)
+            if reason is not None:
+                self.running.remove(seq)
+                self._finish(seq, reason)
+                finished.append(seq)
+        return finished
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        params = seq.params
+        if (not params.ignore_eos and token in self.eos_token_ids) or token in params.stop_token_ids:
+            seq.stop_token_id = token
+            return "stop"
+        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        self._priority.pop(seq.request_id, None)

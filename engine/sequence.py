@@ -1,0 +1,74 @@
+"""`Sequence`: the one object the scheduler, block manager and runner pass around.
+
+A sequence is tracked by token counts only: `num_computed_tokens` of its
+`token_ids` have KV entries in the cache. Whatever is left is scheduled in chunks;
+there is no prefill or decode mode. When `num_computed_tokens` reaches
+`num_tokens` after an iteration, the runner samples one new token for it.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+
+from engine.messages import SamplingParams, TokenLogprobs
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival_time: float):
+        self.request_id = request_id
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.params = params
+        self.arrival_time = arrival_time
+        self.status = SequenceStatus.WAITING
+        self.num_computed_tokens = 0
+        self.block_table: list[int] = []
+        self.finish_reason: str | None = None
+        self.stop_token_id: int | None = None
+        self.num_preemptions = 0
+        # Per-request generator: a seeded request samples the same tokens whatever
+        # else shares its batches.
+        self.generator: torch.Generator | None = None
+        if params.seed is not None:
+            self.generator = torch.Generator().manual_seed(params.seed)
+        # Collected across prefill chunks, sent once with the first output.
+        self.prompt_logprobs: list[TokenLogprobs] | None = [] if params.prompt_logprobs is not None else None
+        self.prompt_logprobs_sent = False
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def wants_prompt_logprobs(self) -> bool:
+        """Still collecting prompt logprobs (a recompute after preemption does not redo them)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens - 1
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence({self.request_id!r}, tokens={self.num_tokens}, computed={self.num_computed_tokens}, "
+            f"status={self.status.value})"
+        )
