@@ -61,9 +61,11 @@ def paged_attention(
     kv_heads, head_dim = k.shape[1:]
     num_decodes = meta.num_decode_tokens
     if num_decodes:
-        # [num_decodes, max_blocks, block_size, kv_heads, head_dim] -> [num_decodes, kv_heads, ctx, head_dim]
-        keys = k_cache[meta.decode_block_tables].view(num_decodes, -1, kv_heads, head_dim).transpose(1, 2)
-        values = v_cache[meta.decode_block_tables].view(num_decodes, -1, kv_heads, head_dim).transpose(1, 2)
+        # index_select on the flat table is several times faster on CPU than advanced indexing.
+        # [num_decodes * max_blocks, block_size, kv_heads, head_dim] -> [num_decodes, kv_heads, ctx, head_dim]
+        table = meta.decode_block_tables.view(-1)
+        keys = k_cache.index_select(0, table).view(num_decodes, -1, kv_heads, head_dim).transpose(1, 2)
+        values = v_cache.index_select(0, table).view(num_decodes, -1, kv_heads, head_dim).transpose(1, 2)
         query = q[:num_decodes].unsqueeze(2)  # [num_decodes, heads, 1, head_dim]
         attended = F.scaled_dot_product_attention(
             query, keys, values, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True
@@ -74,8 +76,8 @@ def paged_attention(
         if span.num_computed == 0:
             keys, values = k[rows], v[rows]  # fresh chunk: no need to read the cache back
         else:
-            keys = k_cache[span.block_table].view(-1, kv_heads, head_dim)[: span.context_len]
-            values = v_cache[span.block_table].view(-1, kv_heads, head_dim)[: span.context_len]
+            keys = k_cache.index_select(0, span.block_table).view(-1, kv_heads, head_dim)[: span.context_len]
+            values = v_cache.index_select(0, span.block_table).view(-1, kv_heads, head_dim)[: span.context_len]
         attended = F.scaled_dot_product_attention(
             q[rows].transpose(0, 1).unsqueeze(0),  # [1, heads, chunk, head_dim]
             keys.transpose(0, 1).unsqueeze(0),  # [1, kv_heads, ctx, head_dim]

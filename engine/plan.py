@@ -9,23 +9,25 @@ from engine.sequence import Sequence
 
 @dataclass
 class ScheduledChunk:
-    """`num_new_tokens` tokens of `seq`, starting at `seq.num_computed_tokens`."""
+    """`num_new_tokens` tokens of `seq`, starting at `start`.
+
+    Positions are frozen when the chunk is planned: the sequence moves on after
+    the iteration, the record of what this iteration computed does not.
+    """
 
     seq: Sequence
     num_new_tokens: int
+    start: int = field(init=False)
+    # This chunk reaches the last known token, so a new token is sampled after it.
+    completes_sequence: bool = field(init=False)
 
-    @property
-    def start(self) -> int:
-        return self.seq.num_computed_tokens
+    def __post_init__(self) -> None:
+        self.start = self.seq.num_computed_tokens
+        self.completes_sequence = self.end == self.seq.num_tokens
 
     @property
     def end(self) -> int:
-        return self.seq.num_computed_tokens + self.num_new_tokens
-
-    @property
-    def completes_sequence(self) -> bool:
-        """This chunk reaches the last known token, so a new token is sampled after it."""
-        return self.end == self.seq.num_tokens
+        return self.start + self.num_new_tokens
 
 
 @dataclass

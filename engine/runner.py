@@ -104,7 +104,8 @@ class ModelRunner:
             slots.extend(seq.block_table[p // bs] * bs + p % bs for p in range(start, end))
         meta = self._metadata(plan.chunks, slots)
         pos = self._tensor(positions)
-        return self.model(self._tensor(input_ids), self.cos[pos], self.sin[pos], self.kv_caches, meta)
+        cos, sin = self.cos.index_select(0, pos), self.sin.index_select(0, pos)  # [num_tokens, head_dim]
+        return self.model(self._tensor(input_ids), cos, sin, self.kv_caches, meta)
 
     @torch.inference_mode()
     def execute(self, plan: IterationPlan) -> RunnerOutput:

@@ -1,0 +1,69 @@
+"""Sampler semantics on hand-made logits."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.messages import SamplingParams
+from engine.sampler import apply_penalties, sample, token_logprobs, truncate
+from engine.sequence import Sequence
+
+
+def seq_with(output: list[int], **params) -> Sequence:
+    seq = Sequence("r", [1, 2], SamplingParams(max_tokens=10, **params), 0.0)
+    seq.token_ids.extend(output)
+    return seq
+
+
+def test_penalties_count_generated_tokens_only():
+    logits = torch.zeros(1, 6)
+    seq = seq_with([3, 3, 4], presence_penalty=0.5, frequency_penalty=0.25)
+    apply_penalties(logits, [seq])
+    # Prompt tokens 1 and 2 are untouched; 3 seen twice, 4 once.
+    assert logits[0].tolist() == [0.0, 0.0, 0.0, -(0.5 + 2 * 0.25), -(0.5 + 0.25), 0.0]
+
+
+def test_greedy_takes_argmax_after_penalties():
+    logits = torch.tensor([[0.0, 3.0, 2.5]])
+    assert sample(logits.clone(), [seq_with([], temperature=0.0)]) == [1]
+    assert sample(logits.clone(), [seq_with([1], temperature=0.0, presence_penalty=1.0)]) == [2]
+
+
+def test_top_k_top_p_min_p_truncation():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = lambda **p: torch.isfinite(truncate(logits, [SamplingParams(max_tokens=1, **p)]))[0].tolist()
+    assert kept(top_k=2) == [True, True, False, False]
+    assert kept(top_p=0.8) == [True, True, False, False]  # 0.5 + 0.3 reaches 0.8
+    assert kept(top_p=0.81) == [True, True, True, False]
+    assert kept(min_p=0.25) == [True, True, True, False]  # 0.05 < 0.25 * 0.5
+    assert kept(top_p=0.01) == [True, False, False, False]  # the top token always survives
+
+
+def test_sampling_follows_the_distribution():
+    probs = torch.tensor([0.6, 0.3, 0.1])
+    seqs = [seq_with([], temperature=1.0) for _ in range(4000)]
+    tokens = sample(torch.log(probs).expand(4000, 3).clone(), seqs)
+    freq = torch.bincount(torch.tensor(tokens), minlength=3) / 4000
+    assert torch.allclose(freq, probs, atol=0.03)
+
+
+def test_seeded_rows_do_not_depend_on_the_batch():
+    logits = torch.randn(1, 50)
+    alone = sample(logits.clone(), [seq_with([], temperature=1.0, seed=7)])[0]
+    seeded = seq_with([], temperature=1.0, seed=7)
+    crowd = [seq_with([], temperature=1.0) for _ in range(5)]
+    batch = torch.cat([torch.randn(5, 50), logits])
+    together = sample(batch, crowd + [seeded])[-1]
+    assert alone == together
+    # The same seed gives the same sequence of draws.
+    a, b = seq_with([], temperature=1.0, seed=3), seq_with([], temperature=1.0, seed=3)
+    draws_a = [sample(logits.clone(), [a])[0] for _ in range(10)]
+    draws_b = [sample(logits.clone(), [b])[0] for _ in range(10)]
+    assert draws_a == draws_b and len(set(draws_a)) > 1
+
+
+def test_token_logprobs_reports_chosen_and_sorted_alternatives():
+    logprobs = torch.log_softmax(torch.tensor([[1.0, 3.0, 2.0]]), dim=-1)
+    [(chosen, top)] = token_logprobs(logprobs, torch.tensor([0]), num_top=2)
+    assert chosen == logprobs[0, 0].item()
+    assert [t for t, _ in top] == [1, 2] and top[0][1] >= top[1][1]
