@@ -70,6 +70,8 @@ def paged_attention(
         attended = F.scaled_dot_product_attention(
             query, keys, values, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True
         )
+        if not meta.prefills:
+            return attended.squeeze(2)
         out[:num_decodes] = attended.squeeze(2)
     for span in meta.prefills:
         rows = slice(span.token_start, span.token_start + span.num_tokens)
