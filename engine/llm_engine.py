@@ -119,12 +119,15 @@ class LLMEngine:
                 )
                 if seq.is_finished:
                     del self.sequences[request_id]
-        stats = IterationStats(
+        stats = self.stats(time.perf_counter() - started, plan.num_tokens)
+        return outputs, stats
+
+    def stats(self, iteration_seconds: float = 0.0, num_batched_tokens: int = 0) -> IterationStats:
+        return IterationStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
             kv_cache_usage=self.block_manager.usage,
             num_preemptions=self.scheduler.num_preemptions,
-            iteration_seconds=time.perf_counter() - started,
-            num_batched_tokens=plan.num_tokens,
+            iteration_seconds=iteration_seconds,
+            num_batched_tokens=num_batched_tokens,
         )
-        return outputs, stats

@@ -57,6 +57,9 @@ def run_engine_process(config: EngineConfig, input_addr: str, output_addr: str) 
                 engine.add_request(msg)
             elif isinstance(msg, AbortRequests):
                 engine.abort(msg.request_ids)
+                if not engine.has_work():
+                    # No step follows to report it: tell the server the engine is now idle.
+                    outbox.send(encoder.encode(EngineOutputs(outputs=[], stats=engine.stats())))
             elif isinstance(msg, Shutdown):
                 log.info("engine shutting down")
                 outbox.close(linger=0)

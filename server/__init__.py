@@ -1,0 +1,1 @@
+"""coserve HTTP front end: OpenAI-compatible routes in front of the engine process."""

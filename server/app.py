@@ -1,0 +1,35 @@
+"""The FastAPI application: routes, error handlers, and the engine's lifetime."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI
+
+from server.auth import require_api_key
+from server.context import ServerContext
+from server.errors import install_error_handlers
+from server.metrics import make_registry
+from server.routes import chat, completions, misc, models, tokenize
+
+
+def create_app(ctx: ServerContext) -> FastAPI:
+    """`ctx.engine` is already started (so start-up failures are reported before we
+    listen); the app stops it on shutdown, which uvicorn runs on SIGTERM and SIGINT."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        try:
+            yield
+        finally:
+            await ctx.engine.shutdown()
+
+    app = FastAPI(title="coserve", lifespan=lifespan)
+    app.state.ctx = ctx
+    app.state.metrics = make_registry(ctx.engine, ctx.served_model_name)
+    install_error_handlers(app)
+    protected = [Depends(require_api_key)]
+    for api in (completions, chat, models, tokenize):
+        app.include_router(api.router, dependencies=protected)
+    app.include_router(misc.router)
+    return app

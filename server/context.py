@@ -1,0 +1,43 @@
+"""What every route needs, built once at start-up and kept on `app.state.ctx`."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from transformers import PreTrainedTokenizerBase
+
+from server import errors
+from server.engine_client import EngineClient
+from server.generation import TokenTexts
+from server.prompts import PromptEncoder
+from server.settings import Settings
+
+
+@dataclass
+class ServerContext:
+    settings: Settings
+    engine: EngineClient
+    tokenizer: PreTrainedTokenizerBase
+    prompts: PromptEncoder
+    texts: TokenTexts
+    served_model_name: str
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def max_model_len(self) -> int:
+        return self.prompts.max_model_len
+
+    def check_model(self, name: str | None) -> None:
+        """`None` means the one model we serve; any other name is a 404."""
+        if name is not None and name != self.served_model_name:
+            raise errors.model_not_found(name)
+
+    def check_engine(self) -> None:
+        if not self.engine.alive:
+            raise errors.engine_unavailable(self.engine.dead_reason or "not started")
+
+
+def get_context(request: Request) -> ServerContext:
+    return request.app.state.ctx

@@ -1,0 +1,236 @@
+"""The server's side of the engine process: spawn it, talk to it, watch it.
+
+One `EngineClient` per server. It binds the two ZeroMQ sockets, starts the engine
+process (engine/process.py), and waits for its first frame. Afterwards a reader task
+routes each `RequestOutput` to the `OutputStream` of the HTTP request that owns it,
+and a watchdog notices when the process dies: then every open stream is failed at
+once and new work is refused, so no client ever waits on a dead engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import multiprocessing
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from engine.config import EngineConfig
+from engine.messages import (
+    AbortRequests,
+    EngineFailed,
+    EngineOutputs,
+    EngineReady,
+    EngineRequest,
+    EngineToServer,
+    IterationStats,
+    RequestOutput,
+    Shutdown,
+)
+from engine.process import run_engine_process
+from server import errors
+
+log = logging.getLogger(__name__)
+
+# How often the watchdog checks that the engine process is alive.
+_WATCH_INTERVAL_S = 0.2
+_SHUTDOWN_GRACE_S = 5.0
+_PR_SET_PDEATHSIG = 1
+
+
+class EngineStartError(RuntimeError):
+    """The engine process failed to start; the message says why."""
+
+
+class EngineDead(Exception):
+    """Put into open streams when the engine process dies."""
+
+
+def _engine_main(config: EngineConfig, input_addr: str, output_addr: str) -> None:
+    """Engine process entry: die with the server, even when the server is SIGKILLed."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass  # not Linux; the server's own shutdown still stops us
+    # Ctrl-C in a terminal reaches the whole process group; the server shuts us down.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    run_engine_process(config, input_addr, output_addr)
+
+
+class OutputStream:
+    """The engine outputs of one HTTP request, which may own several engine requests."""
+
+    def __init__(self, client: EngineClient, request_ids: list[str]):
+        self._client = client
+        self.unfinished = set(request_ids)
+        self._queue: asyncio.Queue[RequestOutput | EngineDead] = asyncio.Queue()
+
+    def put(self, item: RequestOutput | EngineDead) -> None:
+        self._queue.put_nowait(item)
+
+    async def get(self) -> RequestOutput:
+        item = await self._queue.get()
+        if isinstance(item, EngineDead):
+            raise item
+        if item.finish_reason is not None:
+            self._release(item.request_id)
+        return item
+
+    def finish_early(self, request_id: str) -> None:
+        """The server ended this request (stop string): free its engine sequence."""
+        if request_id in self.unfinished:
+            self._release(request_id)
+            self._client.abort([request_id])
+
+    def close(self) -> None:
+        """Abort whatever is still running (client went away, error)."""
+        if self.unfinished:
+            ids = list(self.unfinished)
+            for request_id in ids:
+                self._release(request_id)
+            self._client.abort(ids)
+
+    def _release(self, request_id: str) -> None:
+        self.unfinished.discard(request_id)
+        self._client.streams.pop(request_id, None)
+
+
+class EngineClient:
+    def __init__(self, config: EngineConfig, max_queued_requests: int):
+        self.config = config
+        # Sequences the engine may hold at once: running plus the allowed queue.
+        self.capacity = config.max_num_seqs + max_queued_requests
+        self.ready: EngineReady | None = None
+        self.last_stats: IterationStats | None = None
+        self.dead_reason: str | None = None
+        self.streams: dict[str, OutputStream] = {}
+        self._ipc_dir = Path(tempfile.mkdtemp(prefix="coserve-ipc-"))
+        self._ctx = zmq.asyncio.Context()
+        self._to_engine = self._ctx.socket(zmq.PUSH)
+        self._from_engine = self._ctx.socket(zmq.PULL)
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder(EngineToServer)
+
+    @property
+    def alive(self) -> bool:
+        return self.ready is not None and self.dead_reason is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    async def start(self) -> EngineReady:
+        input_addr = f"ipc://{self._ipc_dir}/input"
+        output_addr = f"ipc://{self._ipc_dir}/output"
+        self._to_engine.bind(input_addr)
+        self._from_engine.bind(output_addr)
+        self._process = multiprocessing.get_context("spawn").Process(
+            target=_engine_main, args=(self.config, input_addr, output_addr), name="coserve-engine"
+        )
+        self._process.start()
+        log.info("engine process %d starting", self._process.pid)
+        first = await self._first_frame()
+        if isinstance(first, EngineFailed):
+            await self.shutdown()
+            raise EngineStartError(f"engine failed to start: {first.message}")
+        self.ready = first
+        self._tasks = [asyncio.create_task(self._read_outputs()), asyncio.create_task(self._watch_process())]
+        return first
+
+    async def _first_frame(self) -> EngineReady | EngineFailed:
+        """Wait for the engine's first frame, however long loading takes, unless it dies."""
+        while True:
+            if await self._from_engine.poll(timeout=int(_WATCH_INTERVAL_S * 1000)):
+                msg = self._decoder.decode(await self._from_engine.recv())
+                if isinstance(msg, EngineReady | EngineFailed):
+                    return msg
+                continue
+            if not self._process.is_alive():
+                code = self._process.exitcode
+                await self.shutdown()
+                raise EngineStartError(f"engine process exited with code {code} before it was ready")
+
+    async def _read_outputs(self) -> None:
+        while True:
+            msg = self._decoder.decode(await self._from_engine.recv())
+            if not isinstance(msg, EngineOutputs):
+                continue
+            if msg.stats is not None:
+                self.last_stats = msg.stats
+            for output in msg.outputs:
+                stream = self.streams.get(output.request_id)
+                if stream is not None:  # None: the server already gave it up
+                    stream.put(output)
+
+    async def _watch_process(self) -> None:
+        while self._process.is_alive():
+            await asyncio.sleep(_WATCH_INTERVAL_S)
+        self._declare_dead(f"engine process exited with code {self._process.exitcode}")
+
+    def _declare_dead(self, reason: str, expected: bool = False) -> None:
+        if self.dead_reason is not None:
+            return
+        self.dead_reason = reason
+        if self.streams or not expected:
+            log.log(logging.INFO if expected else logging.ERROR, "%s; failing %d open requests", reason, len(self.streams))
+        for stream in set(self.streams.values()):
+            stream.put(EngineDead(reason))
+        self.streams.clear()
+
+    def open_stream(self, requests: list[EngineRequest]) -> OutputStream:
+        """Send requests to the engine; their outputs arrive on the returned stream."""
+        if not self.alive:
+            raise errors.engine_unavailable(self.dead_reason or "not started")
+        if len(self.streams) + len(requests) > self.capacity:
+            raise errors.queue_full()
+        stream = OutputStream(self, [r.request_id for r in requests])
+        for request in requests:
+            self.streams[request.request_id] = stream
+            self._send(request)
+        return stream
+
+    def abort(self, request_ids: list[str]) -> None:
+        if self.alive and request_ids:
+            self._send(AbortRequests(request_ids=request_ids))
+
+    def _send(self, msg) -> None:
+        # A PUSH socket with a connected peer queues without blocking.
+        self._to_engine.send(self._encoder.encode(msg), flags=zmq.NOBLOCK)
+
+    async def shutdown(self) -> None:
+        """Stop the engine process (politely, then by force) and release sockets. Idempotent."""
+        if self._ctx.closed:
+            return
+        for task in self._tasks:
+            task.cancel()
+        self._tasks = []
+        process = self._process
+        if process is not None and process.is_alive():
+            try:
+                self._send(Shutdown())
+            except zmq.ZMQError:
+                pass  # engine not connected or queue full: terminate below
+            deadline = time.monotonic() + _SHUTDOWN_GRACE_S
+            while process.is_alive() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if process.is_alive():
+                process.terminate()
+                process.join(2)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        self._declare_dead("server shutting down", expected=True)
+        self._to_engine.close(linger=0)
+        self._from_engine.close(linger=0)
+        self._ctx.term()
+        shutil.rmtree(self._ipc_dir, ignore_errors=True)

@@ -1,0 +1,78 @@
+"""From request bodies to prompt token ids, and the context-length check.
+
+Tokenization happens in the server process so the engine never sees text, and so
+that a prompt that cannot fit is refused with a 400 before it costs the engine
+anything.
+"""
+
+from __future__ import annotations
+
+from transformers import PreTrainedTokenizerBase
+
+from server import errors
+from server.protocol import ChatMessage
+
+
+class PromptEncoder:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, vocab_size: int, max_model_len: int):
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+        """A completions `prompt` in any of its four shapes -> one token list per prompt."""
+        if isinstance(prompt, str):
+            prompts = [self.encode(prompt)]
+        elif isinstance(prompt[0], str):
+            prompts = [self.encode(p) for p in prompt]
+        elif isinstance(prompt[0], int):
+            prompts = [list(prompt)]
+        else:
+            prompts = [list(p) for p in prompt]
+        for ids in prompts:
+            self.check_token_ids(ids, "prompt")
+            if not ids:
+                raise errors.bad_request("prompt must not be empty", "prompt")
+        return prompts
+
+    def check_token_ids(self, ids: list[int], param: str) -> None:
+        bad = next((t for t in ids if t >= self.vocab_size), None)
+        if bad is not None:
+            raise errors.bad_request(f"token id {bad} is out of range (vocabulary size {self.vocab_size})", param)
+
+    def chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
+        if not self.tokenizer.chat_template:
+            raise errors.bad_request("this model has no chat template; use /v1/completions", "messages")
+        conversation = [_template_message(i, m) for i, m in enumerate(messages)]
+        # Rendered to text, then encoded without extra specials: the template already
+        # wrote every special token the model expects.
+        text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        return self.encode(text, add_special_tokens=False)
+
+    def fit_max_tokens(self, prompt_len: int, max_tokens: int | None, prompt_param: str) -> int:
+        """The completion budget: as asked if it fits, the rest of the context if None."""
+        room = self.max_model_len - prompt_len
+        if room <= 0 or (max_tokens is not None and max_tokens > room):
+            raise errors.context_length_exceeded(self.max_model_len, prompt_len, max_tokens, prompt_param)
+        return room if max_tokens is None else max_tokens
+
+
+def _template_message(index: int, message: ChatMessage) -> dict[str, str]:
+    param = f"messages.{index}"
+    if message.role == "tool":
+        raise errors.bad_request("tool messages are not supported (coserve does not do tool calling)", f"{param}.role")
+    if isinstance(message.content, list):
+        for j, part in enumerate(message.content):
+            if part.type != "text" or part.text is None:
+                raise errors.bad_request(
+                    f"content part type {part.type!r} is not supported; only text parts are", f"{param}.content.{j}"
+                )
+        content = "\n".join(part.text for part in message.content)
+    else:
+        content = message.content or ""
+    # Templates know system/user/assistant; OpenAI's newer "developer" role means system.
+    role = "system" if message.role == "developer" else message.role
+    return {"role": role, "content": content}

@@ -1,0 +1,49 @@
+"""Request fields shared by completions and chat -> the engine's SamplingParams."""
+
+from __future__ import annotations
+
+import uuid
+
+from engine.messages import SamplingParams
+from server.context import ServerContext
+from server.generation import Sequence
+from server.protocol import GenerationRequest, Usage
+
+
+def new_request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def usage(prompts: list[list[int]], sequences: list[Sequence]) -> Usage:
+    """Each prompt counts once however many choices it has; every generated token counts."""
+    prompt_tokens = sum(len(p) for p in prompts)
+    completion_tokens = sum(s.num_generated for s in sequences)
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens)
+
+
+def sampling_params(
+    ctx: ServerContext,
+    body: GenerationRequest,
+    *,
+    max_tokens: int,
+    logprobs: int | None,
+    prompt_logprobs: int | None = None,
+) -> SamplingParams:
+    stop_token_ids = body.stop_token_ids or []
+    ctx.prompts.check_token_ids(stop_token_ids, "stop_token_ids")
+    top_k = body.top_k or 0
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=max(top_k, 0),  # -1 (vLLM's "off") and 0 both disable
+        min_p=body.min_p or 0.0,
+        seed=body.seed,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+        ignore_eos=bool(body.ignore_eos),
+        stop_token_ids=tuple(stop_token_ids),
+    )

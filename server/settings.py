@@ -1,0 +1,122 @@
+"""All user-facing settings in one object, with their documentation.
+
+Sources, strongest first: command-line flags (passed as init kwargs by server/cli.py),
+`COSERVE_*` environment variables, a YAML file (`--config` / `COSERVE_CONFIG`), then
+the defaults below. `configs/default.yaml` lists every default; the CLI generates one
+flag per field from these descriptions.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from engine.config import EngineConfig
+
+ENV_PREFIX = "COSERVE_"
+
+
+class _YamlFileSource(PydanticBaseSettingsSource):
+    """Reads the YAML file named by the `config` setting (CLI flag or env var).
+
+    The path is itself a setting, so it is looked up in the stronger sources first;
+    pydantic-settings' own YAML source only takes a path fixed on the class.
+    """
+
+    def __init__(self, settings_cls: type[BaseSettings], init: InitSettingsSource):
+        super().__init__(settings_cls)
+        self._init = init
+
+    def _config_path(self) -> str | None:
+        return self._init.init_kwargs.get("config") or os.environ.get(f"{ENV_PREFIX}CONFIG")
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        raise NotImplementedError  # __call__ below reads the whole file at once
+
+    def __call__(self) -> dict[str, Any]:
+        path = self._config_path()
+        if not path:
+            return {}
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"settings file {path} does not exist")
+        return YamlConfigSettingsSource(self.settings_cls, yaml_file=path)()
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    config: Path | None = Field(None, description="YAML settings file; its values sit below env vars and flags")
+    model: str | None = Field(
+        None,
+        description="Hugging Face model directory or .gguf file; unset = the embedded SmolLM2-135M-Instruct",
+    )
+    served_model_name: str | None = Field(
+        None, description="Name clients pass as `model`; unset = derived from the model path"
+    )
+    host: str = Field("127.0.0.1", description="Address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on")
+    data_dir: Path = Field(
+        Path("~/.local/share/coserve"), description="Directory for uploaded files, jobs and adapters"
+    )
+    cache_dir: Path = Field(
+        Path("~/.cache/coserve"), description="Cache directory (models converted from GGUF live here)"
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Weight and activation type; auto = bfloat16 where the device computes it natively, else float32",
+    )
+    device: str = Field("cpu", description="Torch device for the engine (cpu, cuda, cuda:1, ...)")
+    block_size: int = Field(16, gt=0, description="Tokens per KV-cache block (a power of two)")
+    kv_cache_memory_gb: float = Field(2.0, gt=0, description="Memory reserved for the KV cache, in GiB")
+    max_num_batched_tokens: int = Field(2048, gt=0, description="Token budget of one engine iteration")
+    max_num_seqs: int = Field(64, gt=0, description="Most sequences running in one engine iteration")
+    max_model_len: int | None = Field(
+        None, gt=0, description="Cap on prompt + completion tokens; unset = the model's context length"
+    )
+    num_threads: int | None = Field(None, gt=0, description="CPU threads for the engine; unset = one per core")
+    max_queued_requests: int = Field(
+        256, ge=0, description="Sequences allowed to wait beyond max_num_seqs; more get 429 with Retry-After"
+    )
+    api_key: str | None = Field(None, description="If set, /v1 routes require `Authorization: Bearer <key>`")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Logging level")
+
+    @field_validator("data_dir", "cache_dir")
+    @classmethod
+    def _expand_home(cls, path: Path) -> Path:
+        return path.expanduser()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        assert isinstance(init_settings, InitSettingsSource)
+        return init_settings, env_settings, _YamlFileSource(settings_cls, init_settings)
+
+    def engine_config(self, model_dir: Path) -> EngineConfig:
+        return EngineConfig(
+            model_dir=model_dir,
+            dtype=self.dtype,
+            device=self.device,
+            block_size=self.block_size,
+            kv_cache_memory_gb=self.kv_cache_memory_gb,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_num_seqs=self.max_num_seqs,
+            max_model_len=self.max_model_len,
+            num_threads=self.num_threads,
+        )

@@ -1,0 +1,132 @@
+"""A live `coserve serve` process for the server tests, driven by the real openai client.
+
+The default model is served in float32 (so greedy outputs match transformers). Set
+COSERVE_CACHE_DIR to reuse the GGUF conversion across runs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+START_TIMEOUT_S = 180
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LiveServer:
+    process: subprocess.Popen
+    url: str
+    log_path: Path
+
+    def engine_pid(self) -> int:
+        """The engine child: the spawned process that is not multiprocessing's resource tracker."""
+        for pid in _children(self.process.pid):
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            if b"spawn_main" in cmdline:
+                return pid
+        raise AssertionError("no engine child process found")
+
+    def stop(self) -> None:
+        """SIGTERM, as an init system would; the engine child must not outlive the server."""
+        if self.process.poll() is not None:
+            return
+        children = _children(self.process.pid)
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError("server did not exit on SIGTERM")
+        deadline = time.monotonic() + 5
+        while any(Path(f"/proc/{pid}").exists() for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(Path(f"/proc/{pid}").exists() for pid in children), "orphaned engine process"
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(k) for k in (task / "children").read_text().split()]
+    return kids
+
+
+def start_server(tmp_dir: Path, *args: str) -> LiveServer:
+    port = free_port()
+    env = dict(os.environ, COSERVE_DTYPE="float32", COSERVE_KV_CACHE_MEMORY_GB="0.5")
+    log_path = tmp_dir / f"server-{port}.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--data-dir", str(tmp_dir), *args],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    server = LiveServer(process, f"http://127.0.0.1:{port}", log_path)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()}")
+        try:
+            if httpx.get(f"{server.url}/health", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    server.stop()
+    raise RuntimeError(f"server did not become healthy:\n{log_path.read_text()}")
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory) -> LiveServer:
+    live = start_server(tmp_path_factory.mktemp("coserve"))
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="session")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def http(server) -> httpx.Client:
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def model_name(client) -> str:
+    return client.models.list().data[0].id
+
+
+def assert_openai_error(response: httpx.Response, status: int, param: str | None = None, code: str | None = None):
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    if param is not None:
+        assert error["param"] == param, error
+    if code is not None:
+        assert error["code"] == code, error
+    return error

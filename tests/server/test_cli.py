@@ -1,0 +1,34 @@
+"""`coserve serve` refuses to start with a clear message and a non-zero exit code."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.server.conftest import REPO
+
+
+def serve(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_missing_model_path(tmp_path):
+    result = serve("--model", str(tmp_path / "absent"))
+    assert result.returncode != 0
+    assert "does not exist" in result.stderr
+
+
+def test_unsupported_architecture(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    result = serve("--model", str(tmp_path))
+    assert result.returncode != 0
+    assert "unsupported architecture" in result.stderr
+
+
+def test_invalid_setting_value():
+    result = serve("--block-size", "3")
+    assert result.returncode != 0
+    assert "block_size must be a positive power of two" in result.stderr

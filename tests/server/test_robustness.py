@@ -1,0 +1,100 @@
+"""Overload, disconnects and engine death, on a small server of their own
+(max_num_seqs 1, max_queued_requests 1, 2048-token context), killed at the end."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.server.conftest import assert_openai_error, start_server
+
+LONG = {"prompt": "Count: 1 2 3", "max_tokens": 2000, "ignore_eos": True, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    live = start_server(
+        tmp_path_factory.mktemp("small"), "--max-num-seqs", "1", "--max-queued-requests", "1", "--max-model-len", "2048"
+    )
+    yield live
+    live.stop()
+    assert live.process.returncode is not None
+
+
+def metric(http: httpx.Client, name: str) -> float:
+    for line in http.get("/metrics").text.splitlines():
+        if line.startswith(f"coserve:{name}{{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(name)
+
+
+def wait_until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.1)
+
+
+def test_max_tokens_none_fills_the_context(small):
+    with httpx.Client(base_url=small.url, timeout=60) as http:
+        prompt = [28] * 2036
+        out = http.post("/v1/completions", json={"prompt": prompt, "max_tokens": None, "ignore_eos": True}).json()
+        assert out["usage"]["completion_tokens"] == 12 and out["choices"][0]["finish_reason"] == "length"
+
+
+def test_queue_full_429_then_disconnect_frees(small):
+    with httpx.Client(base_url=small.url, timeout=60) as http:
+        streams = []
+        # One running, one queued: capacity reached.
+        for _ in range(2):
+            ctx = http.stream("POST", "/v1/completions", json={**LONG, "stream": True})
+            response = ctx.__enter__()
+            assert response.status_code == 200
+            streams.append((ctx, response))
+        wait_until(lambda: metric(http, "num_requests_running") == 1)
+        r = http.post("/v1/completions", json=LONG)
+        assert_openai_error(r, 429, code="queue_full")
+        assert int(r.headers["Retry-After"]) >= 1
+        # Hanging up aborts both in the engine.
+        for ctx, response in streams:
+            response.close()
+            ctx.__exit__(None, None, None)
+        # The server notices the hang-ups asynchronously; then the engine holds nothing.
+        wait_until(lambda: metric(http, "num_requests_running") == 0)
+        wait_until(lambda: metric(http, "num_requests_waiting") == 0)
+        assert metric(http, "kv_cache_usage_perc") == 0.0
+        assert http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
+
+
+def test_non_streaming_disconnect_aborts(small):
+    with httpx.Client(base_url=small.url, timeout=60) as http:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{small.url}/v1/completions", json=LONG, timeout=1.5)
+        # The abandoned request (2000 tokens, a minute or more here) no longer holds the only slot.
+        started = time.monotonic()
+        out = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).json()
+        assert out["usage"]["completion_tokens"] == 2
+        assert time.monotonic() - started < 20
+
+
+def test_engine_death_fails_requests_and_health(small):
+    import os
+    import signal
+
+    results: list[httpx.Response] = []
+    thread = threading.Thread(
+        target=lambda: results.append(httpx.post(f"{small.url}/v1/completions", json=LONG, timeout=60))
+    )
+    thread.start()
+    with httpx.Client(base_url=small.url, timeout=10) as http:
+        wait_until(lambda: metric(http, "num_requests_running") == 1)
+        os.kill(small.engine_pid(), signal.SIGKILL)
+        thread.join(5)
+        assert not thread.is_alive(), "in-flight request hung after engine death"
+        assert_openai_error(results[0], 503)
+        wait_until(lambda: http.get("/health").status_code == 503, timeout=3)
+        assert_openai_error(http.get("/health"), 503)
+        assert_openai_error(http.post("/v1/completions", json={"prompt": "x"}), 503)
