@@ -9,6 +9,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 
 from engine.model.llama import LlamaForCausalLM
+from engine.model.packed_linear import pack_linears
 from engine.model_files import check_architecture
 
 
@@ -67,5 +68,8 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: str = "cpu") -> Llam
     with torch.device("meta"):
         model = LlamaForCausalLM(config, qkv_bias=qkv_bias)
     state = {k: v.to(device=device, dtype=dtype) for k, v in _state_dict(config, ckpt, tied).items()}
+    if tied:
+        state["lm_head.weight"] = state["embed_tokens.weight"]  # one tensor, not a copy
     model.load_state_dict(state, strict=True, assign=True)
+    pack_linears(model)
     return model.requires_grad_(False).eval()
