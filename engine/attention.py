@@ -2,8 +2,9 @@
 
 The batch is laid out as the plan orders it: first `num_decode_tokens` sequences
 with one query token each, then prefill chunks. Decodes are attended together in
-one batched SDPA over their gathered blocks; each prefill chunk is attended on its
-own, causally, against everything its sequence has in the cache.
+one call (the CPU kernel of engine/ops.py reading the cache in place, else one
+batched SDPA over gathered blocks); each prefill chunk is attended on its own,
+causally, against everything its sequence has in the cache.
 
 This native path is the reference that kernel-backed paths are tested against.
 """
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from engine import ops
 
 
 @dataclass
@@ -36,7 +39,10 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] long: cache slot of each new token
     num_decode_tokens: int
     decode_block_tables: torch.Tensor  # [num_decodes, max_blocks] long (0-padded)
-    decode_mask: torch.Tensor  # [num_decodes, 1, 1, max_blocks * block_size] bool
+    decode_context_lens: torch.Tensor  # [num_decodes] long
+    # [num_decodes, 1, 1, max_blocks * block_size] bool for the native path; None
+    # when the decode kernel (engine/ops.py) reads the cache in place.
+    decode_mask: torch.Tensor | None
     prefills: list[PrefillSpan]
 
 
@@ -57,22 +63,20 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:  # [num_tokens, heads, head_dim]
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-    out = torch.empty_like(q)
     kv_heads, head_dim = k.shape[1:]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     num_decodes = meta.num_decode_tokens
     if num_decodes:
-        # index_select on the flat table is several times faster on CPU than advanced indexing.
-        # [num_decodes * max_blocks, block_size, kv_heads, head_dim] -> [num_decodes, kv_heads, ctx, head_dim]
-        table = meta.decode_block_tables.view(-1)
-        keys = k_cache.index_select(0, table).view(num_decodes, -1, kv_heads, head_dim).transpose(1, 2)
-        values = v_cache.index_select(0, table).view(num_decodes, -1, kv_heads, head_dim).transpose(1, 2)
-        query = q[:num_decodes].unsqueeze(2)  # [num_decodes, heads, 1, head_dim]
-        attended = F.scaled_dot_product_attention(
-            query, keys, values, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True
-        )
+        if meta.decode_mask is None:
+            attended = torch.empty(num_decodes, q.shape[1], head_dim, dtype=q.dtype)
+            ops.paged_decode_attention(
+                attended, q[:num_decodes], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale
+            )
+        else:
+            attended = _gathered_decode_attention(q[:num_decodes], k_cache, v_cache, meta, scale)
         if not meta.prefills:
-            return attended.squeeze(2)
-        out[:num_decodes] = attended.squeeze(2)
+            return attended
+        out[:num_decodes] = attended
     for span in meta.prefills:
         rows = slice(span.token_start, span.token_start + span.num_tokens)
         if span.num_computed == 0:
@@ -91,3 +95,24 @@ def paged_attention(
         )
         out[rows] = attended[0].transpose(0, 1)
     return out
+
+
+def _gathered_decode_attention(
+    q: torch.Tensor,  # [num_decodes, heads, head_dim]
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:  # [num_decodes, heads, head_dim]
+    """Native decode attention: copy each sequence's blocks out, then one batched SDPA."""
+    num_decodes = q.shape[0]
+    kv_heads, head_dim = k_cache.shape[2:]
+    # index_select on the flat table is several times faster on CPU than advanced indexing.
+    # [num_decodes * max_blocks, block_size, kv_heads, head_dim] -> [num_decodes, kv_heads, ctx, head_dim]
+    table = meta.decode_block_tables.view(-1)
+    keys = k_cache.index_select(0, table).view(num_decodes, -1, kv_heads, head_dim).transpose(1, 2)
+    values = v_cache.index_select(0, table).view(num_decodes, -1, kv_heads, head_dim).transpose(1, 2)
+    attended = F.scaled_dot_product_attention(
+        q.unsqueeze(2), keys, values, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True
+    )  # [num_decodes, heads, 1, head_dim]
+    return attended.squeeze(2)

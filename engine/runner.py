@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from engine import ops
 from engine.attention import AttentionMetadata, PrefillSpan
 from engine.messages import TokenLogprobs
 from engine.model.llama import LlamaForCausalLM
@@ -34,10 +35,22 @@ class RunnerOutput:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, max_model_len: int, device: str):
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        num_blocks: int,
+        block_size: int,
+        max_model_len: int,
+        device: str,
+        use_kernels: bool | None = None,
+    ):
+        """use_kernels: None = use the csrc/ kernels where they build, False = native PyTorch only."""
         self.model = model
         self.block_size = block_size
         self.device = device
+        if use_kernels is None:
+            use_kernels = device == "cpu" and ops.cpu_kernels_available()
+        self.use_kernels = use_kernels
         config = model.config
         dtype = model.embed_tokens.weight.dtype
         # Per layer (k, v), each [num_blocks, block_size, kv_heads, head_dim].
@@ -70,7 +83,10 @@ class ModelRunner:
             table = c.seq.block_table[: -(-c.end // bs)]
             tables.extend(table + [0] * (max_blocks - len(table)))  # padding is masked out
         context_lens = self._tensor([c.end for c in decodes])  # [num_decodes]
-        decode_mask = torch.arange(max_blocks * bs, device=self.device) < context_lens.unsqueeze(1)
+        decode_mask = None
+        if not self.use_kernels:
+            decode_mask = torch.arange(max_blocks * bs, device=self.device) < context_lens.unsqueeze(1)
+            decode_mask = decode_mask.view(num_decodes, 1, 1, max_blocks * bs)
         prefills = []
         offset = num_decodes
         for c in chunks[num_decodes:]:
@@ -86,7 +102,8 @@ class ModelRunner:
             slot_mapping=self._tensor(slots),
             num_decode_tokens=num_decodes,
             decode_block_tables=self._tensor(tables).view(num_decodes, max_blocks),
-            decode_mask=decode_mask.view(num_decodes, 1, 1, max_blocks * bs),
+            decode_context_lens=context_lens,
+            decode_mask=decode_mask,
             prefills=prefills,
         )
 

@@ -13,6 +13,7 @@ import torch
 from engine.block_manager import BlockManager
 from engine.messages import SamplingParams
 from engine.model.loader import load_model
+from engine.ops import cpu_kernels_available
 from engine.runner import ModelRunner
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
@@ -26,10 +27,10 @@ def _reference_logits(reference, token_ids: list[int]) -> torch.Tensor:
         return reference(torch.tensor([token_ids])).logits[0]  # [len, vocab]
 
 
-def _run_and_compare(model_dir, reference, prompt_lens, decode_steps, budget, block_size=4):
+def _run_and_compare(model_dir, reference, prompt_lens, decode_steps, budget, use_kernels, block_size=4):
     model = load_model(model_dir, torch.float32)
     blocks = BlockManager(num_blocks=64, block_size=block_size)
-    runner = ModelRunner(model, blocks.num_blocks, block_size, max_model_len=256, device="cpu")
+    runner = ModelRunner(model, blocks.num_blocks, block_size, max_model_len=256, device="cpu", use_kernels=use_kernels)
     scheduler = Scheduler(blocks, max_num_batched_tokens=budget, max_num_seqs=8, max_model_len=256, eos_token_ids=[])
     gen = torch.Generator().manual_seed(1)
     vocab = model.config.vocab_size
@@ -66,24 +67,33 @@ def _run_and_compare(model_dir, reference, prompt_lens, decode_steps, budget, bl
         torch.testing.assert_close(ours, references[seq.request_id][position], atol=ATOL, rtol=0)
 
 
-def test_llama_logits_match_transformers(tmp_path):
+KERNEL_CHOICES = [
+    pytest.param(False, id="native"),
+    pytest.param(True, id="cpu-kernels", marks=pytest.mark.skipif(not cpu_kernels_available(), reason="no C++ build")),
+]
+
+
+@pytest.mark.parametrize("use_kernels", KERNEL_CHOICES)
+def test_llama_logits_match_transformers(tmp_path, use_kernels):
     reference = write_tiny_model(tmp_path, tiny_llama_config())
-    _run_and_compare(tmp_path, reference, prompt_lens=[5, 13, 37], decode_steps=6, budget=24)
+    _run_and_compare(tmp_path, reference, prompt_lens=[5, 13, 37], decode_steps=6, budget=24, use_kernels=use_kernels)
 
 
-def test_llama_tied_embeddings_and_scaled_rope(tmp_path):
+@pytest.mark.parametrize("use_kernels", KERNEL_CHOICES)
+def test_llama_tied_embeddings_and_scaled_rope(tmp_path, use_kernels):
     config = tiny_llama_config(
         tie_word_embeddings=True,
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
     )
     reference = write_tiny_model(tmp_path, config)
-    _run_and_compare(tmp_path, reference, prompt_lens=[9, 30], decode_steps=5, budget=16)
+    _run_and_compare(tmp_path, reference, prompt_lens=[9, 30], decode_steps=5, budget=16, use_kernels=use_kernels)
 
 
-def test_qwen2_with_qkv_bias(tmp_path):
+@pytest.mark.parametrize("use_kernels", KERNEL_CHOICES)
+def test_qwen2_with_qkv_bias(tmp_path, use_kernels):
     reference = write_tiny_model(tmp_path, tiny_qwen2_config())
-    _run_and_compare(tmp_path, reference, prompt_lens=[3, 21, 11], decode_steps=4, budget=20)
+    _run_and_compare(tmp_path, reference, prompt_lens=[3, 21, 11], decode_steps=4, budget=20, use_kernels=use_kernels)
 
 
 def test_unsupported_architecture_fails_clearly(tmp_path):
