@@ -49,7 +49,7 @@ class PackedLinear(nn.Module):
 
 def pack_linears(model: nn.Module) -> None:
     """Replace every nn.Linear in `model` by a PackedLinear, where packing applies."""
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and mkl_packing_available(child.weight):
                 setattr(module, child_name, PackedLinear(child.weight, child.bias))

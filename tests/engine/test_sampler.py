@@ -31,7 +31,10 @@ def test_greedy_takes_argmax_after_penalties():
 
 def test_top_k_top_p_min_p_truncation():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    kept = lambda **p: torch.isfinite(truncate(logits, [SamplingParams(max_tokens=1, **p)]))[0].tolist()
+
+    def kept(**params) -> list[bool]:
+        return torch.isfinite(truncate(logits, [SamplingParams(max_tokens=1, **params)]))[0].tolist()
+
     assert kept(top_k=2) == [True, True, False, False]
     assert kept(top_p=0.8) == [True, True, False, False]  # 0.5 + 0.3 reaches 0.8
     assert kept(top_p=0.81) == [True, True, True, False]
