@@ -64,19 +64,22 @@ def paged_attention(
 ) -> torch.Tensor:  # [num_tokens, heads, head_dim]
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     kv_heads, head_dim = k.shape[1:]
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     num_decodes = meta.num_decode_tokens
+    attended_decodes = None
     if num_decodes:
         if meta.decode_mask is None:
-            attended = torch.empty(num_decodes, q.shape[1], head_dim, dtype=q.dtype)
+            attended_decodes = torch.empty(num_decodes, q.shape[1], head_dim, dtype=q.dtype, device=q.device)
             ops.paged_decode_attention(
-                attended, q[:num_decodes], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale
+                attended_decodes, q[:num_decodes], k_cache, v_cache, meta.decode_block_tables,
+                meta.decode_context_lens, scale,
             )
         else:
-            attended = _gathered_decode_attention(q[:num_decodes], k_cache, v_cache, meta, scale)
+            attended_decodes = _gathered_decode_attention(q[:num_decodes], k_cache, v_cache, meta, scale)
         if not meta.prefills:
-            return attended
-        out[:num_decodes] = attended
+            return attended_decodes  # a decode-only step needs no second output buffer
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if attended_decodes is not None:
+        out[:num_decodes] = attended_decodes
     for span in meta.prefills:
         rows = slice(span.token_start, span.token_start + span.num_tokens)
         if span.num_computed == 0:
