@@ -17,9 +17,10 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def cpu_computes_bf16_natively() -> bool:
     """True when the CPU has AMX-BF16 tiles, where oneDNN's bf16 GEMMs beat fp32.
 
-    AVX512-BF16 alone is not enough: on such a CPU (Xeon, 2 cores, torch 2.13) a
-    [32, 576] x [576, 3072] bf16 linear took 1.9 ms against 1.6 ms in fp32, and
-    2x longer at 256 rows, so float32 is the faster correct choice there.
+    AVX512-BF16 alone is not enough: on such a CPU (Xeon, 2 cores, torch 2.13,
+    quiet machine) a [32, 576] x [576, 3072] linear took 0.93 ms in bf16 against
+    0.60 ms in fp32, and SmolLM2-135M ran offline at 184 tok/s in bf16 against
+    228 in fp32, so float32 is the faster correct choice there.
     """
     try:
         flags = Path("/proc/cpuinfo").read_text()

@@ -1,8 +1,10 @@
 """Linear layers with weights pre-packed for MKL's GEMM (CPU, float32).
 
 Packing a weight once into MKL's internal panel layout saves the re-layout that
-every plain `F.linear` call does: on a 2-core Xeon it cut the decode-step matmuls
-of SmolLM2-135M (32 rows) from ~95 ms to ~63 ms single-threaded. The packed GEMM
+every plain `F.linear` call does: on the 2-core Xeon (quiet, 2026-11-21) the
+matmuls of one SmolLM2-135M decode step at 32 rows (30 layers + LM head, each op
+timed alone) took 39 ms packed against 65 ms plain on two threads, 73 against
+102 ms on one. The packed GEMM
 computes the same products as `F.linear` (the native path, kept as the reference);
 results match to float32 rounding for any number of rows.
 
