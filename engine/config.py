@@ -61,6 +61,12 @@ class EngineConfig:
     max_model_len: int | None = None
     # Intra-op threads for the CPU; None = torch's default (one per core).
     num_threads: int | None = None
+    # LoRA adapters loaded at start, as (name, path).
+    lora_modules: tuple[tuple[str, str], ...] = ()
+    # Adapters resident for compute at once; more wait in a host LRU of max_cpu_loras.
+    max_loras: int = 8
+    max_cpu_loras: int = 32
+    max_lora_rank: int = 16
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -73,4 +79,8 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens must be at least max_num_seqs")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError("max_model_len must be positive")
+        if not 1 <= self.max_loras <= self.max_cpu_loras:
+            raise ValueError("need 1 <= max_loras <= max_cpu_loras")
+        if self.max_lora_rank <= 0:
+            raise ValueError("max_lora_rank must be positive")
         resolve_dtype(self.dtype, self.device)  # fails early on a bad name

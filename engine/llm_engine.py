@@ -5,11 +5,16 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
+from pathlib import Path
 
 import torch
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, dtype_name, resolve_dtype
+from engine.lora.adapter import AdapterError
+from engine.lora.layout import lora_layout
+from engine.lora.manager import LoRAManager
 from engine.messages import EngineReady, EngineRequest, IterationStats, RequestOutput
 from engine.model.loader import load_model
 from engine.runner import ModelRunner
@@ -47,14 +52,28 @@ class LLMEngine:
         num_blocks = int(config.kv_cache_memory_gb * 2**30 // block_bytes)
         self.max_model_len = self._max_model_len(model_config, num_blocks * config.block_size)
         self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.loras = LoRAManager(
+            lora_layout(self.model),
+            max_loras=config.max_loras,
+            max_cpu_loras=config.max_cpu_loras,
+            max_rank=config.max_lora_rank,
+            dtype=self.dtype,
+            device=config.device,
+        )
+        for name, path in config.lora_modules:
+            self.load_adapter(name, path)
         self.scheduler = Scheduler(
             self.block_manager,
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_num_seqs=config.max_num_seqs,
             max_model_len=self.max_model_len,
             eos_token_ids=_eos_token_ids(model_config, config.model_dir),
+            adapter_slots=self.loras,
         )
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.max_model_len, config.device)
+        self.runner = ModelRunner(
+            self.model, num_blocks, config.block_size, self.max_model_len, config.device,
+            lora_backend=lambda: self.loras.backend,
+        )
         self.sequences: dict[str, Sequence] = {}
         log.info(
             "engine ready: %s, dtype=%s, %d KV blocks of %d tokens, max_model_len=%d",
@@ -79,15 +98,49 @@ class LLMEngine:
             dtype=dtype_name(self.dtype),
         )
 
-    def add_request(self, request: EngineRequest) -> None:
-        seq = Sequence(request.request_id, request.prompt_token_ids, request.params, request.arrival_time)
-        self.scheduler.add(seq)
+    # -- adapters ---------------------------------------------------------------
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """Register adapter `name`; raises AdapterError (nothing registered) when it is unusable."""
+        entry = self.loras.add(name, Path(path))
+        log.info("LoRA adapter %r loaded from %s (rank %d)", name, path, entry.weights.rank)
+
+    def unload_adapter(self, name: str) -> None:
+        """New requests can no longer use `name`; those already admitted finish normally."""
+        self.loras.remove(name)
+        log.info("LoRA adapter %r unloaded", name)
+
+    # -- requests -----------------------------------------------------------------
+
+    def add_request(self, request: EngineRequest) -> RequestOutput | None:
+        """Queue a request; returns its final (error) output if it cannot run at all."""
+        lora = None
+        if request.lora_name is not None:
+            try:
+                lora = self.loras.acquire(request.lora_name)
+            except AdapterError as exc:
+                return RequestOutput(request.request_id, [], finish_reason="error", error=str(exc))
+        seq = Sequence(request.request_id, request.prompt_token_ids, request.params, request.arrival_time, lora)
+        try:
+            self.scheduler.add(seq)
+        except ValueError as exc:  # the server checks lengths first; this guards the engine itself
+            if lora is not None:
+                self.loras.release(lora)
+            return RequestOutput(request.request_id, [], finish_reason="error", error=str(exc))
         self.sequences[seq.request_id] = seq
+        return None
+
+    def _forget(self, seq: Sequence) -> None:
+        del self.sequences[seq.request_id]
+        if seq.lora is not None:
+            self.loras.release(seq.lora)
 
     def abort(self, request_ids: list[str]) -> None:
         for request_id in request_ids:
-            if self.sequences.pop(request_id, None) is not None:
+            seq = self.sequences.get(request_id)
+            if seq is not None:
                 self.scheduler.abort(request_id)
+                self._forget(seq)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -118,11 +171,12 @@ class LLMEngine:
                     )
                 )
                 if seq.is_finished:
-                    del self.sequences[request_id]
+                    self._forget(seq)
         stats = self.stats(time.perf_counter() - started, plan.num_tokens)
         return outputs, stats
 
     def stats(self, iteration_seconds: float = 0.0, num_batched_tokens: int = 0) -> IterationStats:
+        waiting = self.scheduler.waiting
         return IterationStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
@@ -130,4 +184,8 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             iteration_seconds=iteration_seconds,
             num_batched_tokens=num_batched_tokens,
+            lora_running=dict(Counter(s.lora.name for s in self.scheduler.running if s.lora is not None)),
+            lora_waiting=dict(Counter(s.lora.name for s in waiting if s.lora is not None)),
+            num_waiting_for_lora_slot=sum(1 for s in waiting if s.lora is not None and s.lora.slot is None),
+            max_loras=self.config.max_loras,
         )

@@ -40,6 +40,26 @@ class EngineRequest(msgspec.Struct, tag=True, frozen=True):
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float
+    lora_name: str | None = None  # None = the base model
+
+
+class LoadAdapter(msgspec.Struct, tag=True, frozen=True):
+    op_id: int
+    name: str
+    path: str
+
+
+class UnloadAdapter(msgspec.Struct, tag=True, frozen=True):
+    op_id: int
+    name: str
+
+
+class AdapterOpDone(msgspec.Struct, tag=True, frozen=True):
+    """Answer to LoadAdapter / UnloadAdapter; `error` and the setting it concerns when it failed."""
+
+    op_id: int
+    error: str | None = None
+    param: str | None = None
 
 
 class AbortRequests(msgspec.Struct, tag=True, frozen=True):
@@ -64,8 +84,10 @@ class RequestOutput(msgspec.Struct, frozen=True):
     # Sent once, with the first output, when prompt logprobs were asked for; the
     # first prompt token has none, so the list has len(prompt) - 1 entries.
     prompt_logprobs: list[TokenLogprobs] | None = None
-    # "stop" (EOS or stop token), "length" (max_tokens or context), "abort".
+    # "stop" (EOS or stop token), "length" (max_tokens or context), "abort",
+    # "error" (the request could not run; `error` says why).
     finish_reason: str | None = None
+    error: str | None = None
     # The token id that stopped the request, when a stop token did.
     stop_token_id: int | None = None
 
@@ -77,6 +99,12 @@ class IterationStats(msgspec.Struct, frozen=True):
     num_preemptions: int  # cumulative
     iteration_seconds: float
     num_batched_tokens: int
+    # Per adapter name: sequences running / waiting (adapters with none are left out).
+    lora_running: dict[str, int] = {}
+    lora_waiting: dict[str, int] = {}
+    # Waiting sequences whose adapter has no compute slot yet.
+    num_waiting_for_lora_slot: int = 0
+    max_loras: int = 0
 
 
 class EngineOutputs(msgspec.Struct, tag=True, frozen=True):
@@ -99,5 +127,5 @@ class EngineFailed(msgspec.Struct, tag=True, frozen=True):
     message: str
 
 
-ServerToEngine = EngineRequest | AbortRequests | Shutdown
-EngineToServer = EngineReady | EngineFailed | EngineOutputs
+ServerToEngine = EngineRequest | AbortRequests | LoadAdapter | UnloadAdapter | Shutdown
+EngineToServer = EngineReady | EngineFailed | EngineOutputs | AdapterOpDone

@@ -1,9 +1,11 @@
 """The engine process: a loop around `LLMEngine.step()` fed over ZeroMQ.
 
 The server binds two sockets and starts this process, which connects to them:
-  input  (server PUSH -> engine PULL): EngineRequest | AbortRequests | Shutdown
+  input  (server PUSH -> engine PULL): EngineRequest | AbortRequests |
+                                       LoadAdapter | UnloadAdapter | Shutdown
   output (engine PUSH -> server PULL): EngineReady | EngineFailed first, then one
-                                       EngineOutputs per iteration
+                                       EngineOutputs per iteration, and an
+                                       AdapterOpDone for each adapter operation
 When idle the loop blocks on the input socket, so an idle engine costs no CPU.
 """
 
@@ -16,13 +18,17 @@ import msgspec
 import zmq
 
 from engine.config import EngineConfig
+from engine.lora.adapter import AdapterError
 from engine.messages import (
     AbortRequests,
+    AdapterOpDone,
     EngineFailed,
     EngineOutputs,
     EngineRequest,
+    LoadAdapter,
     ServerToEngine,
     Shutdown,
+    UnloadAdapter,
 )
 
 log = logging.getLogger(__name__)
@@ -54,7 +60,11 @@ def run_engine_process(config: EngineConfig, input_addr: str, output_addr: str) 
         while poller.poll(timeout):
             msg = decoder.decode(inbox.recv())
             if isinstance(msg, EngineRequest):
-                engine.add_request(msg)
+                rejected = engine.add_request(msg)
+                if rejected is not None:
+                    outbox.send(encoder.encode(EngineOutputs(outputs=[rejected], stats=engine.stats())))
+            elif isinstance(msg, LoadAdapter | UnloadAdapter):
+                outbox.send(encoder.encode(_adapter_op(engine, msg)))
             elif isinstance(msg, AbortRequests):
                 engine.abort(msg.request_ids)
                 if not engine.has_work():
@@ -70,3 +80,14 @@ def run_engine_process(config: EngineConfig, input_addr: str, output_addr: str) 
             outputs, stats = engine.step()
             if outputs or stats is not None:
                 outbox.send(encoder.encode(EngineOutputs(outputs=outputs, stats=stats)))
+
+
+def _adapter_op(engine, msg: LoadAdapter | UnloadAdapter) -> AdapterOpDone:
+    try:
+        if isinstance(msg, LoadAdapter):
+            engine.load_adapter(msg.name, msg.path)
+        else:
+            engine.unload_adapter(msg.name)
+    except AdapterError as exc:
+        return AdapterOpDone(op_id=msg.op_id, error=str(exc), param=exc.param)
+    return AdapterOpDone(op_id=msg.op_id)

@@ -7,11 +7,13 @@ CPU plan -> tensors, in one place:
     gathered context, shared by all layers;
   one PrefillSpan per prefill chunk;
   sample_rows: the flat index of the last token of each chunk that completes its
-    sequence: only those rows go through the LM head.
+    sequence: only those rows go through the LM head;
+  a `LoRABatch` grouping the tokens by adapter slot, when any sequence has one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 
 from engine import ops
 from engine.attention import AttentionMetadata, PrefillSpan
+from engine.lora.backend import LoRABackend, LoRAContext
 from engine.messages import TokenLogprobs
 from engine.model.llama import LlamaForCausalLM
 from engine.model.rope import rope_tables
@@ -43,9 +46,12 @@ class ModelRunner:
         max_model_len: int,
         device: str,
         use_kernels: bool | None = None,
+        lora_backend: Callable[[], LoRABackend | None] = lambda: None,
     ):
-        """use_kernels: None = use the csrc/ kernels where they build, False = native PyTorch only."""
+        """use_kernels: None = use the csrc/ kernels where they build, False = native PyTorch only.
+        lora_backend: returns the current LoRA backend (None until an adapter is loaded)."""
         self.model = model
+        self.lora_backend = lora_backend
         self.block_size = block_size
         self.device = device
         if use_kernels is None:
@@ -114,15 +120,24 @@ class ModelRunner:
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
+        lora_slots: list[int] = []
         for chunk in plan.chunks:
             seq, start, end = chunk.seq, chunk.start, chunk.end
             input_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
             slots.extend(seq.block_table[p // bs] * bs + p % bs for p in range(start, end))
+            lora_slots.extend([seq.lora_slot] * chunk.num_new_tokens)
         meta = self._metadata(plan.chunks, slots)
         pos = self._tensor(positions)
         cos, sin = self.cos.index_select(0, pos), self.sin.index_select(0, pos)  # [num_tokens, head_dim]
-        return self.model(self._tensor(input_ids), cos, sin, self.kv_caches, meta)
+        return self.model(self._tensor(input_ids), cos, sin, self.kv_caches, meta, self._lora_context(lora_slots))
+
+    def _lora_context(self, lora_slots: list[int]) -> LoRAContext | None:
+        backend = self.lora_backend()
+        if backend is None:
+            return None
+        batch = backend.make_batch(lora_slots, self.device)
+        return None if batch is None else LoRAContext(backend, batch)
 
     @torch.inference_mode()
     def execute(self, plan: IterationPlan) -> RunnerOutput:

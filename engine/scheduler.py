@@ -10,6 +10,11 @@ sequence is preempted: its blocks are freed and it goes back to the waiting queu
 to be recomputed later. Because admission never skips the head of the queue and
 victims are always the newest, the oldest request always makes progress: nothing
 starves and nothing is dropped.
+
+A sequence with a LoRA adapter also needs one of the `max_loras` compute slots while
+it runs (`AdapterSlots`). When the head of the queue cannot get one, admission stops
+there, as it does for KV blocks: the running sequences finish, their slots free up,
+and the head goes next, so a request for a cold adapter waits but never starves.
 """
 
 from __future__ import annotations
@@ -17,10 +22,19 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections.abc import Iterable
+from typing import Protocol
 
 from engine.block_manager import BlockManager
 from engine.plan import IterationPlan, ScheduledChunk
 from engine.sequence import Sequence, SequenceStatus
+
+
+class AdapterSlots(Protocol):
+    """Compute slots for LoRA adapters (engine/lora/manager.py)."""
+
+    def activate(self, entry) -> bool: ...
+
+    def deactivate(self, entry) -> None: ...
 
 
 class Scheduler:
@@ -31,8 +45,10 @@ class Scheduler:
         max_num_seqs: int,
         max_model_len: int,
         eos_token_ids: Iterable[int],
+        adapter_slots: AdapterSlots | None = None,
     ):
         self.block_manager = block_manager
+        self.adapter_slots = adapter_slots
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
@@ -92,6 +108,8 @@ class Scheduler:
             num_new = min(seq.num_uncomputed_tokens, budget)
             if not self.block_manager.can_allocate(seq, seq.num_computed_tokens + num_new):
                 break
+            if seq.lora is not None and not self.adapter_slots.activate(seq.lora):
+                break
             self.waiting.pop(0)
             self.block_manager.allocate(seq, seq.num_computed_tokens + num_new)
             seq.status = SequenceStatus.RUNNING
@@ -122,6 +140,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence, plan: IterationPlan) -> None:
         self.running.remove(seq)
+        self._release_slot(seq)
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
@@ -158,7 +177,12 @@ class Scheduler:
             return "length"
         return None
 
+    def _release_slot(self, seq: Sequence) -> None:
+        if seq.lora is not None and seq.status is SequenceStatus.RUNNING:
+            self.adapter_slots.deactivate(seq.lora)
+
     def _finish(self, seq: Sequence, reason: str) -> None:
+        self._release_slot(seq)
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason

@@ -9,10 +9,14 @@ there is no prefill or decode mode. When `num_computed_tokens` reaches
 from __future__ import annotations
 
 import enum
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine.messages import SamplingParams, TokenLogprobs
+
+if TYPE_CHECKING:
+    from engine.lora.manager import AdapterEntry
 
 
 class SequenceStatus(enum.Enum):
@@ -22,8 +26,16 @@ class SequenceStatus(enum.Enum):
 
 
 class Sequence:
-    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival_time: float):
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        arrival_time: float,
+        lora: AdapterEntry | None = None,
+    ):
         self.request_id = request_id
+        self.lora = lora  # None = the base model
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.params = params
@@ -54,6 +66,11 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def lora_slot(self) -> int:
+        """Compute slot of this sequence's adapter while it runs; -1 for the base model."""
+        return -1 if self.lora is None else self.lora.slot
 
     @property
     def num_uncomputed_tokens(self) -> int:

@@ -23,14 +23,17 @@ from server.settings import ENV_PREFIX, Settings
 log = logging.getLogger("coserve")
 
 
-def _flag_type(annotation) -> tuple[type, list | None]:
-    """(argparse type, choices) for a field annotation such as `int | None` or a Literal."""
+def _flag_type(annotation) -> tuple[type, list | None, str | None]:
+    """(argparse type, choices, nargs) for a field annotation such as `int | None`, a Literal or a list."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         annotation = args[0]
     if typing.get_origin(annotation) is typing.Literal:
-        return str, list(typing.get_args(annotation))
-    return (annotation if annotation in (int, float, Path) else str), None
+        return str, list(typing.get_args(annotation)), None
+    if typing.get_origin(annotation) is list:
+        item_type, _, _ = _flag_type(typing.get_args(annotation)[0])
+        return item_type, None, "*"
+    return (annotation if annotation in (int, float, Path) else str), None, None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,12 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve the OpenAI API. Precedence: flags > COSERVE_* env vars > --config YAML > defaults.",
     )
     for name, field in Settings.model_fields.items():
-        flag_type, choices = _flag_type(field.annotation)
+        flag_type, choices, nargs = _flag_type(field.annotation)
         serve.add_argument(
             f"--{name.replace('_', '-')}",
             dest=name,
             type=flag_type,
             choices=choices,
+            nargs=nargs,
             # Unset flags must not override env or YAML, so they stay out of the namespace.
             default=argparse.SUPPRESS,
             metavar=None if choices else name.upper(),
@@ -86,6 +90,7 @@ async def _run(settings: Settings, engine_config, served_name: str) -> int:
     import uvicorn
     from transformers import AutoTokenizer
 
+    from server.adapters import AdapterRegistry
     from server.app import create_app
     from server.context import ServerContext
     from server.engine_client import EngineClient, EngineStartError
@@ -111,6 +116,7 @@ async def _run(settings: Settings, engine_config, served_name: str) -> int:
             prompts=PromptEncoder(tokenizer, vocab_size, ready.max_model_len),
             texts=TokenTexts(tokenizer),
             served_model_name=served_name,
+            adapters=AdapterRegistry(engine, served_name, settings.lora_roots, settings.lora_module_paths()),
         )
         log.info("serving %s (max_model_len=%d, dtype=%s)", served_name, ready.max_model_len, ready.dtype)
         server = uvicorn.Server(

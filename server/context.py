@@ -9,6 +9,7 @@ from fastapi import Request
 from transformers import PreTrainedTokenizerBase
 
 from server import errors
+from server.adapters import AdapterRegistry
 from server.engine_client import EngineClient
 from server.generation import TokenTexts
 from server.prompts import PromptEncoder
@@ -23,16 +24,16 @@ class ServerContext:
     prompts: PromptEncoder
     texts: TokenTexts
     served_model_name: str
+    adapters: AdapterRegistry
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
     def max_model_len(self) -> int:
         return self.prompts.max_model_len
 
-    def check_model(self, name: str | None) -> None:
-        """`None` means the one model we serve; any other name is a 404."""
-        if name is not None and name != self.served_model_name:
-            raise errors.model_not_found(name)
+    def lora_name(self, model: str | None) -> str | None:
+        """The LoRA adapter a request's `model` selects; None (or no model) is the base model, unknown is a 404."""
+        return None if model is None else self.adapters.lora_name(model)
 
     def check_engine(self) -> None:
         if not self.engine.alive:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import itertools
 import logging
 import multiprocessing
 import shutil
@@ -26,6 +27,7 @@ import zmq.asyncio
 from engine.config import EngineConfig
 from engine.messages import (
     AbortRequests,
+    AdapterOpDone,
     EngineFailed,
     EngineOutputs,
     EngineReady,
@@ -120,6 +122,8 @@ class EngineClient:
         self._tasks: list[asyncio.Task] = []
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(EngineToServer)
+        self._op_ids = itertools.count(1)
+        self._pending_ops: dict[int, asyncio.Future[AdapterOpDone]] = {}
 
     @property
     def alive(self) -> bool:
@@ -163,6 +167,11 @@ class EngineClient:
     async def _read_outputs(self) -> None:
         while True:
             msg = self._decoder.decode(await self._from_engine.recv())
+            if isinstance(msg, AdapterOpDone):
+                future = self._pending_ops.pop(msg.op_id, None)
+                if future is not None and not future.done():
+                    future.set_result(msg)
+                continue
             if not isinstance(msg, EngineOutputs):
                 continue
             if msg.stats is not None:
@@ -186,6 +195,10 @@ class EngineClient:
         for stream in set(self.streams.values()):
             stream.put(EngineDead(reason))
         self.streams.clear()
+        for future in self._pending_ops.values():
+            if not future.done():
+                future.set_exception(EngineDead(reason))
+        self._pending_ops.clear()
 
     def open_stream(self, requests: list[EngineRequest]) -> OutputStream:
         """Send requests to the engine; their outputs arrive on the returned stream."""
@@ -198,6 +211,18 @@ class EngineClient:
             self.streams[request.request_id] = stream
             self._send(request)
         return stream
+
+    async def adapter_op(self, make_msg) -> AdapterOpDone:
+        """Send the adapter operation `make_msg(op_id)` and wait for the engine's answer."""
+        if not self.alive:
+            raise errors.engine_unavailable(self.dead_reason or "not started")
+        op_id = next(self._op_ids)
+        future = self._pending_ops[op_id] = asyncio.get_running_loop().create_future()
+        self._send(make_msg(op_id))
+        try:
+            return await future
+        except EngineDead as dead:
+            raise errors.engine_unavailable(str(dead)) from None
 
     def abort(self, request_ids: list[str]) -> None:
         if self.alive and request_ids:

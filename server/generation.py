@@ -71,6 +71,7 @@ def make_sequences(
     prompts: list[tuple[list[int], SamplingParams]],
     n: int,
     stop_strings: list[str],
+    lora_name: str | None = None,
 ) -> list[Sequence]:
     """`n` choices per prompt, indexed prompt-major; choice i of a prompt uses seed + i."""
     sequences = []
@@ -81,7 +82,7 @@ def make_sequences(
             choice_params = params
             if params.seed is not None and i:
                 choice_params = msgspec.structs.replace(params, seed=params.seed + i)
-            request = EngineRequest(f"{request_id}-{index}", prompt_ids, choice_params, now)
+            request = EngineRequest(f"{request_id}-{index}", prompt_ids, choice_params, now, lora_name)
             sequences.append(
                 Sequence(index, request, IncrementalDetokenizer(tokenizer, prompt_ids), StopStringMatcher(stop_strings))
             )
@@ -104,6 +105,9 @@ async def _deltas(stream: OutputStream, texts: TokenTexts, sequences: list[Seque
             except EngineDead as dead:
                 raise errors.engine_unavailable(str(dead)) from None
             seq = by_id[output.request_id]
+            if output.finish_reason == "error":
+                # The engine refused it at admission (e.g. its adapter was unloaded meanwhile).
+                raise errors.bad_request(output.error or "the engine could not run this request", "model")
             if seq.finish_reason is not None:
                 continue  # already ended by a stop string; a late token from the engine
             delta = _apply(seq, output, texts)

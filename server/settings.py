@@ -88,6 +88,17 @@ class Settings(BaseSettings):
     max_queued_requests: int = Field(
         256, ge=0, description="Sequences allowed to wait beyond max_num_seqs; more get 429 with Retry-After"
     )
+    lora_modules: list[str] = Field(
+        [], description="LoRA adapters (PEFT directories) served from start, each as name=path"
+    )
+    lora_roots: list[Path] = Field(
+        [], description="Directories /v1/load_lora_adapter may load from; empty = no loading at run time"
+    )
+    max_loras: int = Field(8, ge=1, description="LoRA adapters resident for compute at once")
+    max_cpu_loras: int = Field(
+        32, ge=1, description="LoRA adapters kept in host memory (LRU), resident ones included"
+    )
+    max_lora_rank: int = Field(16, ge=1, description="Largest LoRA rank accepted; sizes the compute slots")
     api_key: str | None = Field(None, description="If set, /v1 routes require `Authorization: Bearer <key>`")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Logging level")
 
@@ -95,6 +106,32 @@ class Settings(BaseSettings):
     @classmethod
     def _expand_home(cls, path: Path) -> Path:
         return path.expanduser()
+
+    @field_validator("lora_modules")
+    @classmethod
+    def _name_equals_path(cls, modules: list[str]) -> list[str]:
+        names = set()
+        for module in modules:
+            name, sep, path = module.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"lora_modules entries are name=path, got {module!r}")
+            if name in names:
+                raise ValueError(f"lora_modules names the adapter {name!r} twice")
+            names.add(name)
+        return modules
+
+    @field_validator("max_cpu_loras")
+    @classmethod
+    def _cpu_holds_resident(cls, value: int, info) -> int:
+        if value < info.data.get("max_loras", 1):
+            raise ValueError("max_cpu_loras must be at least max_loras")
+        return value
+
+    def lora_module_paths(self) -> dict[str, Path]:
+        return {
+            name: Path(path).expanduser().resolve()
+            for name, _, path in (module.partition("=") for module in self.lora_modules)
+        }
 
     @classmethod
     def settings_customise_sources(
@@ -119,4 +156,8 @@ class Settings(BaseSettings):
             max_num_seqs=self.max_num_seqs,
             max_model_len=self.max_model_len,
             num_threads=self.num_threads,
+            lora_modules=tuple((name, str(path)) for name, path in self.lora_module_paths().items()),
+            max_loras=self.max_loras,
+            max_cpu_loras=self.max_cpu_loras,
+            max_lora_rank=self.max_lora_rank,
         )

@@ -3,10 +3,13 @@
 Input is one iteration's tokens, `[num_tokens]`, from many sequences at once;
 `AttentionMetadata` says which token belongs where in the paged cache. q/k/v and
 gate/up are fused into one matmul each: fewer, larger matmuls are what a CPU (and
-a GPU at small batch) runs fastest.
+a GPU at small batch) runs fastest. With `lora` set, each of those four projections
+adds the LoRA deltas of the tokens' adapters to its output (engine/lora/backend.py).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +17,9 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from engine.attention import AttentionMetadata, paged_attention
+
+if TYPE_CHECKING:
+    from engine.lora.backend import LoRAContext
 from engine.model.rope import apply_rope
 
 
@@ -30,8 +36,9 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: PretrainedConfig, head_dim: int, qkv_bias: bool):
+    def __init__(self, config: PretrainedConfig, layer: int, head_dim: int, qkv_bias: bool):
         super().__init__()
+        self.layer = layer
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = head_dim
@@ -48,20 +55,27 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
+        lora: LoRAContext | None,
     ) -> torch.Tensor:
         qkv = self.qkv_proj(x)  # [num_tokens, q_size + 2 * kv_size]
+        if lora is not None:
+            lora.apply(qkv, x, self.layer, "qkv_proj")
         # q and k rotated together: one set of elementwise ops instead of two.
         qk_heads = qkv[:, : self.q_size + self.kv_size].view(-1, self.num_heads + self.num_kv_heads, self.head_dim)
         qk = apply_rope(qk_heads, cos, sin)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, self.q_size + self.kv_size :].view(-1, self.num_kv_heads, self.head_dim)
-        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
-        return self.o_proj(out.view(-1, self.q_size))
+        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale).view(-1, self.q_size)
+        y = self.o_proj(out)
+        if lora is not None:
+            lora.apply(y, out, self.layer, "o_proj")
+        return y
 
 
 class MLP(nn.Module):
-    def __init__(self, config: PretrainedConfig):
+    def __init__(self, config: PretrainedConfig, layer: int):
         super().__init__()
+        self.layer = layer
         if config.hidden_act != "silu":
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (SwiGLU with silu only)")
         bias = getattr(config, "mlp_bias", False)
@@ -69,22 +83,29 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.intermediate, bias=bias)
         self.down_proj = nn.Linear(self.intermediate, config.hidden_size, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)  # each [num_tokens, intermediate]
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, lora: LoRAContext | None) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * intermediate]
+        if lora is not None:
+            lora.apply(gate_up, x, self.layer, "gate_up_proj")
+        gate, up = gate_up.split(self.intermediate, dim=-1)
+        act = F.silu(gate) * up  # [num_tokens, intermediate]
+        y = self.down_proj(act)
+        if lora is not None:
+            lora.apply(y, act, self.layer, "down_proj")
+        return y
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: PretrainedConfig, head_dim: int, qkv_bias: bool):
+    def __init__(self, config: PretrainedConfig, layer: int, head_dim: int, qkv_bias: bool):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, head_dim, qkv_bias)
+        self.self_attn = Attention(config, layer, head_dim, qkv_bias)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, layer)
 
-    def forward(self, x, cos, sin, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, kv_cache, meta, lora):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta, lora)
+        return x + self.mlp(self.post_attention_layernorm(x), lora)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -94,7 +115,9 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, self.head_dim, qkv_bias) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, self.head_dim, qkv_bias) for i in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         # With tied embeddings the loader hands lm_head the embedding tensor itself.
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -107,10 +130,11 @@ class LlamaForCausalLM(nn.Module):
         sin: torch.Tensor,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         meta: AttentionMetadata,
+        lora: LoRAContext | None = None,
     ) -> torch.Tensor:  # [num_tokens, hidden]
         x = self.embed_tokens(input_ids)
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, cos, sin, kv_cache, meta)
+            x = layer(x, cos, sin, kv_cache, meta, lora)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

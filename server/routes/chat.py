@@ -44,7 +44,7 @@ def _reject_unsupported(body: ChatCompletionRequest) -> None:
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     ctx = get_context(request)
-    ctx.check_model(body.model)
+    lora_name = ctx.lora_name(body.model)
     ctx.check_engine()
     _reject_unsupported(body)
     prompt = ctx.prompts.chat_prompt(body.messages)
@@ -56,7 +56,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
     )
     request_id = new_request_id("chatcmpl")
-    sequences = make_sequences(ctx.tokenizer, request_id, [(prompt, params)], body.n or 1, body.stop_strings)
+    sequences = make_sequences(ctx.tokenizer, request_id, [(prompt, params)], body.n or 1, body.stop_strings, lora_name)
     chat = _Chat(ctx, body, request_id, prompt, sequences)
     deltas = start_generation(ctx.engine, ctx.texts, sequences)
     if body.stream:
@@ -78,7 +78,7 @@ class _Chat:
         self.sequences = sequences
         self.id = request_id
         self.created = int(time.time())
-        self.model = ctx.served_model_name
+        self.model = body.model or ctx.served_model_name
 
     def _logprobs(self, entries: list[TokenLogprob]) -> ChatLogprobs | None:
         return ChatLogprobs(content=[_chat_logprob(e) for e in entries]) if self.body.logprobs else None

@@ -22,7 +22,7 @@ router = APIRouter()
 @router.post("/v1/completions", response_model=CompletionResponse)
 async def create_completion(body: CompletionRequest, request: Request):
     ctx = get_context(request)
-    ctx.check_model(body.model)
+    lora_name = ctx.lora_name(body.model)
     ctx.check_engine()
     if body.suffix:
         raise errors.bad_request("suffix is not supported", "suffix")
@@ -42,7 +42,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     ]
     n = body.n or 1
     request_id = new_request_id("cmpl")
-    sequences = make_sequences(ctx.tokenizer, request_id, prompt_params, n, body.stop_strings)
+    sequences = make_sequences(ctx.tokenizer, request_id, prompt_params, n, body.stop_strings, lora_name)
     completion = _Completion(ctx, body, request_id, prompts, sequences, n)
     deltas = start_generation(ctx.engine, ctx.texts, sequences)
     if body.stream:
@@ -67,7 +67,7 @@ class _Completion:
         self.sequences = sequences
         self.id = request_id
         self.created = int(time.time())
-        self.model = ctx.served_model_name
+        self.model = body.model or ctx.served_model_name
         # The echoed prompt of each choice: the client's own string where it sent one.
         originals = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         self.echo = [

@@ -17,6 +17,7 @@ from engine.ops import cpu_kernels_available
 from engine.runner import ModelRunner
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
+from tests.engine.teacher_forcing import run_teacher_forced
 from tests.engine.tiny_models import tiny_llama_config, tiny_qwen2_config, write_tiny_model
 
 ATOL = 1e-4
@@ -41,25 +42,7 @@ def _run_and_compare(model_dir, reference, prompt_lens, decode_steps, budget, us
         scheduler.add(seq)
         seqs.append(seq)
 
-    computed: list[tuple[Sequence, int, torch.Tensor]] = []  # (seq, position, our logits row)
-    saw_mixed_iteration = False
-    while scheduler.has_work():
-        plan = scheduler.schedule()
-        hidden = runner.forward(plan)
-        logits = model.compute_logits(hidden)
-        kinds = {c.num_new_tokens == 1 for c in plan.chunks}
-        saw_mixed_iteration |= kinds == {True, False}
-        row = 0
-        sampled = {}
-        for chunk in plan.chunks:
-            for p in range(chunk.start, chunk.end):
-                computed.append((chunk.seq, p, logits[row + p - chunk.start]))
-            row += chunk.num_new_tokens
-            if chunk.completes_sequence:
-                # Teacher-forced random continuation: decodes see arbitrary tokens.
-                sampled[chunk.seq.request_id] = int(torch.randint(3, vocab, (1,), generator=gen))
-        scheduler.update(plan, sampled)
-
+    computed, saw_mixed_iteration = run_teacher_forced(scheduler, runner, gen)
     assert saw_mixed_iteration, "the workload should mix decodes and prefill chunks in one iteration"
     references = {s.request_id: _reference_logits(reference, s.token_ids) for s in seqs}
     assert len(computed) == sum(s.num_tokens - 1 for s in seqs)

@@ -184,3 +184,51 @@ def test_block_manager_ref_counts():
     assert blocks.can_allocate(seq, 16) and not blocks.can_allocate(seq, 17)
     blocks.free(seq)
     assert blocks.num_free_blocks == 4 and seq.block_table == []
+
+
+class CountingSlots:
+    """`max_loras` compute slots, bookkept like LoRAManager: an adapter holds a slot while any of its sequences run."""
+
+    def __init__(self, max_loras: int):
+        self.max_loras = max_loras
+        self.running: dict[str, int] = {}
+        self.peak = 0
+
+    def activate(self, adapter: str) -> bool:
+        if adapter not in self.running and len(self.running) == self.max_loras:
+            return False
+        self.running[adapter] = self.running.get(adapter, 0) + 1
+        self.peak = max(self.peak, len(self.running))
+        return True
+
+    def deactivate(self, adapter: str) -> None:
+        self.running[adapter] -= 1
+        if not self.running[adapter]:
+            del self.running[adapter]
+
+
+def test_cold_adapter_waits_for_a_slot_without_starving():
+    """Two slots, a steady stream for adapters a and b: the request for c still runs, in arrival order."""
+    slots = CountingSlots(max_loras=2)
+    scheduler = Scheduler(BlockManager(64, 4), 32, 8, 1024, eos_token_ids=[EOS], adapter_slots=slots)
+    arrivals = itertools.count()
+    finished_order = []
+
+    def add(adapter):
+        seq = make_seq(f"{adapter}{next(arrivals)}", prompt_len=5, max_tokens=3)
+        seq.lora = adapter
+        scheduler.add(seq)
+
+    add("a"), add("b"), add("c")
+    for i in range(60):
+        if i < 40:
+            add("ab"[i % 2])  # hot adapters keep arriving
+        _, done = step(scheduler)
+        finished_order += [s.request_id for s in done]
+        assert len(slots.running) <= 2
+    assert "c2" in finished_order, "the cold adapter's request starved"
+    # Nothing that arrived after c finished before it: admission never skipped it.
+    later = [r for r in finished_order if int(r[1:]) > 2]
+    assert later and finished_order.index("c2") < finished_order.index(later[0])
+    run_to_completion(scheduler)
+    assert slots.peak == 2 and slots.running == {}

@@ -1,0 +1,1 @@
+"""Multi-LoRA serving: adapter files, compute slots, the per-batch LoRA backend."""
