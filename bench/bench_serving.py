@@ -99,11 +99,12 @@ def machine_info() -> dict:
 # ---------------------------------------------------------------- offline
 
 
-def offline(backend: str, model_dir: Path, prompts_file: Path, output_len: int, quiet_wait: float) -> dict:
+def offline(backend: str, model_dir: Path, prompts_file: Path, output_len: int, quiet_wait: float,
+            extra_args: tuple[str, ...] = (), tag: str = "") -> dict:
     python = REPO / ".venv/bin/python" if backend == "coserve" else VLLM_VENV / "bin/python"
     cmd = [str(python), "-m", "bench.offline", "--backend", backend, "--model-dir", str(model_dir),
-           "--prompts", str(prompts_file), "--output-len", str(output_len)]
-    log = WORK / "logs" / f"offline-{backend}.log"
+           "--prompts", str(prompts_file), "--output-len", str(output_len), *extra_args]
+    log = WORK / "logs" / f"offline-{backend}{tag}.log"
     print(f"[offline] {backend}: {shlex.join(cmd)}  (log: {log})", flush=True)
     wait_for_quiet(quiet_wait)
     with open(log, "w") as logf, ForeignCpu() as foreign:
@@ -123,12 +124,13 @@ def _tail(path: Path, n: int = 15) -> str:
 # ---------------------------------------------------------------- online
 
 
-def server_cmd(backend: str, model_dir: Path, name: str, port: int) -> list[str]:
+def server_cmd(backend: str, model_dir: Path, name: str, port: int, extra_args: tuple[str, ...] = ()) -> list[str]:
     if backend == "coserve":
         return [str(REPO / ".venv/bin/python"), "-m", "server.cli", "serve", "--model", str(model_dir),
-                "--served-model-name", name, "--port", str(port), "--data-dir", str(WORK / "coserve-data")]
+                "--served-model-name", name, "--port", str(port), "--data-dir", str(WORK / "coserve-data"),
+                *extra_args]
     return [str(VLLM_VENV / "bin/vllm"), "serve", str(model_dir), "--served-model-name", name,
-            "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16", "--seed", "0"]
+            "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16", "--seed", "0", *extra_args]
 
 
 def wait_healthy(base_url: str, proc: subprocess.Popen, timeout: float = 900) -> None:
@@ -157,9 +159,11 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def online(backend: str, model_dir: Path, name: str, prompts: list[str], rates: list[float],
-           output_len: int, port: int, quiet_wait: float) -> dict:
-    cmd = server_cmd(backend, model_dir, name, port)
-    log = WORK / "logs" / f"server-{backend}.log"
+           output_len: int, port: int, quiet_wait: float, extra_args: tuple[str, ...] = (),
+           request_models: list[str] | None = None, tag: str = "") -> dict:
+    """request_models: the `model` of each request (LoRA adapters); default: `name` for all."""
+    cmd = server_cmd(backend, model_dir, name, port, extra_args)
+    log = WORK / "logs" / f"server-{backend}{tag}.log"
     print(f"[online] {backend}: {shlex.join(cmd)}  (log: {log})", flush=True)
     base_url = f"http://127.0.0.1:{port}"
     env = dict(VLLM_ENV) if backend == "vllm" else {}
@@ -177,7 +181,7 @@ def online(backend: str, model_dir: Path, name: str, prompts: list[str], rates: 
             print(f"[online] {backend}: rate {rate} req/s, {len(prompts)} requests", flush=True)
             wait_for_quiet(quiet_wait)
             with ForeignCpu() as foreign:
-                metrics = asyncio.run(run_load(base_url, name, prompts, rate, output_len))
+                metrics = asyncio.run(run_load(base_url, request_models or name, prompts, rate, output_len))
             result["rates"][str(rate)] = {**metrics, "foreign_cpu_share": foreign.share}
     except Exception as e:  # a failing backend is a result to report, not a reason to lose the other's
         result["error"] = f"{type(e).__name__}: {e}\n{_tail(log)}"

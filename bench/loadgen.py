@@ -111,14 +111,17 @@ def summarize(results: list[RequestResult], duration: float) -> dict:
 
 async def run_load(
     base_url: str,
-    model: str,
+    model: str | list[str],
     prompts: list[str],
     rate: float,
     output_len: int,
     seed: int = 0,
     request_timeout: float = 300.0,
 ) -> dict:
-    """Send one request per prompt with Poisson arrivals at `rate`; return summary metrics."""
+    """Send one request per prompt with Poisson arrivals at `rate`; return summary metrics.
+
+    `model` may list one model name per prompt (LoRA adapters by popularity)."""
+    models = model if isinstance(model, list) else [model] * len(prompts)
     rng = random.Random(seed)
     limits = httpx.Limits(max_connections=len(prompts), max_keepalive_connections=len(prompts))
     async with httpx.AsyncClient(base_url=base_url, timeout=request_timeout, limits=limits) as client:
@@ -127,7 +130,7 @@ async def run_load(
         for i, prompt in enumerate(prompts):
             if i:
                 await asyncio.sleep(rng.expovariate(rate))
-            tasks.append(asyncio.create_task(_one_request(client, model, prompt, output_len)))
+            tasks.append(asyncio.create_task(_one_request(client, models[i], prompt, output_len)))
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
     return summarize(results, duration)

@@ -117,8 +117,10 @@ class Scheduler:
             scheduled[seq.request_id] = ScheduledChunk(seq, num_new)
             budget -= num_new
 
-        chunks = sorted(scheduled.values(), key=lambda c: self._key(c.seq))
-        plan.chunks = [c for c in chunks if c.num_new_tokens == 1] + [c for c in chunks if c.num_new_tokens > 1]
+        # Decodes, then prefill chunks; within each, grouped by adapter slot (base model
+        # first) so the LoRA backend sees few contiguous runs; priority order otherwise.
+        chunks = sorted(scheduled.values(), key=lambda c: (c.num_new_tokens > 1, c.seq.lora_slot, self._key(c.seq)))
+        plan.chunks = chunks
         return plan
 
     def _make_room(

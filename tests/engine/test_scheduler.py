@@ -6,6 +6,7 @@ chunk reached its end, exactly what the real runner's sampling does.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -186,6 +187,12 @@ def test_block_manager_ref_counts():
     assert blocks.num_free_blocks == 4 and seq.block_table == []
 
 
+@dataclasses.dataclass(eq=False)
+class FakeAdapter:
+    name: str
+    slot: int | None = None
+
+
 class CountingSlots:
     """`max_loras` compute slots, bookkept like LoRAManager: an adapter holds a slot while any of its sequences run."""
 
@@ -194,17 +201,18 @@ class CountingSlots:
         self.running: dict[str, int] = {}
         self.peak = 0
 
-    def activate(self, adapter: str) -> bool:
-        if adapter not in self.running and len(self.running) == self.max_loras:
+    def activate(self, adapter: FakeAdapter) -> bool:
+        if adapter.name not in self.running and len(self.running) == self.max_loras:
             return False
-        self.running[adapter] = self.running.get(adapter, 0) + 1
+        self.running[adapter.name] = self.running.get(adapter.name, 0) + 1
+        adapter.slot = sorted(self.running).index(adapter.name)
         self.peak = max(self.peak, len(self.running))
         return True
 
-    def deactivate(self, adapter: str) -> None:
-        self.running[adapter] -= 1
-        if not self.running[adapter]:
-            del self.running[adapter]
+    def deactivate(self, adapter: FakeAdapter) -> None:
+        self.running[adapter.name] -= 1
+        if not self.running[adapter.name]:
+            del self.running[adapter.name]
 
 
 def test_cold_adapter_waits_for_a_slot_without_starving():
@@ -214,9 +222,11 @@ def test_cold_adapter_waits_for_a_slot_without_starving():
     arrivals = itertools.count()
     finished_order = []
 
-    def add(adapter):
-        seq = make_seq(f"{adapter}{next(arrivals)}", prompt_len=5, max_tokens=3)
-        seq.lora = adapter
+    adapters = {name: FakeAdapter(name) for name in "abc"}
+
+    def add(name):
+        seq = make_seq(f"{name}{next(arrivals)}", prompt_len=5, max_tokens=3)
+        seq.lora = adapters[name]
         scheduler.add(seq)
 
     add("a"), add("b"), add("c")
