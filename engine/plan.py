@@ -35,12 +35,18 @@ class IterationPlan:
     # Decodes (one token each) first, then prefill chunks: the runner batches the
     # leading single-token chunks together and attends the rest one by one.
     chunks: list[ScheduledChunk] = field(default_factory=list)
+    # Forward chunks of training sequences, after all inference; never sampled.
+    finetune_chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
-        return sum(c.num_new_tokens for c in self.chunks)
+        return sum(c.num_new_tokens for c in self.chunks) + self.num_finetune_tokens
+
+    @property
+    def num_finetune_tokens(self) -> int:
+        return sum(c.num_new_tokens for c in self.finetune_chunks)
 
     @property
     def is_empty(self) -> bool:
-        return not self.chunks
+        return not self.chunks and not self.finetune_chunks

@@ -35,6 +35,8 @@ class RunnerOutput:
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
     # Prompt logprobs gained this iteration, per request, in prompt order.
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+    # Finetuning chunks' layer inputs, per training sequence id (see ModelRunner.forward).
+    captured: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -114,23 +116,39 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def forward(self, plan: IterationPlan) -> torch.Tensor:
-        """Run the model over the plan's flat batch; returns hidden states [num_tokens, hidden]."""
+    def forward(self, plan: IterationPlan, captured: dict[str, list[torch.Tensor]] | None = None) -> torch.Tensor:
+        """Run the model over the plan's flat batch (inference chunks, then finetuning
+        chunks); returns hidden states [num_tokens, hidden]. With `captured`, fills it
+        with each finetuning chunk's layer inputs (per sequence id, one [chunk, hidden]
+        tensor per layer and one for the last layer's output)."""
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         lora_slots: list[int] = []
-        for chunk in plan.chunks:
+        chunks = plan.chunks + plan.finetune_chunks
+        for chunk in chunks:
             seq, start, end = chunk.seq, chunk.start, chunk.end
             input_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
             slots.extend(seq.block_table[p // bs] * bs + p % bs for p in range(start, end))
             lora_slots.extend([seq.lora_slot] * chunk.num_new_tokens)
-        meta = self._metadata(plan.chunks, slots)
+        meta = self._metadata(chunks, slots)
         pos = self._tensor(positions)
         cos, sin = self.cos.index_select(0, pos), self.sin.index_select(0, pos)  # [num_tokens, head_dim]
-        return self.model(self._tensor(input_ids), cos, sin, self.kv_caches, meta, self._lora_context(lora_slots))
+        lora = self._lora_context(lora_slots)
+        if not plan.finetune_chunks:
+            return self.model(self._tensor(input_ids), cos, sin, self.kv_caches, meta, lora)
+        first = len(input_ids) - plan.num_finetune_tokens
+        rows = torch.arange(first, len(input_ids), device=self.device)
+        per_layer: list[torch.Tensor] = []
+        hidden = self.model(self._tensor(input_ids), cos, sin, self.kv_caches, meta, lora, rows, per_layer)
+        offset = 0
+        for chunk in plan.finetune_chunks:
+            n = chunk.num_new_tokens
+            captured[chunk.seq.request_id] = [t[offset : offset + n] for t in per_layer]
+            offset += n
+        return hidden
 
     def _lora_context(self, lora_slots: list[int]) -> LoRAContext | None:
         backend = self.lora_backend()
@@ -141,7 +159,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: IterationPlan) -> RunnerOutput:
-        hidden = self.forward(plan)
+        out = RunnerOutput()
+        hidden = self.forward(plan, out.captured)
         sample_rows: list[int] = []
         sample_chunks: list[ScheduledChunk] = []
         prompt_rows: dict[str, tuple[ScheduledChunk, list[int], list[int]]] = {}  # request -> (chunk, rows, targets)
@@ -160,7 +179,6 @@ class ModelRunner:
                     prompt_rows[seq.request_id] = (chunk, rows, seq.token_ids[first + 1 : last + 1])
             row0 += chunk.num_new_tokens
 
-        out = RunnerOutput()
         if sample_rows:
             seqs = [c.seq for c in sample_chunks]
             logits = self.model.compute_logits(hidden[self._tensor(sample_rows)])  # [n, vocab]

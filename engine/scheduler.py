@@ -11,6 +11,11 @@ to be recomputed later. Because admission never skips the head of the queue and
 victims are always the newest, the oldest request always makes progress: nothing
 starves and nothing is dropped.
 
+Training sequences of finetuning jobs come last: their forward chunks take at most
+the `finetune_budget` tokens the caller allows this iteration (what inference leaves
+within the latency SLO), they never preempt inference, and they are the first to go
+when inference needs KV blocks (their forward restarts later).
+
 A sequence with a LoRA adapter also needs one of the `max_loras` compute slots while
 it runs (`AdapterSlots`). When the head of the queue cannot get one, admission stops
 there, as it does for KV blocks: the running sequences finish, their slots free up,
@@ -58,6 +63,8 @@ class Scheduler:
         self.num_preemptions = 0
         self._arrivals = itertools.count()
         self._priority: dict[str, int] = {}
+        self.finetuning: list[Sequence] = []  # training sequences in their forward, round robin
+        self._finetune_turn = 0
 
     # -- queue management -------------------------------------------------
 
@@ -79,12 +86,22 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def add_finetune(self, seq: Sequence) -> None:
+        """A training sequence whose forward should run in the coming iterations."""
+        self.finetuning.append(seq)
+
+    def drop_finetune(self, seq: Sequence) -> None:
+        """Forget a training sequence (its job was cancelled), releasing what it holds."""
+        if seq in self.finetuning:
+            self._stop_forward(seq)
+            self.finetuning.remove(seq)
+
     def _key(self, seq: Sequence) -> int:
         return self._priority[seq.request_id]
 
     # -- planning ---------------------------------------------------------
 
-    def schedule(self) -> IterationPlan:
+    def schedule(self, finetune_budget: int = 0) -> IterationPlan:
         plan = IterationPlan()
         budget = self.max_num_batched_tokens
         scheduled: dict[str, ScheduledChunk] = {}
@@ -121,7 +138,28 @@ class Scheduler:
         # first) so the LoRA backend sees few contiguous runs; priority order otherwise.
         chunks = sorted(scheduled.values(), key=lambda c: (c.num_new_tokens > 1, c.seq.lora_slot, self._key(c.seq)))
         plan.chunks = chunks
+        self._schedule_finetune(plan, min(budget, finetune_budget))
         return plan
+
+    def _schedule_finetune(self, plan: IterationPlan, budget: int) -> None:
+        """Forward chunks of training sequences, jobs taking turns, within `budget` tokens."""
+        if not self.finetuning:
+            return
+        start = self._finetune_turn % len(self.finetuning)
+        self._finetune_turn += 1
+        for seq in self.finetuning[start:] + self.finetuning[:start]:
+            if budget == 0:
+                break
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            if not self.block_manager.can_allocate(seq, seq.num_computed_tokens + num_new):
+                continue
+            if seq.status is not SequenceStatus.RUNNING:
+                if not self.adapter_slots.activate(seq.lora):
+                    continue
+                seq.status = SequenceStatus.RUNNING
+            self.block_manager.allocate(seq, seq.num_computed_tokens + num_new)
+            plan.finetune_chunks.append(ScheduledChunk(seq, num_new))
+            budget -= num_new
 
     def _make_room(
         self, seq: Sequence, num_new: int, plan: IterationPlan, scheduled: dict[str, ScheduledChunk]
@@ -132,6 +170,11 @@ class Scheduler:
         """
         target = seq.num_computed_tokens + num_new
         while not self.block_manager.can_allocate(seq, target):
+            trainee = next((s for s in self.finetuning if s.block_table), None)
+            if trainee is not None:
+                self._stop_forward(trainee)
+                trainee.restart_forward()
+                continue
             victim = self.running[-1]
             scheduled.pop(victim.request_id, None)
             self._preempt(victim, plan)
@@ -152,6 +195,25 @@ class Scheduler:
         plan.preempted.append(seq)
 
     # -- after the iteration ----------------------------------------------
+
+    def _stop_forward(self, seq: Sequence) -> None:
+        """Release a training sequence's blocks and slot (forward done, or preempted)."""
+        self.block_manager.free(seq)
+        if seq.status is SequenceStatus.RUNNING:
+            self.adapter_slots.deactivate(seq.lora)
+            seq.status = SequenceStatus.WAITING
+
+    def update_finetune(self, plan: IterationPlan) -> list[Sequence]:
+        """Advance training forwards; returns those whose forward just completed."""
+        completed = []
+        for chunk in plan.finetune_chunks:
+            seq = chunk.seq
+            seq.num_computed_tokens += chunk.num_new_tokens
+            if seq.num_computed_tokens == seq.num_tokens:
+                self._stop_forward(seq)
+                self.finetuning.remove(seq)
+                completed.append(seq)
+        return completed
 
     def update(self, plan: IterationPlan, sampled: dict[str, int]) -> list[Sequence]:
         """Advance token counts, append sampled tokens, finish what stops. Returns the finished."""

@@ -80,6 +80,19 @@ class LoRAManager:
         self._cache_on_host(entry)
         return entry
 
+    def add_trainable(self, name: str, weights: LoRAWeights) -> AdapterEntry:
+        """A finetuning job's adapter: computed like any other, never selectable by name,
+        held (never evicted from host) until the job releases it."""
+        entry = AdapterEntry(name, Path(), weights, num_requests=1)
+        self._cache_on_host(entry)
+        return entry
+
+    def refresh(self, entry: AdapterEntry, weights: LoRAWeights) -> None:
+        """New weights after an optimizer step; a resident slot is rewritten in place."""
+        entry.weights = weights
+        if entry.slot is not None:
+            self.backend.slots.write(entry.slot, weights)
+
     def remove(self, name: str) -> None:
         entry = self.adapters.pop(name, None)
         if entry is None:
@@ -108,6 +121,10 @@ class LoRAManager:
         entry.num_requests -= 1
         if entry.removed and entry.num_requests == 0:
             self._drop(entry)
+
+    def release_trainable(self, entry: AdapterEntry) -> None:
+        entry.removed = True
+        self.release(entry)
 
     # -- slots (called by the scheduler) --------------------------------------
 

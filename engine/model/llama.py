@@ -131,10 +131,18 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         meta: AttentionMetadata,
         lora: LoRAContext | None = None,
+        capture_rows: torch.Tensor | None = None,  # [n] rows whose layer inputs to keep
+        captured: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:  # [num_tokens, hidden]
+        """With `capture_rows`, appends to `captured` each layer's input at those rows and
+        the last layer's output, [n, hidden] each: what a finetuning backward recomputes from."""
         x = self.embed_tokens(input_ids)
         for layer, kv_cache in zip(self.layers, kv_caches):
+            if capture_rows is not None:
+                captured.append(x.index_select(0, capture_rows))
             x = layer(x, cos, sin, kv_cache, meta, lora)
+        if capture_rows is not None:
+            captured.append(x.index_select(0, capture_rows))
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

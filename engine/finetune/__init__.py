@@ -1,0 +1,1 @@
+"""Token-level LoRA finetuning inside the engine iterations (after FlexLLM)."""

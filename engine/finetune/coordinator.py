@@ -1,0 +1,90 @@
+"""Runs finetuning jobs inside the engine step, around the inference that comes first.
+
+Per engine iteration:
+  before scheduling   each idle job hands its next training sequence to the scheduler;
+  after the forward   the layer inputs the runner captured for training chunks are
+                      kept with their sequence; a completed forward starts its backward;
+  after the update    backward slices run, at most `backward_layers_per_iteration`
+                      layers in all, shared round robin by the jobs with backward work;
+                      after an optimizer step the job's compute slot gets the new weights.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.finetune.job import FinetuneJob, TrainingSequence
+from engine.lora.manager import AdapterEntry, LoRAManager
+from engine.plan import IterationPlan
+from engine.scheduler import Scheduler
+
+
+class FinetuneCoordinator:
+    def __init__(
+        self,
+        loras: LoRAManager,
+        scheduler: Scheduler,
+        cos: torch.Tensor,  # [max_positions, head_dim] float32 rope tables for the recompute
+        sin: torch.Tensor,
+        backward_layers_per_iteration: int,
+    ):
+        self.loras = loras
+        self.scheduler = scheduler
+        self.cos, self.sin = cos, sin
+        self.backward_layers_per_iteration = backward_layers_per_iteration
+        self.jobs: dict[str, FinetuneJob] = {}
+        self._adapters: dict[str, AdapterEntry] = {}
+        self._turn = 0
+        self.backward_layer_tokens = 0  # of the last iteration, for the latency model
+
+    def add_job(self, job: FinetuneJob) -> None:
+        self.jobs[job.job_id] = job
+        self._adapters[job.job_id] = self.loras.add_trainable(
+            f"finetune:{job.job_id}", job.lora.serving_weights(self.loras.dtype)
+        )
+
+    def remove_job(self, job_id: str) -> FinetuneJob:
+        job = self.jobs.pop(job_id)
+        if job.forwarding is not None:
+            self.scheduler.drop_finetune(job.forwarding)
+        self.loras.release_trainable(self._adapters.pop(job_id))
+        return job
+
+    def has_work(self) -> bool:
+        return any(not job.done for job in self.jobs.values())
+
+    def before_schedule(self) -> None:
+        for job_id, job in self.jobs.items():
+            seq = job.next_sequence()
+            if seq is not None:
+                seq.lora = self._adapters[job_id]
+                self.scheduler.add_finetune(seq)
+
+    def after_forward(self, plan: IterationPlan, captured: dict[str, list[torch.Tensor]]) -> None:
+        for chunk in plan.finetune_chunks:
+            seq: TrainingSequence = chunk.seq
+            for layer, tensor in enumerate(captured[seq.request_id]):
+                seq.saved[layer].append(tensor)
+        for seq in self.scheduler.update_finetune(plan):
+            seq.job.forward_finished(seq)
+
+    def run_backward(self) -> None:
+        """Backward slices for this iteration; refresh slots of jobs that stepped."""
+        self.backward_layer_tokens = 0
+        active = [job for job in self.jobs.values() if job.backward is not None]
+        if not active:
+            return
+        share = max(1, self.backward_layers_per_iteration // len(active))
+        start = self._turn % len(active)
+        self._turn += 1
+        budget = self.backward_layers_per_iteration
+        for job in active[start:] + active[:start]:
+            if budget <= 0:
+                break
+            step_before = job.step
+            tokens = len(job.backward.seq.token_ids)
+            layers = job.backward_slice(min(share, budget), self.cos, self.sin)
+            budget -= layers
+            self.backward_layer_tokens += layers * tokens
+            if job.step != step_before:
+                self.loras.refresh(self._adapters[job.job_id], job.lora.serving_weights(self.loras.dtype))

@@ -1,0 +1,221 @@
+"""One finetuning job: its data order, adapter, optimizer, and the state of its work.
+
+A job trains its `TrainableLoRA` on tokenized examples, one training sequence at a
+time: the sequence's forward runs in token chunks inside the engine's flat batch
+(scheduled by the scheduler like a prefill, through the job's adapter slot), then its
+backward runs a few layers per iteration from the top (`backward_slice`). Gradients
+accumulate over `batch_size` sequences; then AdamW steps, with a linear schedule
+after warmup. The loss of a batch is the summed token cross-entropy over its target
+tokens divided by their number, as in ordinary (PEFT) training of the same batch.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.finetune.lora_params import LoRAConfig, TrainableLoRA
+from engine.finetune.recompute import layer_forward, loss_sum
+from engine.lora.layout import LoRALayout
+from engine.messages import SamplingParams
+from engine.model.llama import LlamaForCausalLM
+from engine.sequence import Sequence
+
+
+@dataclass(frozen=True)
+class TrainingExample:
+    token_ids: list[int]
+    # target[t]: token t is trained on (predicted from tokens < t); target[0] is ignored.
+    target: list[bool]
+
+    @property
+    def num_targets(self) -> int:
+        return sum(self.target[1:])
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    n_epochs: int = 3
+    batch_size: int = 4
+    learning_rate: float = 2e-4
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    step: int
+    total_steps: int
+    loss: float  # mean token loss of the batch
+    learning_rate: float  # the rate this step used
+    tokens_trained: int  # cumulative target tokens
+    tokens_per_second: float
+
+
+def epoch_order(num_examples: int, n_epochs: int, seed: int) -> list[int]:
+    """Example indices in training order: every epoch a fresh seeded shuffle."""
+    order = []
+    for epoch in range(n_epochs):
+        indices = list(range(num_examples))
+        random.Random(seed * 1_000_003 + epoch).shuffle(indices)
+        order += indices
+    return order
+
+
+def linear_schedule(warmup_steps: int, total_steps: int):
+    """Multiplier of the base learning rate at optimizer step `step` (0-based)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return factor
+
+
+class TrainingSequence(Sequence):
+    """A sequence the scheduler forwards like a prefill; it is never sampled from."""
+
+    def __init__(self, job: FinetuneJob, example: TrainingExample, position: int):
+        super().__init__(f"{job.job_id}/seq{position}", example.token_ids, SamplingParams(max_tokens=1), 0.0)
+        self.job = job
+        self.example = example
+        # Per layer (and the last layer's output): input hidden states of the
+        # computed tokens, chunk by chunk, each [chunk_tokens, hidden].
+        self.saved: list[list[torch.Tensor]] = [[] for _ in range(job.model.config.num_hidden_layers + 1)]
+
+    def restart_forward(self) -> None:
+        """Preempted mid-forward: the KV cache is gone, so the activations go too."""
+        self.num_computed_tokens = 0
+        self.saved = [[] for _ in self.saved]
+
+
+@dataclass
+class _Backward:
+    seq: TrainingSequence
+    inputs: list[torch.Tensor]  # per layer + final, [T, hidden]
+    grad: torch.Tensor | None = None  # d loss / d (input of the next layer to do), [T, hidden]
+    next_layer: int = -1  # the layer to recompute next; -1 before the loss head
+
+
+@dataclass
+class FinetuneJob:
+    job_id: str
+    model: LlamaForCausalLM
+    layout: LoRALayout
+    examples: list[TrainingExample]
+    hyperparameters: Hyperparameters = field(default_factory=Hyperparameters)
+    lora_config: LoRAConfig = field(default_factory=LoRAConfig)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        hp = self.hyperparameters
+        self.lora = TrainableLoRA(self.layout, self.lora_config, self.seed)
+        self.order = epoch_order(len(self.examples), hp.n_epochs, self.seed)
+        self.total_steps = math.ceil(len(self.order) / hp.batch_size)
+        self.optimizer = torch.optim.AdamW(
+            self.lora.parameters(), lr=hp.learning_rate, betas=hp.betas, eps=hp.eps, weight_decay=hp.weight_decay
+        )
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, linear_schedule(hp.warmup_steps, self.total_steps)
+        )
+        self.position = 0  # index into `order` of the next sequence to start
+        self.step = 0
+        self.tokens_trained = 0
+        self.events: list[StepEvent] = []
+        self.forwarding: TrainingSequence | None = None
+        self.backward: _Backward | None = None
+        self._batch_loss = 0.0
+        self._batch_started = time.perf_counter()
+
+    @property
+    def done(self) -> bool:
+        return self.step == self.total_steps
+
+    def _batch_bounds(self) -> tuple[int, int]:
+        start = self.step * self.hyperparameters.batch_size
+        return start, min(start + self.hyperparameters.batch_size, len(self.order))
+
+    def _batch_targets(self) -> int:
+        start, end = self._batch_bounds()
+        return max(1, sum(self.examples[i].num_targets for i in self.order[start:end]))
+
+    def next_sequence(self) -> TrainingSequence | None:
+        """The sequence to forward next, when the job is idle and has work left."""
+        if self.done or self.forwarding is not None or self.backward is not None:
+            return None
+        seq = TrainingSequence(self, self.examples[self.order[self.position]], self.position)
+        self.forwarding = seq
+        return seq
+
+    def forward_finished(self, seq: TrainingSequence) -> None:
+        inputs = [torch.cat(chunks) for chunks in seq.saved]  # per layer + final, [T, hidden]
+        seq.saved = []
+        self.forwarding = None
+        self.backward = _Backward(seq, inputs)
+
+    def backward_slice(self, max_layers: int, cos: torch.Tensor, sin: torch.Tensor) -> int:
+        """Advance the backward by the loss head and up to `max_layers` layers; returns the layers done."""
+        work = self.backward
+        if work is None:
+            return 0
+        num_layers = len(work.inputs) - 1
+        scale = 1.0 / self._batch_targets()
+        if work.next_layer == -1:
+            ids = work.seq.example.token_ids
+            targets = torch.tensor(
+                [ids[t + 1] if work.seq.example.target[t + 1] else -100 for t in range(len(ids) - 1)] + [-100]
+            )
+            loss, grad = loss_sum(self.model, work.inputs[num_layers], targets)
+            self._batch_loss += loss
+            work.grad = grad * scale
+            work.next_layer = num_layers - 1
+        done = 0
+        positions = len(work.seq.example.token_ids)
+        with torch.enable_grad():
+            while done < max_layers and work.next_layer >= 0:
+                x = work.inputs[work.next_layer].clone().requires_grad_(True)
+                y = layer_forward(self.model, work.next_layer, x, cos[:positions], sin[:positions], self.lora)
+                y.backward(work.grad)
+                work.grad = x.grad
+                work.inputs[work.next_layer + 1] = None  # no longer needed
+                work.next_layer -= 1
+                done += 1
+        if work.next_layer < 0:
+            self._sequence_done(work.seq)
+        return done
+
+    def _sequence_done(self, seq: TrainingSequence) -> None:
+        self.backward = None
+        self.position += 1
+        self.tokens_trained += seq.example.num_targets
+        if self.position == self._batch_bounds()[1]:
+            self._optimizer_step()
+
+    def _optimizer_step(self) -> None:
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_schedule.step()
+        elapsed = time.perf_counter() - self._batch_started
+        start, end = self._batch_bounds()
+        batch_tokens = sum(self.examples[i].num_targets for i in self.order[start:end])
+        self.step += 1
+        self.events.append(
+            StepEvent(
+                step=self.step,
+                total_steps=self.total_steps,
+                loss=self._batch_loss / max(1, batch_tokens),
+                learning_rate=lr,
+                tokens_trained=self.tokens_trained,
+                tokens_per_second=batch_tokens / elapsed if elapsed > 0 else 0.0,
+            )
+        )
+        self._batch_loss = 0.0
+        self._batch_started = time.perf_counter()

@@ -1,0 +1,112 @@
+"""The trainable LoRA adapter of one finetuning job: float32 parameters, PEFT layout.
+
+Parameters are kept per (layer, PEFT module) exactly as PEFT names them, A [r, in] and
+B [out, r], so a checkpoint is a PEFT adapter file and a reference PEFT model can be
+compared tensor by tensor. Initialisation follows PEFT's default (A Kaiming-uniform
+with a = sqrt(5), B zero), from the job's seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from engine.lora.adapter import CONFIG_FILE, WEIGHTS_FILE, LoRAWeights
+from engine.lora.layout import LoRALayout
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    rank: int = 16
+    alpha: float = 32.0
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    use_rslora: bool = False
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+
+class TrainableLoRA(nn.Module):
+    def __init__(self, layout: LoRALayout, config: LoRAConfig, seed: int):
+        super().__init__()
+        self.layout = layout
+        self.config = config
+        unknown = set(config.target_modules) - set(layout.module_names)
+        if unknown:
+            raise ValueError(f"target modules {sorted(unknown)} are not projections of this model")
+        generator = torch.Generator().manual_seed(seed)
+        self.a = nn.ParameterDict()
+        self.b = nn.ParameterDict()
+        for layer in range(layout.num_layers):
+            for target in layout.targets:
+                for module, out_features in target.parts:
+                    if module not in config.target_modules:
+                        continue
+                    a = torch.empty(config.rank, target.in_features)
+                    # Kaiming-uniform with a = sqrt(5): bound = 1 / sqrt(fan_in), as nn.Linear and PEFT do.
+                    bound = 1.0 / math.sqrt(target.in_features)
+                    a.uniform_(-bound, bound, generator=generator)
+                    self.a[self.key(layer, module)] = nn.Parameter(a)
+                    self.b[self.key(layer, module)] = nn.Parameter(torch.zeros(out_features, config.rank))
+
+    @staticmethod
+    def key(layer: int, module: str) -> str:
+        return f"{layer}_{module}"
+
+    def pair(self, layer: int, module: str) -> tuple[nn.Parameter, nn.Parameter] | None:
+        key = self.key(layer, module)
+        return (self.a[key], self.b[key]) if key in self.a else None
+
+    def serving_weights(self, dtype: torch.dtype) -> LoRAWeights:
+        """Detached copy in the serving layout (scaling folded into B) for a compute slot."""
+        scale = self.config.scaling
+        modules = {}
+        for key, a in self.a.items():
+            layer, module = key.split("_", 1)
+            b = self.b[key]
+            modules[(int(layer), module)] = (a.detach().to(dtype).clone(), (b.detach() * scale).to(dtype))
+        return LoRAWeights(path=None, rank=self.config.rank, modules=modules)
+
+    def peft_state_dict(self) -> dict[str, torch.Tensor]:
+        groups = {t.name: t.group for t in self.layout.targets}
+        state = {}
+        for key, a in self.a.items():
+            layer, module = key.split("_", 1)
+            target, _ = self.layout.locate(module)
+            prefix = f"base_model.model.model.layers.{layer}.{groups[target.name]}.{module}"
+            state[f"{prefix}.lora_A.weight"] = a.detach().clone().contiguous()
+            state[f"{prefix}.lora_B.weight"] = self.b[key].detach().clone().contiguous()
+        return state
+
+    def save_peft(self, path: Path, base_model: str) -> None:
+        """Write a PEFT adapter directory atomically (a temp dir renamed into place)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
+        config = {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model,
+            "r": self.config.rank,
+            "lora_alpha": self.config.alpha,
+            "use_rslora": self.config.use_rslora,
+            "target_modules": sorted(self.config.target_modules),
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "inference_mode": True,
+        }
+        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        save_file(self.peft_state_dict(), staging / WEIGHTS_FILE)
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            with open(staging / name, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(staging, path)

@@ -1,0 +1,81 @@
+"""Differentiable re-execution of one decoder layer, and the loss head, for the backward.
+
+The forward of a training sequence ran in the engine's flat batch with no autograd,
+keeping only each layer's input hidden states. The backward walks the layers from the
+top: it re-runs layer l from its saved input with autograd on (full causal attention
+over the sequence, base weights frozen, the job's LoRA parameters live), and
+backpropagates the gradient that arrived from layer l + 1. So at any time autograd
+holds the graph of one layer of one sequence, never the whole model.
+
+The math mirrors engine/model/llama.py (native paths: F.linear, SDPA): the
+equivalence test against PEFT training checks that the two agree.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine.finetune.lora_params import TrainableLoRA
+from engine.lora.layout import LoRATarget
+from engine.model.llama import DecoderLayer, LlamaForCausalLM
+from engine.model.rope import apply_rope
+
+
+def _projection(module, x: torch.Tensor, target: LoRATarget, layer: int, lora: TrainableLoRA) -> torch.Tensor:
+    """Base projection (frozen) plus the trainable LoRA delta of each adapted part."""
+    y = F.linear(x, module.weight, module.bias)  # [T, out]
+    deltas = []
+    for name, size in target.parts:
+        pair = lora.pair(layer, name)
+        if pair is None:
+            deltas.append(x.new_zeros(x.shape[0], size))
+        else:
+            a, b = pair
+            deltas.append((x @ a.T) @ b.T * lora.config.scaling)
+    return y + torch.cat(deltas, dim=1)
+
+
+def layer_forward(
+    model: LlamaForCausalLM,
+    index: int,
+    x: torch.Tensor,  # [T, hidden], positions 0..T-1 of one sequence
+    cos: torch.Tensor,  # [T, head_dim]
+    sin: torch.Tensor,
+    lora: TrainableLoRA,
+) -> torch.Tensor:  # [T, hidden]
+    layer: DecoderLayer = model.layers[index]
+    targets = {t.name: t for t in lora.layout.targets}
+    attn = layer.self_attn
+    h = layer.input_layernorm(x)
+    qkv = _projection(attn.qkv_proj, h, targets["qkv_proj"], index, lora)
+    qk = qkv[:, : attn.q_size + attn.kv_size].view(-1, attn.num_heads + attn.num_kv_heads, attn.head_dim)
+    q, k = apply_rope(qk, cos, sin).split([attn.num_heads, attn.num_kv_heads], dim=1)
+    v = qkv[:, attn.q_size + attn.kv_size :].view(-1, attn.num_kv_heads, attn.head_dim)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, scale=attn.scale, enable_gqa=True
+    )  # [heads, T, head_dim]
+    out = out.transpose(0, 1).reshape(-1, attn.q_size)
+    x = x + _projection(attn.o_proj, out, targets["o_proj"], index, lora)
+    mlp = layer.mlp
+    h = layer.post_attention_layernorm(x)
+    gate, up = _projection(mlp.gate_up_proj, h, targets["gate_up_proj"], index, lora).split(mlp.intermediate, dim=-1)
+    return x + _projection(mlp.down_proj, F.silu(gate) * up, targets["down_proj"], index, lora)
+
+
+def loss_sum(model: LlamaForCausalLM, hidden: torch.Tensor, targets: torch.Tensor, rows_per_chunk: int = 256):
+    """Summed token cross-entropy of `hidden` [T, hidden] (last layer output, pre-norm)
+    against `targets` [T] (-100 = no loss), computed in row chunks so the [rows, vocab]
+    logits stay small; returns (loss value, d loss / d hidden)."""
+    hidden = hidden.detach().requires_grad_(True)
+    total = 0.0
+    for start in range(0, hidden.shape[0], rows_per_chunk):
+        rows = slice(start, start + rows_per_chunk)
+        if (targets[rows] == -100).all():
+            continue
+        logits = F.linear(model.norm(hidden[rows]), model.lm_head.weight).float()  # [rows, vocab]
+        loss = F.cross_entropy(logits, targets[rows], ignore_index=-100, reduction="sum")
+        loss.backward()
+        total += loss.item()
+    grad = hidden.grad if hidden.grad is not None else torch.zeros_like(hidden)
+    return total, grad
