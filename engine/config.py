@@ -67,6 +67,11 @@ class EngineConfig:
     max_loras: int = 8
     max_cpu_loras: int = 32
     max_lora_rank: int = 16
+    # Latency SLOs; finetuning only takes what keeps a predicted iteration within TPOT.
+    ttft_slo_ms: float = 2000.0
+    tpot_slo_ms: float = 200.0
+    # Backward slices of finetuning: layers recomputed per iteration, all jobs together.
+    finetune_backward_layers_per_iteration: int = 4
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -83,4 +88,8 @@ class EngineConfig:
             raise ValueError("need 1 <= max_loras <= max_cpu_loras")
         if self.max_lora_rank <= 0:
             raise ValueError("max_lora_rank must be positive")
+        if self.ttft_slo_ms <= 0 or self.tpot_slo_ms <= 0:
+            raise ValueError("SLOs must be positive")
+        if self.finetune_backward_layers_per_iteration <= 0:
+            raise ValueError("finetune_backward_layers_per_iteration must be positive")
         resolve_dtype(self.dtype, self.device)  # fails early on a bad name

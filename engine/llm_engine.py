@@ -8,20 +8,32 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import msgspec
 import torch
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, dtype_name, resolve_dtype
+from engine.finetune.coordinator import FinetuneCoordinator
+from engine.finetune.job import FinetuneJob
+from engine.latency_model import LatencyModel
 from engine.lora.adapter import AdapterError
 from engine.lora.layout import lora_layout
 from engine.lora.manager import LoRAManager
 from engine.messages import EngineReady, EngineRequest, IterationStats, RequestOutput
 from engine.model.loader import load_model
+from engine.plan import IterationPlan, iteration_shape
 from engine.runner import ModelRunner
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
+
+# Until the latency model has seen this many iterations, finetuning next to inference
+# is held to a few tokens: its predictions are still the prior's.
+_WARMUP_ITERATIONS = 20
+_WARMUP_FINETUNE_TOKENS = 16
+# Fraction of the TPOT SLO kept free for prediction error.
+_SLO_MARGIN = 0.1
 
 
 def _eos_token_ids(config, model_dir) -> set[int]:
@@ -75,6 +87,10 @@ class LLMEngine:
             lora_backend=lambda: self.loras.backend,
         )
         self.sequences: dict[str, Sequence] = {}
+        self.latency = LatencyModel()
+        self.finetune = FinetuneCoordinator(
+            self.loras, self.scheduler, self.runner.cos, self.runner.sin, config.finetune_backward_layers_per_iteration
+        )
         log.info(
             "engine ready: %s, dtype=%s, %d KV blocks of %d tokens, max_model_len=%d",
             config.model_dir, dtype_name(self.dtype), num_blocks, config.block_size, self.max_model_len,
@@ -143,14 +159,34 @@ class LLMEngine:
                 self._forget(seq)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self.finetune.has_work()
+
+    # -- finetuning ------------------------------------------------------------------
+
+    def add_finetune_job(self, job: FinetuneJob) -> None:
+        self.finetune.add_job(job)
+
+    def _finetune_budget(self, plan: IterationPlan, tokens_left: int) -> int:
+        """Finetuning forward tokens this iteration: all that is left when no inference
+        runs, else what keeps the predicted iteration time within the TPOT SLO."""
+        if not plan.chunks:
+            return tokens_left
+        if self.latency.num_observations < _WARMUP_ITERATIONS:
+            return min(tokens_left, _WARMUP_FINETUNE_TOKENS)
+        shape = iteration_shape(plan, self.finetune.expected_backward_layer_tokens())
+        return self.latency.max_finetune_tokens(shape, self.config.tpot_slo_ms / 1000 * (1 - _SLO_MARGIN),
+                                                limit=tokens_left)
+
+    # -- the iteration -----------------------------------------------------------------
 
     def step(self) -> tuple[list[RequestOutput], IterationStats]:
         started = time.perf_counter()
-        plan = self.scheduler.schedule()
+        self.finetune.before_schedule()
+        plan = self.scheduler.schedule(self._finetune_budget)
         outputs: list[RequestOutput] = []
         if not plan.is_empty:
             result = self.runner.execute(plan)
+            self.finetune.after_forward(plan, result.captured)
             for request_id, entries in result.prompt_logprobs.items():
                 self.sequences[request_id].prompt_logprobs.extend(entries)
             self.scheduler.update(plan, result.sampled)
@@ -172,7 +208,18 @@ class LLMEngine:
                 )
                 if seq.is_finished:
                     self._forget(seq)
-        stats = self.stats(time.perf_counter() - started, plan.num_tokens)
+        self.finetune.run_backward()
+        shape = iteration_shape(plan, self.finetune.backward_layer_tokens)
+        predicted = self.latency.predict(shape)
+        elapsed = time.perf_counter() - started
+        self.latency.observe(shape, elapsed)
+        stats = msgspec.structs.replace(
+            self.stats(elapsed, plan.num_tokens),
+            finetune_forward_tokens=shape.finetune_forward_tokens,
+            finetune_backward_layer_tokens=shape.finetune_backward_layer_tokens,
+            predicted_seconds=predicted,
+            latency_model_error=self.latency.mean_error,
+        )
         return outputs, stats
 
     def stats(self, iteration_seconds: float = 0.0, num_batched_tokens: int = 0) -> IterationStats:

@@ -105,6 +105,11 @@ class IterationStats(msgspec.Struct, frozen=True):
     # Waiting sequences whose adapter has no compute slot yet.
     num_waiting_for_lora_slot: int = 0
     max_loras: int = 0
+    # Finetuning work done in this iteration, and the latency model's view of it.
+    finetune_forward_tokens: int = 0
+    finetune_backward_layer_tokens: int = 0
+    predicted_seconds: float = 0.0
+    latency_model_error: float | None = None  # mean relative error, recent iterations
 
 
 class EngineOutputs(msgspec.Struct, tag=True, frozen=True):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.latency_model import IterationShape
 from engine.sequence import Sequence
 
 
@@ -50,3 +51,23 @@ class IterationPlan:
     @property
     def is_empty(self) -> bool:
         return not self.chunks and not self.finetune_chunks
+
+
+def _attended(chunk: ScheduledChunk) -> int:
+    """Context tokens the chunk's queries attend in all: query p sees positions 0..p."""
+    return sum(range(chunk.start + 1, chunk.end + 1))
+
+
+def iteration_shape(plan: IterationPlan, backward_layer_tokens: int = 0) -> IterationShape:
+    """The plan's composition in the latency model's units."""
+    decodes = [c for c in plan.chunks if c.num_new_tokens == 1]
+    prefills = [c for c in plan.chunks if c.num_new_tokens > 1] + plan.finetune_chunks
+    prefill_context = sum(_attended(c) for c in prefills)
+    return IterationShape(
+        decode_tokens=len(decodes),
+        prefill_tokens=sum(c.num_new_tokens for c in prefills) - plan.num_finetune_tokens,
+        context_tokens=sum(c.end for c in decodes) + prefill_context,
+        finetune_forward_tokens=plan.num_finetune_tokens,
+        finetune_backward_layer_tokens=backward_layer_tokens,
+        prefill_context_tokens=prefill_context,
+    )

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from engine.block_manager import BlockManager
@@ -101,7 +101,9 @@ class Scheduler:
 
     # -- planning ---------------------------------------------------------
 
-    def schedule(self, finetune_budget: int = 0) -> IterationPlan:
+    def schedule(self, finetune_budget: Callable[[IterationPlan, int], int] | None = None) -> IterationPlan:
+        """finetune_budget(plan with its inference chunks, tokens left) -> finetuning tokens
+        this iteration may add (the engine asks its latency model); None = no finetuning."""
         plan = IterationPlan()
         budget = self.max_num_batched_tokens
         scheduled: dict[str, ScheduledChunk] = {}
@@ -138,7 +140,8 @@ class Scheduler:
         # first) so the LoRA backend sees few contiguous runs; priority order otherwise.
         chunks = sorted(scheduled.values(), key=lambda c: (c.num_new_tokens > 1, c.seq.lora_slot, self._key(c.seq)))
         plan.chunks = chunks
-        self._schedule_finetune(plan, min(budget, finetune_budget))
+        if finetune_budget is not None and self.finetuning:
+            self._schedule_finetune(plan, min(budget, finetune_budget(plan, budget)))
         return plan
 
     def _schedule_finetune(self, plan: IterationPlan, budget: int) -> None:

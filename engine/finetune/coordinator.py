@@ -68,6 +68,13 @@ class FinetuneCoordinator:
         for seq in self.scheduler.update_finetune(plan):
             seq.job.forward_finished(seq)
 
+    def expected_backward_layer_tokens(self) -> int:
+        """Layer-tokens the next `run_backward` will do at most (for the latency budget)."""
+        lengths = [len(job.backward.seq.token_ids) for job in self.jobs.values() if job.backward is not None]
+        if not lengths:
+            return 0
+        return self.backward_layers_per_iteration * max(lengths)
+
     def run_backward(self) -> None:
         """Backward slices for this iteration; refresh slots of jobs that stepped."""
         self.backward_layer_tokens = 0

@@ -62,7 +62,7 @@ def train_with_engine(model_dir, examples, with_inference: bool, hp: Hyperparame
                                    generator=gen).tolist()
             scheduler.add(Sequence(f"inf{iterations}", prompt, SamplingParams(max_tokens=6, temperature=0.0), 0.0))
         coordinator.before_schedule()
-        plan = scheduler.schedule(finetune_budget=8)
+        plan = scheduler.schedule(finetune_budget=lambda plan, left: min(8, left))
         mixed += bool(plan.chunks and plan.finetune_chunks)
         result = runner.execute(plan)
         coordinator.after_forward(plan, result.captured)
