@@ -10,12 +10,13 @@ from server.auth import require_api_key
 from server.context import ServerContext
 from server.errors import install_error_handlers
 from server.metrics import make_registry
-from server.routes import adapters, chat, completions, misc, models, tokenize
+from server.routes import adapters, chat, completions, files, misc, models, tokenize
 
 
 def create_app(ctx: ServerContext) -> FastAPI:
     """`ctx.engine` is already started (so start-up failures are reported before we
-    listen); the app stops it on shutdown, which uvicorn runs on SIGTERM and SIGINT."""
+    listen); the app stops it and closes `ctx.store` on shutdown, which uvicorn runs on
+    SIGTERM and SIGINT (and then re-raises the signal, so code after `serve()` never runs)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -23,13 +24,14 @@ def create_app(ctx: ServerContext) -> FastAPI:
             yield
         finally:
             await ctx.engine.shutdown()
+            ctx.store.close()
 
     app = FastAPI(title="coserve", lifespan=lifespan)
     app.state.ctx = ctx
     app.state.metrics = make_registry(ctx.engine, ctx.served_model_name)
     install_error_handlers(app)
     protected = [Depends(require_api_key)]
-    for api in (completions, chat, models, tokenize, adapters):
+    for api in (completions, chat, models, tokenize, adapters, files):
         app.include_router(api.router, dependencies=protected)
     app.include_router(misc.router)
     return app

@@ -96,7 +96,14 @@ async def _run(settings: Settings, engine_config, served_name: str) -> int:
     from server.engine_client import EngineClient, EngineStartError
     from server.generation import TokenTexts
     from server.prompts import PromptEncoder
+    from server.store import Store, StoreError
 
+    # Before the engine starts, so an unusable data directory is reported without loading weights.
+    try:
+        store = Store.open(settings.data_dir)
+    except StoreError as exc:
+        log.error("cannot serve: %s", exc)
+        return 1
     model_dir = engine_config.model_dir
     engine = EngineClient(engine_config, settings.max_queued_requests)
     try:
@@ -117,6 +124,7 @@ async def _run(settings: Settings, engine_config, served_name: str) -> int:
             texts=TokenTexts(tokenizer),
             served_model_name=served_name,
             adapters=AdapterRegistry(engine, served_name, settings.lora_roots, settings.lora_module_paths()),
+            store=store,
         )
         log.info("serving %s (max_model_len=%d, dtype=%s)", served_name, ready.max_model_len, ready.dtype)
         server = uvicorn.Server(
@@ -126,6 +134,7 @@ async def _run(settings: Settings, engine_config, served_name: str) -> int:
         return 0 if server.started else 1
     finally:
         await engine.shutdown()
+        store.close()
 
 
 if __name__ == "__main__":

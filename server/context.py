@@ -14,6 +14,7 @@ from server.engine_client import EngineClient
 from server.generation import TokenTexts
 from server.prompts import PromptEncoder
 from server.settings import Settings
+from server.store import Store
 
 
 @dataclass
@@ -25,6 +26,7 @@ class ServerContext:
     texts: TokenTexts
     served_model_name: str
     adapters: AdapterRegistry
+    store: Store
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
