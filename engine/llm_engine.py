@@ -15,11 +15,20 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig, dtype_name, resolve_dtype
 from engine.finetune.coordinator import FinetuneCoordinator
 from engine.finetune.job import FinetuneJob
+from engine.finetune.runs import FinetuneRuns
 from engine.latency_model import LatencyModel
 from engine.lora.adapter import AdapterError
 from engine.lora.layout import lora_layout
 from engine.lora.manager import LoRAManager
-from engine.messages import EngineReady, EngineRequest, IterationStats, RequestOutput
+from engine.messages import (
+    ControlFinetune,
+    EngineReady,
+    EngineRequest,
+    FinetuneReport,
+    IterationStats,
+    RequestOutput,
+    StartFinetune,
+)
 from engine.model.loader import load_model
 from engine.plan import IterationPlan, iteration_shape
 from engine.runner import ModelRunner
@@ -91,6 +100,7 @@ class LLMEngine:
         self.finetune = FinetuneCoordinator(
             self.loras, self.scheduler, self.runner.cos, self.runner.sin, config.finetune_backward_layers_per_iteration
         )
+        self.finetune_runs = FinetuneRuns(self.finetune, self.model, self.loras.layout)
         log.info(
             "engine ready: %s, dtype=%s, %d KV blocks of %d tokens, max_model_len=%d",
             config.model_dir, dtype_name(self.dtype), num_blocks, config.block_size, self.max_model_len,
@@ -166,6 +176,15 @@ class LLMEngine:
     def add_finetune_job(self, job: FinetuneJob) -> None:
         self.finetune.add_job(job)
 
+    def start_finetune(self, msg: StartFinetune) -> None:
+        self.finetune_runs.start(msg)
+
+    def control_finetune(self, msg: ControlFinetune) -> None:
+        self.finetune_runs.control(msg)
+
+    def finetune_reports(self) -> list[FinetuneReport]:
+        return self.finetune_runs.reports()
+
     def _finetune_budget(self, plan: IterationPlan, tokens_left: int) -> int:
         """Finetuning forward tokens this iteration: all that is left when no inference
         runs, else what keeps the predicted iteration time within the TPOT SLO."""
@@ -209,6 +228,7 @@ class LLMEngine:
                 if seq.is_finished:
                     self._forget(seq)
         self.finetune.run_backward()
+        self.finetune_runs.after_iteration()
         shape = iteration_shape(plan, self.finetune.backward_layer_tokens)
         predicted = self.latency.predict(shape)
         elapsed = time.perf_counter() - started

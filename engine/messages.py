@@ -54,6 +54,42 @@ class UnloadAdapter(msgspec.Struct, tag=True, frozen=True):
     name: str
 
 
+class FinetuneExample(msgspec.Struct, frozen=True):
+    token_ids: list[int]
+    target: list[bool]  # target[t]: token t is trained on
+
+
+class FinetuneSettings(msgspec.Struct, frozen=True):
+    n_epochs: int
+    batch_size: int
+    learning_rate: float
+    warmup_steps: int
+    weight_decay: float
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    use_rslora: bool
+    seed: int
+    checkpoint_every_steps: int
+
+
+class StartFinetune(msgspec.Struct, tag=True, frozen=True):
+    """Train a LoRA adapter; checkpoints go to <output_dir>/checkpoints/step-<n>, the
+    result to <output_dir>/final. `resume`: continue from the newest checkpoint there."""
+
+    job_id: str
+    examples: list[FinetuneExample]
+    settings: FinetuneSettings
+    output_dir: str
+    base_model: str
+    resume: bool = False
+
+
+class ControlFinetune(msgspec.Struct, tag=True, frozen=True):
+    job_id: str
+    action: str  # "pause" | "resume" | "cancel"
+
+
 class AdapterOpDone(msgspec.Struct, tag=True, frozen=True):
     """Answer to LoadAdapter / UnloadAdapter; `error` and the setting it concerns when it failed."""
 
@@ -112,9 +148,30 @@ class IterationStats(msgspec.Struct, frozen=True):
     latency_model_error: float | None = None  # mean relative error, recent iterations
 
 
+class FinetuneStep(msgspec.Struct, frozen=True):
+    step: int
+    total_steps: int
+    loss: float
+    learning_rate: float
+    tokens_trained: int
+    tokens_per_second: float
+
+
+class FinetuneReport(msgspec.Struct, frozen=True):
+    """What a job did since its last report."""
+
+    job_id: str
+    status: str  # "running" | "paused" | "succeeded" | "failed" | "cancelled"
+    steps: list[FinetuneStep] = []
+    checkpoints: list[tuple[int, str]] = []  # (step, directory)
+    final_path: str | None = None
+    error: str | None = None
+
+
 class EngineOutputs(msgspec.Struct, tag=True, frozen=True):
     outputs: list[RequestOutput]
     stats: IterationStats | None = None
+    finetune: list[FinetuneReport] = []
 
 
 class EngineReady(msgspec.Struct, tag=True, frozen=True):
@@ -132,5 +189,7 @@ class EngineFailed(msgspec.Struct, tag=True, frozen=True):
     message: str
 
 
-ServerToEngine = EngineRequest | AbortRequests | LoadAdapter | UnloadAdapter | Shutdown
+ServerToEngine = (
+    EngineRequest | AbortRequests | LoadAdapter | UnloadAdapter | StartFinetune | ControlFinetune | Shutdown
+)
 EngineToServer = EngineReady | EngineFailed | EngineOutputs | AdapterOpDone

@@ -22,12 +22,14 @@ from engine.lora.adapter import AdapterError
 from engine.messages import (
     AbortRequests,
     AdapterOpDone,
+    ControlFinetune,
     EngineFailed,
     EngineOutputs,
     EngineRequest,
     LoadAdapter,
     ServerToEngine,
     Shutdown,
+    StartFinetune,
     UnloadAdapter,
 )
 
@@ -65,6 +67,14 @@ def run_engine_process(config: EngineConfig, input_addr: str, output_addr: str) 
                     outbox.send(encoder.encode(EngineOutputs(outputs=[rejected], stats=engine.stats())))
             elif isinstance(msg, LoadAdapter | UnloadAdapter):
                 outbox.send(encoder.encode(_adapter_op(engine, msg)))
+            elif isinstance(msg, StartFinetune | ControlFinetune):
+                if isinstance(msg, StartFinetune):
+                    engine.start_finetune(msg)
+                else:
+                    engine.control_finetune(msg)
+                reports = engine.finetune_reports()
+                if reports:
+                    outbox.send(encoder.encode(EngineOutputs(outputs=[], finetune=reports)))
             elif isinstance(msg, AbortRequests):
                 engine.abort(msg.request_ids)
                 if not engine.has_work():
@@ -78,8 +88,7 @@ def run_engine_process(config: EngineConfig, input_addr: str, output_addr: str) 
             timeout = 0
         if engine.has_work():
             outputs, stats = engine.step()
-            if outputs or stats is not None:
-                outbox.send(encoder.encode(EngineOutputs(outputs=outputs, stats=stats)))
+            outbox.send(encoder.encode(EngineOutputs(outputs=outputs, stats=stats, finetune=engine.finetune_reports())))
 
 
 def _adapter_op(engine, msg: LoadAdapter | UnloadAdapter) -> AdapterOpDone:

@@ -36,6 +36,7 @@ class FinetuneCoordinator:
         self._adapters: dict[str, AdapterEntry] = {}
         self._turn = 0
         self.backward_layer_tokens = 0  # of the last iteration, for the latency model
+        self.paused: set[str] = set()
 
     def add_job(self, job: FinetuneJob) -> None:
         self.jobs[job.job_id] = job
@@ -45,16 +46,29 @@ class FinetuneCoordinator:
 
     def remove_job(self, job_id: str) -> FinetuneJob:
         job = self.jobs.pop(job_id)
+        self.paused.discard(job_id)
         if job.forwarding is not None:
             self.scheduler.drop_finetune(job.forwarding)
         self.loras.release_trainable(self._adapters.pop(job_id))
         return job
 
+    def pause(self, job_id: str) -> None:
+        """No new training sequences; the one in flight finishes."""
+        self.paused.add(job_id)
+
+    def resume(self, job_id: str) -> None:
+        self.paused.discard(job_id)
+
     def has_work(self) -> bool:
-        return any(not job.done for job in self.jobs.values())
+        return any(
+            not job.done and (job_id not in self.paused or job.forwarding or job.backward)
+            for job_id, job in self.jobs.items()
+        )
 
     def before_schedule(self) -> None:
         for job_id, job in self.jobs.items():
+            if job_id in self.paused:
+                continue
             seq = job.next_sequence()
             if seq is not None:
                 seq.lora = self._adapters[job_id]

@@ -138,6 +138,23 @@ class FinetuneJob:
     def done(self) -> bool:
         return self.step == self.total_steps
 
+    def trainer_state(self) -> dict:
+        """Everything to continue training from a step boundary (see checkpoint.py)."""
+        return {
+            "lora": self.lora.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_schedule": self.lr_schedule.state_dict(),
+            "step": self.step,
+            "position": self.position,
+            "tokens_trained": self.tokens_trained,
+        }
+
+    def load_trainer_state(self, state: dict) -> None:
+        self.lora.load_state_dict(state["lora"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        self.step, self.position, self.tokens_trained = state["step"], state["position"], state["tokens_trained"]
+
     def _batch_bounds(self) -> tuple[int, int]:
         start = self.step * self.hyperparameters.batch_size
         return start, min(start + self.hyperparameters.batch_size, len(self.order))

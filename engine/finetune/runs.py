@@ -1,0 +1,148 @@
+"""The lifecycle of finetuning jobs in the engine: start, pause, resume, cancel,
+checkpoints on schedule, the final adapter, and reports for the server.
+
+`FinetuneCoordinator` does the training work each iteration; this module turns the
+server's `StartFinetune` / `ControlFinetune` messages into jobs and their steps back
+into `FinetuneReport`s. A job that raises is failed with its error, and the engine
+and the other jobs go on.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.finetune.checkpoint import TRAINER_STATE, load_checkpoint, save_checkpoint
+from engine.finetune.coordinator import FinetuneCoordinator
+from engine.finetune.job import FinetuneJob, Hyperparameters, TrainingExample
+from engine.finetune.lora_params import LoRAConfig
+from engine.messages import ControlFinetune, FinetuneReport, FinetuneStep, StartFinetune
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Run:
+    job: FinetuneJob
+    output_dir: Path
+    base_model: str
+    checkpoint_every: int
+    reported_steps: int = 0  # events already sent
+    checked_step: int = 0  # last step considered for a checkpoint
+    unreported_checkpoints: list[tuple[int, str]] = field(default_factory=list)
+    status: str = "running"
+    status_reported: bool = False
+    final_path: str | None = None
+    error: str | None = None
+
+
+def newest_checkpoint(output_dir: Path) -> Path | None:
+    found = [p for p in (output_dir / "checkpoints").glob("step-*") if (p / TRAINER_STATE).is_file()]
+    return max(found, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+class FinetuneRuns:
+    def __init__(self, coordinator: FinetuneCoordinator, model, layout):
+        self.coordinator = coordinator
+        self.model = model
+        self.layout = layout
+        self.runs: dict[str, _Run] = {}
+
+    def start(self, msg: StartFinetune) -> None:
+        s = msg.settings
+        examples = [TrainingExample(e.token_ids, e.target) for e in msg.examples]
+        hyperparameters = Hyperparameters(
+            n_epochs=s.n_epochs, batch_size=s.batch_size, learning_rate=s.learning_rate,
+            warmup_steps=s.warmup_steps, weight_decay=s.weight_decay,
+        )
+        lora = LoRAConfig(rank=s.rank, alpha=s.alpha, target_modules=tuple(s.target_modules), use_rslora=s.use_rslora)
+        output_dir = Path(msg.output_dir)
+        run = None
+        try:
+            job = FinetuneJob(msg.job_id, self.model, self.layout, examples, hyperparameters, lora, s.seed)
+            run = _Run(job, output_dir, msg.base_model, max(1, s.checkpoint_every_steps))
+            if msg.resume and (checkpoint := newest_checkpoint(output_dir)) is not None:
+                load_checkpoint(job, checkpoint)
+                run.checked_step = job.step
+                log.info("finetuning job %s resumes from %s (step %d)", msg.job_id, checkpoint, job.step)
+            self.coordinator.add_job(job)
+        except (ValueError, OSError, RuntimeError) as exc:
+            run = run or _Run(None, output_dir, msg.base_model, 1)
+            self._fail(msg.job_id, run, exc)
+            return
+        self.runs[msg.job_id] = run
+
+    def control(self, msg: ControlFinetune) -> None:
+        run = self.runs.get(msg.job_id)
+        if run is None or run.status not in ("running", "paused"):
+            return
+        if msg.action == "cancel":
+            self.coordinator.remove_job(msg.job_id)
+            self._set_status(run, "cancelled")
+        elif msg.action == "pause":
+            self.coordinator.pause(msg.job_id)
+            self._set_status(run, "paused")
+        elif msg.action == "resume":
+            self.coordinator.resume(msg.job_id)
+            self._set_status(run, "running")
+
+    def after_iteration(self) -> None:
+        """Checkpoints for jobs that stepped, the final adapter for jobs that finished."""
+        for job_id, run in list(self.runs.items()):
+            if run.status != "running":
+                continue
+            job = run.job
+            try:
+                # A job steps at most once per iteration, right at a batch boundary: the
+                # moment its state is a clean checkpoint.
+                if job.step > run.checked_step:
+                    run.checked_step = job.step
+                    if job.step % run.checkpoint_every == 0 or job.done:
+                        path = run.output_dir / "checkpoints" / f"step-{job.step}"
+                        save_checkpoint(job, path, run.base_model)
+                        run.unreported_checkpoints.append((job.step, str(path)))
+                if job.done:
+                    final = run.output_dir / "final"
+                    job.lora.save_peft(final, run.base_model)
+                    run.final_path = str(final)
+                    self.coordinator.remove_job(job_id)
+                    self._set_status(run, "succeeded")
+            except (OSError, RuntimeError) as exc:
+                self.coordinator.remove_job(job_id)
+                self._fail(job_id, run, exc)
+
+    def _set_status(self, run: _Run, status: str) -> None:
+        run.status = status
+        run.status_reported = False
+
+    def _fail(self, job_id: str, run: _Run, exc: Exception) -> None:
+        log.error("finetuning job %s failed: %s", job_id, exc)
+        run.error = f"{type(exc).__name__}: {exc}"
+        self._set_status(run, "failed")
+        self.runs[job_id] = run
+
+    def reports(self) -> list[FinetuneReport]:
+        """What changed since the last call; finished runs are forgotten once reported."""
+        out = []
+        for job_id, run in list(self.runs.items()):
+            events = run.job.events[run.reported_steps :] if run.job is not None else []
+            if not events and not run.unreported_checkpoints and run.status_reported:
+                continue
+            out.append(
+                FinetuneReport(
+                    job_id=job_id,
+                    status=run.status,
+                    steps=[FinetuneStep(e.step, e.total_steps, e.loss, e.learning_rate, e.tokens_trained,
+                                        e.tokens_per_second) for e in events],
+                    checkpoints=run.unreported_checkpoints,
+                    final_path=run.final_path,
+                    error=run.error,
+                )
+            )
+            run.reported_steps += len(events)
+            run.unreported_checkpoints = []
+            run.status_reported = True
+            if run.status in ("succeeded", "failed", "cancelled"):
+                del self.runs[job_id]
+        return out

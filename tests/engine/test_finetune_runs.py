@@ -1,0 +1,107 @@
+"""Finetuning jobs driven by engine messages: checkpoints, final adapter, pause, cancel, resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from engine.config import EngineConfig
+from engine.finetune.checkpoint import TRAINER_STATE
+from engine.llm_engine import LLMEngine
+from engine.messages import ControlFinetune, FinetuneExample, FinetuneSettings, StartFinetune
+from tests.engine.test_finetune_equivalence import make_examples
+from tests.engine.tiny_models import tiny_llama_config, write_tiny_model
+
+SETTINGS = FinetuneSettings(
+    n_epochs=2, batch_size=2, learning_rate=1e-3, warmup_steps=1, weight_decay=0.0, rank=4, alpha=8,
+    target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=False, seed=3, checkpoint_every_steps=2,
+)
+
+
+def _engine(model_dir) -> LLMEngine:
+    return LLMEngine(EngineConfig(model_dir=model_dir, dtype="float32", kv_cache_memory_gb=0.01, max_lora_rank=8))
+
+
+def _start(engine, model_dir, out_dir, resume=False, job_id="ftjob-1"):
+    examples = [FinetuneExample(e.token_ids, e.target) for e in make_examples(97, count=6, seed=4)]
+    engine.start_finetune(StartFinetune(job_id, examples, SETTINGS, str(out_dir), str(model_dir), resume))
+
+
+def _run(engine, until=lambda reports: False) -> list:
+    reports = []
+    while engine.has_work():
+        engine.step()
+        reports += engine.finetune_reports()
+        if until(reports):
+            break
+    return reports
+
+
+def test_job_checkpoints_and_final_adapter_loads_in_peft(tmp_path):
+    model_dir = tmp_path / "model"
+    write_tiny_model(model_dir, tiny_llama_config())
+    engine = _engine(model_dir)
+    _start(engine, model_dir, tmp_path / "job")
+    reports = _run(engine)
+    steps = [s for r in reports for s in r.steps]
+    assert [s.step for s in steps] == list(range(1, 7)) and all(s.total_steps == 6 for s in steps)
+    assert all(s.loss > 0 and s.tokens_trained > 0 for s in steps)
+    checkpoints = [c for r in reports for c in r.checkpoints]
+    assert [step for step, _ in checkpoints] == [2, 4, 6]
+    assert reports[-1].status == "succeeded" and reports[-1].final_path == str(tmp_path / "job" / "final")
+    for step, path in checkpoints:
+        assert path == str(tmp_path / "job" / "checkpoints" / f"step-{step}")
+        assert (Path(path) / TRAINER_STATE).is_file() and (Path(path) / "adapter_model.safetensors").is_file()
+    # The final adapter is a PEFT adapter of the base model, and it changes the model.
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        before = base(ids).logits
+        tuned = PeftModel.from_pretrained(base, reports[-1].final_path).eval()
+        after = tuned(ids).logits
+    assert (after - before).abs().max() > 1e-3
+    assert not engine.has_work()
+
+
+def test_resume_from_checkpoint_ends_where_an_uninterrupted_job_ends(tmp_path):
+    model_dir = tmp_path / "model"
+    write_tiny_model(model_dir, tiny_llama_config())
+    straight = _engine(model_dir)
+    _start(straight, model_dir, tmp_path / "straight")
+    _run(straight)
+
+    first = _engine(model_dir)
+    _start(first, model_dir, tmp_path / "crash")
+    _run(first, until=lambda reports: any(c[0] == 4 for r in reports for c in r.checkpoints))
+    del first  # the server died after the step-4 checkpoint
+    second = _engine(model_dir)
+    _start(second, model_dir, tmp_path / "crash", resume=True)
+    reports = _run(second)
+    assert [s.step for r in reports for s in r.steps] == [5, 6]
+    expected = load_file(tmp_path / "straight" / "final" / "adapter_model.safetensors")
+    resumed = load_file(tmp_path / "crash" / "final" / "adapter_model.safetensors")
+    assert set(expected) == set(resumed)
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key], atol=1e-6, rtol=1e-5)
+
+
+def test_pause_resume_and_cancel(tmp_path):
+    model_dir = tmp_path / "model"
+    write_tiny_model(model_dir, tiny_llama_config())
+    engine = _engine(model_dir)
+    _start(engine, model_dir, tmp_path / "a", job_id="a")
+    _run(engine, until=lambda reports: any(r.steps for r in reports))
+    engine.control_finetune(ControlFinetune("a", "pause"))
+    assert engine.finetune_reports()[-1].status == "paused"
+    _run(engine)  # finishes the sequence in flight, then idles
+    paused_at = engine.finetune.jobs["a"].step
+    assert not engine.has_work() and paused_at < 6
+    engine.control_finetune(ControlFinetune("a", "resume"))
+    _run(engine, until=lambda reports: any(s.step > paused_at for r in reports for s in r.steps))
+    engine.control_finetune(ControlFinetune("a", "cancel"))
+    assert engine.finetune_reports()[-1].status == "cancelled"
+    assert "a" not in engine.finetune.jobs and not engine.has_work()
