@@ -67,6 +67,14 @@ class AdapterRegistry:
         card = self.cards[name] = AdapterCard(name, resolved)
         return card
 
+    async def register_own(self, name: str, path: Path) -> AdapterCard:
+        """Serve an adapter the server itself produced (a finetuning result), outside lora_roots."""
+        done = await self._engine.adapter_op(lambda op_id: LoadAdapter(op_id=op_id, name=name, path=str(path)))
+        if done.error is not None:
+            raise RuntimeError(f"adapter {name} from {path} did not load: {done.error}")
+        card = self.cards[name] = AdapterCard(name, Path(path))
+        return card
+
     async def unload(self, name: str) -> None:
         if name not in self.cards:
             raise errors.APIError(

@@ -10,7 +10,7 @@ from server.auth import require_api_key
 from server.context import ServerContext
 from server.errors import install_error_handlers
 from server.metrics import make_registry
-from server.routes import adapters, chat, completions, files, misc, models, tokenize
+from server.routes import adapters, chat, completions, files, fine_tuning, misc, models, tokenize
 
 
 def create_app(ctx: ServerContext) -> FastAPI:
@@ -23,6 +23,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
         try:
             yield
         finally:
+            await ctx.jobs.close()
             await ctx.engine.shutdown()
             ctx.store.close()
 
@@ -31,7 +32,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
     app.state.metrics = make_registry(ctx.engine, ctx.served_model_name)
     install_error_handlers(app)
     protected = [Depends(require_api_key)]
-    for api in (completions, chat, models, tokenize, adapters, files):
+    for api in (completions, chat, models, tokenize, adapters, files, fine_tuning):
         app.include_router(api.router, dependencies=protected)
     app.include_router(misc.router)
     return app

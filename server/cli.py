@@ -94,6 +94,7 @@ async def _run(settings: Settings, engine_config, served_name: str) -> int:
     from server.app import create_app
     from server.context import ServerContext
     from server.engine_client import EngineClient, EngineStartError
+    from server.finetune.manager import JobManager
     from server.generation import TokenTexts
     from server.prompts import PromptEncoder
     from server.store import Store, StoreError
@@ -116,6 +117,8 @@ async def _run(settings: Settings, engine_config, served_name: str) -> int:
             return 1
         tokenizer = await tokenizer_loading
         vocab_size = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+        adapters = AdapterRegistry(engine, served_name, settings.lora_roots, settings.lora_module_paths())
+        jobs = JobManager(store, engine, adapters, tokenizer, served_name, model_dir, settings.data_dir)
         ctx = ServerContext(
             settings=settings,
             engine=engine,
@@ -123,9 +126,12 @@ async def _run(settings: Settings, engine_config, served_name: str) -> int:
             prompts=PromptEncoder(tokenizer, vocab_size, ready.max_model_len),
             texts=TokenTexts(tokenizer),
             served_model_name=served_name,
-            adapters=AdapterRegistry(engine, served_name, settings.lora_roots, settings.lora_module_paths()),
+            adapters=adapters,
             store=store,
+            jobs=jobs,
         )
+        # Finished models are served again and unfinished jobs continue before we listen.
+        await jobs.start()
         log.info("serving %s (max_model_len=%d, dtype=%s)", served_name, ready.max_model_len, ready.dtype)
         server = uvicorn.Server(
             uvicorn.Config(create_app(ctx), host=settings.host, port=settings.port, log_level=settings.log_level)

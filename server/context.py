@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerBase
 from server import errors
 from server.adapters import AdapterRegistry
 from server.engine_client import EngineClient
+from server.finetune.manager import JobManager
 from server.generation import TokenTexts
 from server.prompts import PromptEncoder
 from server.settings import Settings
@@ -27,6 +28,7 @@ class ServerContext:
     served_model_name: str
     adapters: AdapterRegistry
     store: Store
+    jobs: JobManager
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property

@@ -18,6 +18,7 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -28,6 +29,9 @@ from engine.config import EngineConfig
 from engine.messages import (
     AbortRequests,
     AdapterOpDone,
+    ControlFinetune,
+    FinetuneReport,
+    StartFinetune,
     EngineFailed,
     EngineOutputs,
     EngineReady,
@@ -123,6 +127,8 @@ class EngineClient:
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(EngineToServer)
         self._op_ids = itertools.count(1)
+        # Receives every finetuning report (set by the server's job manager).
+        self.on_finetune_report: Callable[[FinetuneReport], None] = lambda report: None
         self._pending_ops: dict[int, asyncio.Future[AdapterOpDone]] = {}
 
     @property
@@ -176,6 +182,8 @@ class EngineClient:
                 continue
             if msg.stats is not None:
                 self.last_stats = msg.stats
+            for report in msg.finetune:
+                self.on_finetune_report(report)
             for output in msg.outputs:
                 stream = self.streams.get(output.request_id)
                 if stream is not None:  # None: the server already gave it up
@@ -223,6 +231,11 @@ class EngineClient:
             return await future
         except EngineDead as dead:
             raise errors.engine_unavailable(str(dead)) from None
+
+    def send_finetune(self, msg: StartFinetune | ControlFinetune) -> None:
+        if not self.alive:
+            raise errors.engine_unavailable(self.dead_reason or "not started")
+        self._send(msg)
 
     def abort(self, request_ids: list[str]) -> None:
         if self.alive and request_ids:

@@ -99,6 +99,13 @@ class Settings(BaseSettings):
         32, ge=1, description="LoRA adapters kept in host memory (LRU), resident ones included"
     )
     max_lora_rank: int = Field(16, ge=1, description="Largest LoRA rank accepted; sizes the compute slots")
+    ttft_slo_ms: float = Field(2000.0, gt=0, description="Time-to-first-token SLO, in milliseconds")
+    tpot_slo_ms: float = Field(
+        200.0, gt=0, description="Time-per-output-token SLO (ms); finetuning only fills iterations predicted within it"
+    )
+    finetune_backward_layers_per_iteration: int = Field(
+        4, ge=1, description="Layers of finetuning backward recomputed per engine iteration, all jobs together"
+    )
     api_key: str | None = Field(None, description="If set, /v1 routes require `Authorization: Bearer <key>`")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Logging level")
 
@@ -160,4 +167,7 @@ class Settings(BaseSettings):
             max_loras=self.max_loras,
             max_cpu_loras=self.max_cpu_loras,
             max_lora_rank=self.max_lora_rank,
+            ttft_slo_ms=self.ttft_slo_ms,
+            tpot_slo_ms=self.tpot_slo_ms,
+            finetune_backward_layers_per_iteration=self.finetune_backward_layers_per_iteration,
         )

@@ -36,6 +36,55 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX files_by_owner ON files (owner, created_at, seq);
     """,
+    # 2: finetuning jobs, their events and checkpoints (server/store/jobs.py). JSON columns
+    # hold what the job was asked for and reports, as given; `seq` orders each table by
+    # insertion, which is what every list pages by.
+    """
+    CREATE TABLE jobs (
+        seq INTEGER PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        owner TEXT NOT NULL,
+        model TEXT NOT NULL,
+        training_file TEXT NOT NULL,
+        validation_file TEXT,
+        status TEXT NOT NULL,
+        hyperparameters TEXT NOT NULL,
+        lora TEXT NOT NULL,
+        suffix TEXT,
+        seed INTEGER NOT NULL,
+        metadata TEXT,
+        created_at INTEGER NOT NULL,
+        started_at INTEGER,
+        finished_at INTEGER,
+        fine_tuned_model TEXT,
+        error TEXT,
+        trained_tokens INTEGER
+    );
+    CREATE INDEX jobs_by_owner ON jobs (owner, seq);
+    CREATE INDEX jobs_by_status ON jobs (status);
+    CREATE TABLE job_events (
+        seq INTEGER PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        job_id TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        level TEXT NOT NULL,
+        message TEXT NOT NULL,
+        data TEXT
+    );
+    CREATE INDEX job_events_by_job ON job_events (job_id, seq);
+    CREATE TABLE job_checkpoints (
+        seq INTEGER PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        job_id TEXT NOT NULL,
+        step INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        fine_tuned_model_checkpoint TEXT NOT NULL,
+        metrics TEXT NOT NULL,
+        path TEXT NOT NULL,
+        UNIQUE (job_id, step)
+    );
+    CREATE INDEX job_checkpoints_by_job ON job_checkpoints (job_id, seq);
+    """,
 )
 
 

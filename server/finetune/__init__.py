@@ -1,0 +1,1 @@
+"""The server side of finetuning jobs: requests, training data, and the job lifecycle."""
