@@ -105,3 +105,24 @@ def test_pause_resume_and_cancel(tmp_path):
     engine.control_finetune(ControlFinetune("a", "cancel"))
     assert engine.finetune_reports()[-1].status == "cancelled"
     assert "a" not in engine.finetune.jobs and not engine.has_work()
+
+
+def test_concurrent_jobs_share_the_finetuning_budget(tmp_path):
+    """Two jobs at once, each with its own adapter and optimizer: they advance in turn."""
+    model_dir = tmp_path / "model"
+    write_tiny_model(model_dir, tiny_llama_config())
+    engine = _engine(model_dir)
+    _start(engine, model_dir, tmp_path / "a", job_id="a")
+    _start(engine, model_dir, tmp_path / "b", job_id="b")
+    order = []
+    while engine.has_work():
+        engine.step()
+        order += [r.job_id for r in engine.finetune_reports() for _ in r.steps]
+    assert sorted(order) == ["a"] * 6 + ["b"] * 6
+    # Neither waits for the other to finish: b steps before a's last step.
+    assert order.index("b") < len(order) - 1 - order[::-1].index("a")
+    a = load_file(tmp_path / "a" / "final" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "final" / "adapter_model.safetensors")
+    # Same data and seed: separate adapters trained to the same weights, not into one another.
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)

@@ -110,6 +110,34 @@ def test_bad_training_file_fails_the_job_naming_the_line(ft_client):
     assert ft_client.completions.create(model=base, prompt="Hi", max_tokens=2).usage.completion_tokens == 2
 
 
+def _steps(client, job_id: str) -> int:
+    return len([e for e in client.fine_tuning.jobs.list_events(job_id, limit=1000) if e.type == "metrics"])
+
+
+def test_pause_and_resume(ft_client):
+    base = ft_client.models.list().data[0].id
+    training = ft_client.files.create(file=("p.jsonl", io.BytesIO(_chat_jsonl(16))), purpose="fine-tune")
+    job = ft_client.fine_tuning.jobs.create(model=base, training_file=training.id,
+                                            hyperparameters={"n_epochs": 8, "batch_size": 1})  # 128 steps
+    deadline = time.monotonic() + 120
+    while _steps(ft_client, job.id) < 2 and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert ft_client.fine_tuning.jobs.pause(job.id).status == "paused"
+    time.sleep(2)  # the sequence in flight finishes
+    frozen = _steps(ft_client, job.id)
+    time.sleep(3)
+    assert _steps(ft_client, job.id) == frozen, "a paused job must not train"
+    assert ft_client.fine_tuning.jobs.retrieve(job.id).status == "paused"
+    with pytest.raises(openai.BadRequestError):
+        ft_client.fine_tuning.jobs.pause(job.id)
+    assert ft_client.fine_tuning.jobs.resume(job.id).status == "running"
+    deadline = time.monotonic() + 120
+    while _steps(ft_client, job.id) <= frozen and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert _steps(ft_client, job.id) > frozen, "a resumed job trains again"
+    assert ft_client.fine_tuning.jobs.cancel(job.id).status == "cancelled"
+
+
 def test_cancel_and_bad_requests(ft_client):
     base = ft_client.models.list().data[0].id
     training = ft_client.files.create(file=("t.jsonl", io.BytesIO(_chat_jsonl(40))), purpose="fine-tune")
