@@ -63,7 +63,7 @@ def layer_forward(
     return x + _projection(mlp.down_proj, F.silu(gate) * up, targets["down_proj"], index, lora)
 
 
-def loss_sum(model: LlamaForCausalLM, hidden: torch.Tensor, targets: torch.Tensor, rows_per_chunk: int = 256):
+def loss_sum(model: LlamaForCausalLM, hidden: torch.Tensor, targets: torch.Tensor, rows_per_chunk: int = 64):
     """Summed token cross-entropy of `hidden` [T, hidden] (last layer output, pre-norm)
     against `targets` [T] (-100 = no loss), computed in row chunks so the [rows, vocab]
     logits stay small; returns (loss value, d loss / d hidden)."""
