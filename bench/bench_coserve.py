@@ -12,7 +12,7 @@ started with the TPOT/TTFT SLOs given here, it measures:
      (the online workload of bench_serving.py);
   2. finetuning alone: a finetuning job (a chat JSONL made up here, 64 examples of
      ~120-200 tokens, LoRA rank 16 on all projections, batch size 1) on the otherwise
-     idle server, for --finetune-seconds;
+     idle server, for --finetune-seconds (longer until 3 steps fell inside);
   3. co-served: a fresh job of the same kind running while the load of 1. runs, per rate;
   4. separate systems: the server doing inference only, at each rate, while a plain
      transformers + PEFT trainer (bench/trainer_baseline.py: same data, tokens, LoRA
@@ -68,6 +68,9 @@ NUM_EXAMPLES = 64
 N_EPOCHS = 50
 # How often the job's events are read: the error in placing a step inside a window.
 POLL_S = 0.5
+# A standalone window is extended (by at most MAX_EXTENSION_S) until it holds this many steps.
+MIN_STANDALONE_STEPS = 3
+MAX_EXTENSION_S = 600
 # Output tok/s growing by less than this factor from one rate to the next means saturation.
 GROWTH = 1.1
 TARGET_KEEP = 0.6
@@ -85,7 +88,7 @@ def training_jsonl(tokenizer, num_examples: int) -> bytes:
     lines = [
         json.dumps({"messages": [{"role": "user", "content": tokenizer.decode(q)},
                                  {"role": "assistant", "content": tokenizer.decode(a)}]})
-        for q, a in zip(questions, answers)
+        for q, a in zip(questions, answers, strict=True)
     ]
     return "\n".join(lines).encode()
 
@@ -128,7 +131,6 @@ class CoserveJob:
         self.model = model
         self.file_id = file_id
         self.batch_size = batch_size
-        self.steps: list[Step] = []
         self._seen: dict[int, tuple[float, int, float]] = {}  # step -> (seen, tokens_trained, tokens/s)
 
     async def start(self, timeout: float = 600) -> None:
@@ -156,18 +158,23 @@ class CoserveJob:
                     self._seen[d["step"]] = (now, d["tokens_trained"], d["tokens_per_second"])
             await asyncio.sleep(POLL_S)
 
-    async def stop(self) -> None:
-        self._poller.cancel()
-        await self.client.fine_tuning.jobs.cancel(self.id)
-        await self.client.close()
+    @property
+    def steps(self) -> list[Step]:
         tokens_after = {step: tokens for step, (_, tokens, _) in self._seen.items()}
         tokens_after[0] = 0
+        steps = []
         for step, (seen, tokens, rate) in sorted(self._seen.items()):
             # A step's own tokens are the growth of the running total; a step whose
             # predecessor was not seen (it never happens at POLL_S) is left out.
             if step - 1 in tokens_after and rate > 0:
                 batch = tokens - tokens_after[step - 1]
-                self.steps.append(Step(seen, batch, batch / rate))
+                steps.append(Step(seen, batch, batch / rate))
+        return steps
+
+    async def stop(self) -> None:
+        self._poller.cancel()
+        await self.client.fine_tuning.jobs.cancel(self.id)
+        await self.client.close()
 
 
 class BaselineTrainer:
@@ -257,7 +264,7 @@ class Load:
 
 async def measure(load: Load, rate: float | None, trainer: CoserveJob | BaselineTrainer | None,
                   window_s: float) -> dict:
-    """Run the trainer (if any) and the load at `rate` (if any, else wait `window_s`) together."""
+    """Run the trainer (if any) and the load at `rate` (if any, else train alone for `window_s`) together."""
     if trainer:
         await trainer.start()
     try:
@@ -269,6 +276,10 @@ async def measure(load: Load, rate: float | None, trainer: CoserveJob | Baseline
                 result.update(slo_attainment(requests, load.ttft_slo_ms, load.tpot_slo_ms))
             else:
                 await asyncio.sleep(window_s)
+                # Under foreign load one step can outlast the window, and a rate needs whole steps.
+                while (window_throughput(trainer.steps, start, time.monotonic())["steps"] < MIN_STANDALONE_STEPS
+                       and time.monotonic() < start + window_s + MAX_EXTENSION_S):
+                    await asyncio.sleep(POLL_S)
             end = time.monotonic()
     finally:
         if trainer:
@@ -400,8 +411,8 @@ SCENARIOS = [  # (label, phase key, measured per rate, phase key of the standalo
 ]
 
 
-def fmt(value, scale: float = 1, digits: int = 1) -> str:
-    return f"{value * scale:.{digits}f}" if isinstance(value, (int, float)) else "n/a"
+def fmt(value, scale: float = 1, digits: int = 1, unit: str = "") -> str:
+    return f"{value * scale:.{digits}f}{unit}" if isinstance(value, (int, float)) else "n/a"
 
 
 def table(results: dict) -> list[str]:
@@ -417,7 +428,8 @@ def table(results: dict) -> list[str]:
             if "error" in m:
                 lines.append(f"| {label} | {rate} | error: `{m['error'].splitlines()[0]}` |" + " |" * 8)
                 continue
-            lines.append(f"| {label} | {rate} | {fmt(ft) if standalone else '-'} | {keep} | {fmt(m.get('ttft_ms_p50'), digits=0)} "
+            finetune = fmt(ft) if standalone else "-"
+            lines.append(f"| {label} | {rate} | {finetune} | {keep} | {fmt(m.get('ttft_ms_p50'), digits=0)} "
                          f"| {fmt(m.get('ttft_ms_p99'), digits=0)} | {fmt(m.get('tpot_ms_p50'), digits=0)} "
                          f"| {fmt(m.get('tpot_ms_p99'), digits=0)} | {fmt(m.get('slo_attainment'), 100)} "
                          f"| {fmt(m.get('tpot_slo_attainment'), 100)} | {fmt(m.get('foreign_cpu_share'), 100)} |")
@@ -433,18 +445,18 @@ def target_lines(results: dict) -> list[str]:
     if not cap:
         return ["Inference alone was not measured, so the targets cannot be checked."]
     saturation = (f"saturated from {cap['saturated_at_rate']} req/s on" if cap["saturated_at_rate"] is not None
-                  else f"not saturated at {max(s['rates'])} req/s, so capacity is at least this")
+                  else "no saturation seen among the measured rates, so capacity is at least this")
     keep, sep = t["keep"], t["vs_separate"]
     return [
         f"Inference-alone capacity: {cap['requests_per_s']:.2f} req/s ({cap['output_tokens_per_s']:.1f} output "
         f"tok/s; {saturation}). Targets are checked at {t['rate']} req/s, the measured rate closest to half of it.",
         "",
         f"- Finetuning keeps >= {TARGET_KEEP:.0%} of its standalone throughput with >= {TARGET_TPOT_ATTAINMENT:.0%} "
-        f"of requests inside the TPOT SLO ({s['tpot_slo_ms']:g} ms): {fmt(keep['fraction_of_standalone'], 100)}% "
-        f"of standalone, {fmt(keep['tpot_slo_attainment'], 100)}% inside: {verdict(keep['met'])}.",
+        f"of requests inside the TPOT SLO ({s['tpot_slo_ms']:g} ms): {fmt(keep['fraction_of_standalone'], 100, unit='%')} "
+        f"of standalone, {fmt(keep['tpot_slo_attainment'], 100, unit='%')} inside: {verdict(keep['met'])}.",
         f"- >= {TARGET_SPEEDUP:g}x the finetuning throughput of the separate-systems baseline at equal or better SLO "
-        f"attainment: {fmt(sep['speedup'], digits=2)}x, SLO attainment {fmt(sep['slo_attainment'], 100)}% against "
-        f"{fmt(sep['separate_slo_attainment'], 100)}%: {verdict(sep['met'])}.",
+        f"attainment: {fmt(sep['speedup'], digits=2, unit='x')}, SLO attainment {fmt(sep['slo_attainment'], 100, unit='%')} "
+        f"against {fmt(sep['separate_slo_attainment'], 100, unit='%')}: {verdict(sep['met'])}.",
     ]
 
 
@@ -462,7 +474,8 @@ def markdown(results: dict, plot_name: str) -> str:
         f"TPOT {s['tpot_slo_ms']:g} ms. Finetuning: {d['examples']} chat examples ({d['min_len']}-{d['max_len']} "
         f"tokens, {d['target_tokens']} trained of {d['tokens']}), LoRA rank 16 / alpha 32 on all seven projections, "
         f"batch size {s['batch_size']}, AdamW at 1e-3; the coserve job also writes a checkpoint every 10 steps, the "
-        f"PEFT trainer none. Standalone windows: {s['finetune_seconds']:g} s.",
+        f"PEFT trainer none. Standalone windows: at least {s['finetune_seconds']:g} s and "
+        f"{MIN_STANDALONE_STEPS} steps.",
         "",
         f"Command: `{results['command']}`",
         "",
@@ -470,7 +483,8 @@ def markdown(results: dict, plot_name: str) -> str:
         "",
         *table(results),
         "",
-        "finetune tok/s: trained tokens per second over the optimizer steps inside the load window; x standalone: "
+        "finetune tok/s: trained tokens per second over the optimizer steps that began and ended inside the "
+        "window (n/a: none did); x standalone: "
         "against the same trainer alone (the coserve job, or the PEFT trainer). SLO attainment: requests with "
         "TTFT and TPOT inside their SLOs; TPOT SLO: inside the TPOT SLO. Numbers with a high foreign CPU share "
         "are skewed by other processes.",
@@ -498,16 +512,17 @@ def plot(results: dict, path: Path) -> None:
         points = sorted((float(r), value(m)) for r, m in phases.get(key, {}).items() if value(m) is not None)
         return [r for r, _ in points], [v for _, v in points]
 
+    colors = {"inference_alone": "tab:green", "coserved": "tab:blue", "separate": "tab:orange"}
     fig, (ft, tpot) = plt.subplots(1, 2, figsize=(11, 4.2))
     for label, key in (("co-served (coserve)", "coserved"), ("separate systems (PEFT trainer)", "separate")):
-        ft.plot(*series(key, finetune_rate), marker="o", label=label)
+        ft.plot(*series(key, finetune_rate), marker="o", color=colors[key], label=label)
     for label, key, style in (("coserve job alone", "finetune_alone", "--"), ("PEFT trainer alone", "trainer_alone", ":")):
         if finetune_rate(phases.get(key)) is not None:
             ft.axhline(finetune_rate(phases[key]), linestyle=style, color="grey", label=label)
     ft.set(xlabel="request rate (req/s)", ylabel="finetuning tokens/s", title="Finetuning throughput under load")
     ft.set_ylim(bottom=0)
     for label, key in (("inference alone", "inference_alone"), ("co-served", "coserved"), ("separate systems", "separate")):
-        tpot.plot(*series(key, lambda m: m.get("tpot_ms_p99")), marker="o", label=label)
+        tpot.plot(*series(key, lambda m: m.get("tpot_ms_p99")), marker="o", color=colors[key], label=label)
     tpot.axhline(s["tpot_slo_ms"], color="red", linestyle="--", label="TPOT SLO")
     tpot.set(xlabel="request rate (req/s)", ylabel="TPOT p99 (ms)", title="Inference TPOT p99")
     tpot.set_ylim(bottom=0)

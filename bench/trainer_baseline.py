@@ -58,7 +58,8 @@ def collate(examples: list[RenderedExample], pad_id: int) -> dict[str, torch.Ten
         n = len(example.token_ids)
         ids[row, :n] = torch.tensor(example.token_ids)
         mask[row, :n] = 1
-        labels[row, :n] = torch.tensor([t if trained else IGNORE for t, trained in zip(example.token_ids, example.target)])
+        trained = zip(example.token_ids, example.target, strict=True)
+        labels[row, :n] = torch.tensor([token if is_target else IGNORE for token, is_target in trained])
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
