@@ -227,7 +227,7 @@ class LLMEngine:
                 )
                 if seq.is_finished:
                     self._forget(seq)
-        self.finetune.run_backward()
+        self.finetune.run_backward(inference_waits=self.scheduler.has_work())
         self.finetune_runs.after_iteration()
         shape = iteration_shape(plan, self.finetune.backward_layer_tokens)
         predicted = self.latency.predict(shape)

@@ -89,16 +89,20 @@ class FinetuneCoordinator:
             return 0
         return self.backward_layers_per_iteration * max(lengths)
 
-    def run_backward(self) -> None:
-        """Backward slices for this iteration; refresh slots of jobs that stepped."""
+    def run_backward(self, inference_waits: bool = True) -> None:
+        """Backward slices for this iteration; refresh slots of jobs that stepped.
+        With no inference waiting on the next iteration, whole backwards run at once."""
         self.backward_layer_tokens = 0
         active = [job for job in self.jobs.values() if job.backward is not None]
         if not active:
             return
-        share = max(1, self.backward_layers_per_iteration // len(active))
+        layers = self.backward_layers_per_iteration
+        if not inference_waits:
+            layers = max(layers, len(active) * active[0].model.config.num_hidden_layers)
+        share = max(1, layers // len(active))
         start = self._turn % len(active)
         self._turn += 1
-        budget = self.backward_layers_per_iteration
+        budget = layers
         for job in active[start:] + active[:start]:
             if budget <= 0:
                 break
