@@ -107,7 +107,7 @@ def measure_coserve(model_dir: Path) -> dict:
         result = runner.execute(plan)
         coordinator.after_forward(plan, result.captured)
         scheduler.update(plan, result.sampled)
-        coordinator.run_backward()
+        coordinator.run_backward(coordinator.backward_layers_per_iteration)
     return {"peak_activation_mib": (_rss_kib("VmHWM") - before) / 1024, "loss": job.events[0].loss}
 
 

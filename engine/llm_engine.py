@@ -196,6 +196,21 @@ class LLMEngine:
         return self.latency.max_finetune_tokens(shape, self.config.tpot_slo_ms / 1000 * (1 - _SLO_MARGIN),
                                                 limit=tokens_left)
 
+    def _backward_layers(self, plan: IterationPlan) -> int | None:
+        """Backward layers this iteration: whole backwards when no inference waits, else at
+        most the configured slice, and only what the TPOT budget has left after the plan."""
+        if not self.scheduler.has_work():
+            return None
+        configured = self.config.finetune_backward_layers_per_iteration
+        tokens = self.finetune.backward_tokens()
+        if not plan.chunks or tokens == 0 or self.latency.num_observations < _WARMUP_ITERATIONS:
+            return configured
+        spare = self.config.tpot_slo_ms / 1000 * (1 - _SLO_MARGIN) - self.latency.predict(iteration_shape(plan))
+        per_layer = self.latency.costs()[-1] * tokens  # seconds of one layer slice
+        if spare <= 0:
+            return 0
+        return configured if per_layer <= 0 else min(configured, int(spare // per_layer))
+
     # -- the iteration -----------------------------------------------------------------
 
     def step(self) -> tuple[list[RequestOutput], IterationStats]:
@@ -227,7 +242,7 @@ class LLMEngine:
                 )
                 if seq.is_finished:
                     self._forget(seq)
-        self.finetune.run_backward(inference_waits=self.scheduler.has_work())
+        self.finetune.run_backward(self._backward_layers(plan))
         self.finetune_runs.after_iteration()
         shape = iteration_shape(plan, self.finetune.backward_layer_tokens)
         predicted = self.latency.predict(shape)

@@ -89,16 +89,20 @@ class FinetuneCoordinator:
             return 0
         return self.backward_layers_per_iteration * max(lengths)
 
-    def run_backward(self, inference_waits: bool = True) -> None:
-        """Backward slices for this iteration; refresh slots of jobs that stepped.
-        With no inference waiting on the next iteration, whole backwards run at once."""
+    def backward_tokens(self) -> int:
+        """Tokens of the longest sequence with backward work (the cost of one layer slice)."""
+        return max((len(job.backward.seq.token_ids) for job in self.jobs.values() if job.backward), default=0)
+
+    def run_backward(self, max_layers: int | None) -> None:
+        """Backward slices for this iteration, at most `max_layers` layers in all (None: whole
+        backwards, when no inference waits); refresh slots of jobs that stepped."""
         self.backward_layer_tokens = 0
         active = [job for job in self.jobs.values() if job.backward is not None]
-        if not active:
+        if not active or max_layers == 0:
             return
-        layers = self.backward_layers_per_iteration
-        if not inference_waits:
-            layers = max(layers, len(active) * active[0].model.config.num_hidden_layers)
+        layers = max_layers
+        if layers is None:
+            layers = len(active) * active[0].model.config.num_hidden_layers
         share = max(1, layers // len(active))
         start = self._turn % len(active)
         self._turn += 1

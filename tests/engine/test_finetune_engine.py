@@ -65,4 +65,5 @@ def test_finetuning_yields_to_inference_under_a_tight_slo(tmp_path):
     warm = history[25:]
     with_inference = [s for s in warm if s.num_running]
     assert with_inference and all(s.finetune_forward_tokens == 0 for s in with_inference)
+    assert all(s.finetune_backward_layer_tokens == 0 for s in with_inference)
     assert any(s.finetune_forward_tokens > 0 for s in history), "finetuning ran when inference was idle"

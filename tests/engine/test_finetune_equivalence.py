@@ -67,7 +67,7 @@ def train_with_engine(model_dir, examples, with_inference: bool, hp: Hyperparame
         result = runner.execute(plan)
         coordinator.after_forward(plan, result.captured)
         scheduler.update(plan, result.sampled)
-        coordinator.run_backward()
+        coordinator.run_backward(coordinator.backward_layers_per_iteration)
         iterations += 1
     assert not with_inference or mixed > 10, "inference and finetuning should share iterations"
     return job
