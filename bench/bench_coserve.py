@@ -57,7 +57,7 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.bench_serving import BENCH, WORK, machine_info, stop, wait_healthy  # noqa: E402
+from bench.bench_serving import BENCH, WORK, result_header, stop, wait_healthy  # noqa: E402
 from bench.cpu_monitor import ForeignCpu, wait_for_quiet  # noqa: E402
 from bench.loadgen import RequestResult, _one_request, summarize, warmup  # noqa: E402
 from bench.prompts import make_prompts  # noqa: E402
@@ -581,10 +581,7 @@ def main() -> None:
     prompts = [tokenizer.decode(p) for p in make_prompts(tokenizer, args.num_requests, args.input_len,
                                                          args.input_len, seed=1)]
     results: dict = {
-        "date": started.isoformat(timespec="seconds"),
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-        "machine": machine_info(),
-        "model": name,
+        **result_header(started, name),
         "settings": {k: v for k, v in vars(args).items() if k != "out_dir"},
         "training_data": data_summary(training_file, tokenizer),
     }

@@ -24,14 +24,13 @@ import argparse
 import datetime as dt
 import json
 import random
-import shlex
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.bench_serving import BENCH, VLLM_ENV, VLLM_VENV, WORK, machine_info, offline, online  # noqa: E402
+from bench.bench_serving import BENCH, VLLM_ENV, VLLM_VENV, WORK, offline, online, result_header  # noqa: E402
 from bench.prompts import make_prompts  # noqa: E402
 
 RANK = 16
@@ -99,10 +98,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     started = dt.datetime.now()
     results: dict = {
-        "date": started.isoformat(timespec="seconds"),
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-        "machine": machine_info(),
-        "model": name,
+        **result_header(started, name),
         "settings": vars(args),
         "vllm_env": dict(VLLM_ENV),
         "scenarios": {},

@@ -96,6 +96,16 @@ def machine_info() -> dict:
     }
 
 
+def result_header(started: dt.datetime, model: str) -> dict:
+    """What every result file starts with: when, the exact command, the machine, the model."""
+    return {
+        "date": started.isoformat(timespec="seconds"),
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "machine": machine_info(),
+        "model": model,
+    }
+
+
 # ---------------------------------------------------------------- offline
 
 
@@ -268,10 +278,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     started = dt.datetime.now()
     results: dict = {
-        "date": started.isoformat(timespec="seconds"),
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-        "machine": machine_info(),
-        "model": name,
+        **result_header(started, name),
         "settings": {k: v for k, v in vars(args).items() if k != "out_dir"},
         "vllm_env": dict(VLLM_ENV),
     }
