@@ -25,6 +25,7 @@ from server.finetune.job_objects import (
 )
 from server.finetune.job_request import DEFAULT_TARGETS as LLAMA_PROJECTIONS
 from server.finetune.job_request import CreateJobRequest
+from server.finetune.manager import owner_label
 from server.routes.files import owner_of
 from server.store import FileNotFound
 from server.store.jobs import CursorNotFound, InvalidTransition, JobNotFound, JobRecord
@@ -41,7 +42,7 @@ def job_object(record: JobRecord) -> FineTuningJob:
         created_at=record.created_at,
         finished_at=record.finished_at,
         fine_tuned_model=record.fine_tuned_model,
-        organization_id=record.owner if ":" not in record.owner else "key-" + record.owner.split(":", 1)[1][:12],
+        organization_id=record.owner if ":" not in record.owner else "key-" + owner_label(record.owner),
         status=record.status,
         validation_file=record.validation_file,
         training_file=record.training_file,
