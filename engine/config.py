@@ -11,6 +11,9 @@ from pathlib import Path
 
 import torch
 
+from engine.power.governor import MODES as POWER_MODES
+from engine.power.monitor import DEVICES as POWER_DEVICES
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -72,6 +75,11 @@ class EngineConfig:
     tpot_slo_ms: float = 200.0
     # Backward slices of finetuning: layers recomputed per iteration, all jobs together.
     finetune_backward_layers_per_iteration: int = 4
+    # Accelerator watched for clocks, power and energy: auto = NVML on a CUDA device,
+    # none on the CPU; simulated = engine/power/simulated_device.py (tests, what-ifs).
+    power_device: str = "auto"
+    # Frequency governor: off, advise (export the target clock) or apply (lock it).
+    power_mode: str = "advise"
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -92,4 +100,8 @@ class EngineConfig:
             raise ValueError("SLOs must be positive")
         if self.finetune_backward_layers_per_iteration <= 0:
             raise ValueError("finetune_backward_layers_per_iteration must be positive")
+        if self.power_device not in POWER_DEVICES:
+            raise ValueError(f"power_device must be one of {', '.join(POWER_DEVICES)}; got {self.power_device!r}")
+        if self.power_mode not in POWER_MODES:
+            raise ValueError(f"power_mode must be one of {', '.join(POWER_MODES)}; got {self.power_mode!r}")
         resolve_dtype(self.dtype, self.device)  # fails early on a bad name

@@ -13,10 +13,11 @@ import torch
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, dtype_name, resolve_dtype
+from engine.energy import split_energy
 from engine.finetune.coordinator import FinetuneCoordinator
 from engine.finetune.job import FinetuneJob
 from engine.finetune.runs import FinetuneRuns
-from engine.latency_model import LatencyModel
+from engine.latency_model import IterationShape, LatencyModel
 from engine.lora.adapter import AdapterError
 from engine.lora.layout import lora_layout
 from engine.lora.manager import LoRAManager
@@ -31,6 +32,9 @@ from engine.messages import (
 )
 from engine.model.loader import load_model
 from engine.plan import IterationPlan, iteration_shape
+from engine.power.governor import LoadState
+from engine.power.load_projection import ArrivalTracker, project_load
+from engine.power.monitor import PowerMonitor
 from engine.runner import ModelRunner
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
@@ -97,6 +101,13 @@ class LLMEngine:
         )
         self.sequences: dict[str, Sequence] = {}
         self.latency = LatencyModel()
+        self.power = PowerMonitor.create(
+            config.power_device, config.power_mode, config.device, self.latency,
+            config.ttft_slo_ms, config.tpot_slo_ms, config.max_num_batched_tokens,
+        )
+        self.arrivals = ArrivalTracker()
+        self._clock_mhz: int | None = None  # SM clock of the current iteration; None on the CPU
+        self._finetune_forward_tokens = 0  # of the last iteration, for the governor's projection
         self.finetune = FinetuneCoordinator(
             self.loras, self.scheduler, self.runner.cos, self.runner.sin, config.finetune_backward_layers_per_iteration
         )
@@ -122,7 +133,14 @@ class LLMEngine:
             num_kv_blocks=self.block_manager.num_blocks,
             block_size=self.config.block_size,
             dtype=dtype_name(self.dtype),
+            power_device=self.power.device.name if self.power else None,
+            power_mode=self.power.mode if self.power else "off",
         )
+
+    def close(self) -> None:
+        """Give the GPU clock back (power_mode apply); called on every engine exit."""
+        if self.power is not None:
+            self.power.close()
 
     # -- adapters ---------------------------------------------------------------
 
@@ -147,6 +165,8 @@ class LLMEngine:
             except AdapterError as exc:
                 return RequestOutput(request.request_id, [], finish_reason="error", error=str(exc))
         seq = Sequence(request.request_id, request.prompt_token_ids, request.params, request.arrival_time, lora)
+        if request.tpot_slo_ms is not None:
+            seq.tpot_slo_s = request.tpot_slo_ms / 1000
         try:
             self.scheduler.add(seq)
         except ValueError as exc:  # the server checks lengths first; this guards the engine itself
@@ -154,6 +174,7 @@ class LLMEngine:
                 self.loras.release(lora)
             return RequestOutput(request.request_id, [], finish_reason="error", error=str(exc))
         self.sequences[seq.request_id] = seq
+        self.arrivals.record(time.time(), len(request.prompt_token_ids))
         return None
 
     def _forget(self, seq: Sequence) -> None:
@@ -193,8 +214,13 @@ class LLMEngine:
         if self.latency.num_observations < _WARMUP_ITERATIONS:
             return min(tokens_left, _WARMUP_FINETUNE_TOKENS)
         shape = iteration_shape(plan, self.finetune.expected_backward_layer_tokens())
-        return self.latency.max_finetune_tokens(shape, self.config.tpot_slo_ms / 1000 * (1 - _SLO_MARGIN),
-                                                limit=tokens_left)
+        return self.latency.max_finetune_tokens(shape, self._tpot_budget_s(plan), self._clock_mhz, limit=tokens_left)
+
+    def _tpot_budget_s(self, plan: IterationPlan) -> float:
+        """The strictest TPOT target among the plan's requests, less the margin."""
+        default = self.config.tpot_slo_ms / 1000
+        slo = min((c.seq.tpot_slo_s or default for c in plan.chunks), default=default)
+        return slo * (1 - _SLO_MARGIN)
 
     def _backward_layers(self, plan: IterationPlan) -> int | None:
         """Backward layers this iteration: whole backwards when no inference waits, else at
@@ -205,8 +231,8 @@ class LLMEngine:
         tokens = self.finetune.backward_tokens()
         if not plan.chunks or tokens == 0 or self.latency.num_observations < _WARMUP_ITERATIONS:
             return configured
-        spare = self.config.tpot_slo_ms / 1000 * (1 - _SLO_MARGIN) - self.latency.predict(iteration_shape(plan))
-        per_layer = self.latency.costs()[-1] * tokens  # seconds of one layer slice
+        spare = self._tpot_budget_s(plan) - self.latency.predict(iteration_shape(plan), self._clock_mhz)
+        per_layer = self.latency.costs(self._clock_mhz)[-1] * tokens  # seconds of one layer slice
         if spare <= 0:
             return 0
         return configured if per_layer <= 0 else min(configured, int(spare // per_layer))
@@ -215,47 +241,107 @@ class LLMEngine:
 
     def step(self) -> tuple[list[RequestOutput], IterationStats]:
         started = time.perf_counter()
+        if self.power is not None:
+            self.power.tick(time.time(), self._load_state)
+            self.power.begin_iteration()
+            self._clock_mhz = self.power.clock_mhz()
         self.finetune.before_schedule()
         plan = self.scheduler.schedule(self._finetune_budget)
-        outputs: list[RequestOutput] = []
+        now = time.time()
+        for chunk in plan.chunks:
+            if chunk.seq.first_scheduled_time is None:
+                chunk.seq.first_scheduled_time = now
+        sampled: dict[str, int] = {}
+        logprobs: dict[str, object] = {}
         if not plan.is_empty:
             result = self.runner.execute(plan)
             self.finetune.after_forward(plan, result.captured)
             for request_id, entries in result.prompt_logprobs.items():
                 self.sequences[request_id].prompt_logprobs.extend(entries)
             self.scheduler.update(plan, result.sampled)
-            for request_id, token in result.sampled.items():
-                seq = self.sequences[request_id]
-                prompt_logprobs = None
-                if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
-                    prompt_logprobs, seq.prompt_logprobs_sent = seq.prompt_logprobs, True
-                logprobs = [result.logprobs[request_id]] if request_id in result.logprobs else None
-                outputs.append(
-                    RequestOutput(
-                        request_id=request_id,
-                        new_token_ids=[token],
-                        logprobs=logprobs,
-                        prompt_logprobs=prompt_logprobs,
-                        finish_reason=seq.finish_reason,
-                        stop_token_id=seq.stop_token_id,
-                    )
-                )
-                if seq.is_finished:
-                    self._forget(seq)
+            sampled, logprobs = result.sampled, result.logprobs
         self.finetune.run_backward(self._backward_layers(plan))
-        self.finetune_runs.after_iteration()
         shape = iteration_shape(plan, self.finetune.backward_layer_tokens)
-        predicted = self.latency.predict(shape)
+        energy = self._spend_energy(plan, shape)
+        predicted = self.latency.predict(shape, self._clock_mhz)
+        # Measured before checkpoint writes: the latency model times compute, not disk.
         elapsed = time.perf_counter() - started
-        self.latency.observe(shape, elapsed)
+        self.latency.observe(shape, elapsed, self._clock_mhz)
+        outputs = [self._output(request_id, token, logprobs) for request_id, token in sampled.items()]
+        self.finetune_runs.after_iteration()
+        self._finetune_forward_tokens = shape.finetune_forward_tokens
         stats = msgspec.structs.replace(
             self.stats(elapsed, plan.num_tokens),
             finetune_forward_tokens=shape.finetune_forward_tokens,
             finetune_backward_layer_tokens=shape.finetune_backward_layer_tokens,
+            finetune_backward_tokens=shape.finetune_backward_layer_tokens / self.model.config.num_hidden_layers,
+            decode_tokens=shape.decode_tokens,
+            prefill_tokens=shape.prefill_tokens,
             predicted_seconds=predicted,
             latency_model_error=self.latency.mean_error,
+            **energy,
         )
         return outputs, stats
+
+    def _output(self, request_id: str, token: int, logprobs: dict) -> RequestOutput:
+        seq = self.sequences[request_id]
+        prompt_logprobs = queued = None
+        if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
+            prompt_logprobs, seq.prompt_logprobs_sent = seq.prompt_logprobs, True
+        if seq.num_output_tokens == 1:
+            queued = max(0.0, seq.first_scheduled_time - seq.arrival_time)
+        output = RequestOutput(
+            request_id=request_id,
+            new_token_ids=[token],
+            logprobs=[logprobs[request_id]] if request_id in logprobs else None,
+            prompt_logprobs=prompt_logprobs,
+            finish_reason=seq.finish_reason,
+            stop_token_id=seq.stop_token_id,
+            queued_seconds=queued,
+            energy_joules=seq.energy_joules if self.power is not None else None,
+        )
+        if seq.is_finished:
+            self._forget(seq)
+        return output
+
+    def _spend_energy(self, plan: IterationPlan, shape: IterationShape) -> dict:
+        """Read the iteration's energy, charge it to its requests and jobs; the stats fields."""
+        if self.power is None:
+            return {}
+        joules = self.power.end_iteration(shape)
+        shares = split_energy(
+            joules, plan, self.finetune.backward_layer_tokens_by_job, self.latency.costs(self._clock_mhz)
+        )
+        for request_id, share in shares.requests.items():
+            self.sequences[request_id].energy_joules += share
+        for job_id, share in shares.jobs.items():
+            job = self.finetune.jobs.get(job_id)
+            if job is not None:
+                job.energy_joules = (job.energy_joules or 0.0) + share
+        reading = self.power.reading
+        return {
+            "energy_joules": joules,
+            "finetune_energy_joules": shares.finetune_joules,
+            "sm_clock_mhz": self._clock_mhz,
+            "target_sm_clock_mhz": reading.target_sm_clock_mhz,
+            "power_watts": reading.power_watts,
+        }
+
+    def _load_state(self) -> LoadState:
+        """What the governor needs for the next control interval (see load_projection)."""
+        # Preempted sequences that already answered count as running: their TTFT is past.
+        admitted = self.scheduler.running + self.scheduler.waiting
+        running = [s for s in admitted if s.num_output_tokens > 0]
+        waiting = [s for s in admitted if s.num_output_tokens == 0]
+        return project_load(
+            time.time(),
+            running_context_lens=[s.num_tokens for s in running],
+            waiting=sorted(((s.num_uncomputed_tokens, s.arrival_time) for s in waiting), key=lambda w: w[1]),
+            arrivals=self.arrivals,
+            interval_s=self.power.governor.interval_s,
+            tpot_slo_s=self.config.tpot_slo_ms / 1000,
+            finetune_tokens=self._finetune_forward_tokens,
+        )
 
     def stats(self, iteration_seconds: float = 0.0, num_batched_tokens: int = 0) -> IterationStats:
         waiting = self.scheduler.waiting

@@ -41,6 +41,9 @@ class EngineRequest(msgspec.Struct, tag=True, frozen=True):
     params: SamplingParams
     arrival_time: float
     lora_name: str | None = None  # None = the base model
+    # This request's own latency targets; None = the engine's ttft_slo_ms / tpot_slo_ms.
+    ttft_slo_ms: float | None = None
+    tpot_slo_ms: float | None = None
 
 
 class LoadAdapter(msgspec.Struct, tag=True, frozen=True):
@@ -126,6 +129,10 @@ class RequestOutput(msgspec.Struct, frozen=True):
     error: str | None = None
     # The token id that stopped the request, when a stop token did.
     stop_token_id: int | None = None
+    # Seconds from arrival to first being scheduled; sent with the first output.
+    queued_seconds: float | None = None
+    # Energy attributed to the request so far (None without a power device).
+    energy_joules: float | None = None
 
 
 class IterationStats(msgspec.Struct, frozen=True):
@@ -146,6 +153,18 @@ class IterationStats(msgspec.Struct, frozen=True):
     finetune_backward_layer_tokens: int = 0
     predicted_seconds: float = 0.0
     latency_model_error: float | None = None  # mean relative error, recent iterations
+    # The iteration's inference tokens, and its backward work in whole-model tokens
+    # (layer-tokens / layers).
+    decode_tokens: int = 0
+    prefill_tokens: int = 0
+    finetune_backward_tokens: float = 0.0
+    # Power (None without a power device): this iteration's energy and its finetuning
+    # share, the SM clock it ran at, the governor's target, board power.
+    energy_joules: float | None = None
+    finetune_energy_joules: float | None = None
+    sm_clock_mhz: int | None = None
+    target_sm_clock_mhz: int | None = None
+    power_watts: float | None = None
 
 
 class FinetuneStep(msgspec.Struct, frozen=True):
@@ -155,6 +174,7 @@ class FinetuneStep(msgspec.Struct, frozen=True):
     learning_rate: float
     tokens_trained: int
     tokens_per_second: float
+    energy_joules: float | None = None  # the job's energy so far (None without a power device)
 
 
 class FinetuneReport(msgspec.Struct, frozen=True):
@@ -181,6 +201,9 @@ class EngineReady(msgspec.Struct, tag=True, frozen=True):
     num_kv_blocks: int
     block_size: int
     dtype: str
+    # The power device watched (None: none) and the governor's mode.
+    power_device: str | None = None
+    power_mode: str = "off"
 
 
 class EngineFailed(msgspec.Struct, tag=True, frozen=True):

@@ -53,7 +53,7 @@ class IterationPlan:
         return not self.chunks and not self.finetune_chunks
 
 
-def _attended(chunk: ScheduledChunk) -> int:
+def attended_context(chunk: ScheduledChunk) -> int:
     """Context tokens the chunk's queries attend in all: query p sees positions 0..p."""
     return sum(range(chunk.start + 1, chunk.end + 1))
 
@@ -62,7 +62,7 @@ def iteration_shape(plan: IterationPlan, backward_layer_tokens: int = 0) -> Iter
     """The plan's composition in the latency model's units."""
     decodes = [c for c in plan.chunks if c.num_new_tokens == 1]
     prefills = [c for c in plan.chunks if c.num_new_tokens > 1] + plan.finetune_chunks
-    prefill_context = sum(_attended(c) for c in prefills)
+    prefill_context = sum(attended_context(c) for c in prefills)
     return IterationShape(
         decode_tokens=len(decodes),
         prefill_tokens=sum(c.num_new_tokens for c in prefills) - plan.num_finetune_tokens,

@@ -12,6 +12,7 @@ When idle the loop blocks on the input socket, so an idle engine costs no CPU.
 from __future__ import annotations
 
 import logging
+import signal
 import traceback
 
 import msgspec
@@ -55,6 +56,20 @@ def run_engine_process(config: EngineConfig, input_addr: str, output_addr: str) 
         outbox.close(linger=2000)
         return
     outbox.send(encoder.encode(engine.ready_info()))
+    # SIGTERM (the server's terminate, or its death via PDEATHSIG) unwinds through the
+    # `finally` below, so a locked GPU clock is always given back.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        _serve(engine, inbox, outbox, encoder, decoder)
+    finally:
+        engine.close()
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(0)
+
+
+def _serve(engine, inbox, outbox, encoder, decoder) -> None:
     poller = zmq.Poller()
     poller.register(inbox, zmq.POLLIN)
     while True:

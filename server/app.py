@@ -9,8 +9,17 @@ from fastapi import Depends, FastAPI
 from server.auth import require_api_key
 from server.context import ServerContext
 from server.errors import install_error_handlers
-from server.metrics import make_registry
-from server.routes import adapters, chat, completions, files, fine_tuning, misc, models, tokenize
+from server.metrics import install_metrics
+from server.routes import (
+    adapters,
+    chat,
+    completions,
+    files,
+    fine_tuning,
+    misc,
+    models,
+    tokenize,
+)
 
 
 def create_app(ctx: ServerContext) -> FastAPI:
@@ -29,7 +38,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
 
     app = FastAPI(title="coserve", lifespan=lifespan)
     app.state.ctx = ctx
-    app.state.metrics = make_registry(ctx.engine, ctx.served_model_name)
+    app.state.metrics = install_metrics(ctx.engine, ctx.jobs, ctx.adapters, ctx.served_model_name, ctx.settings)
     install_error_handlers(app)
     protected = [Depends(require_api_key)]
     for api in (completions, chat, models, tokenize, adapters, files, fine_tuning):

@@ -30,19 +30,20 @@ from engine.messages import (
     AbortRequests,
     AdapterOpDone,
     ControlFinetune,
-    FinetuneReport,
-    StartFinetune,
     EngineFailed,
     EngineOutputs,
     EngineReady,
     EngineRequest,
     EngineToServer,
+    FinetuneReport,
     IterationStats,
     RequestOutput,
     Shutdown,
+    StartFinetune,
 )
 from engine.process import run_engine_process
 from server import errors
+from server.request_metrics import RequestTracker
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,8 @@ class OutputStream:
         """The server ended this request (stop string): free its engine sequence."""
         if request_id in self.unfinished:
             self._release(request_id)
+            if self._client.requests is not None:
+                self._client.requests.finish(request_id, "stop")
             self._client.abort([request_id])
 
     def close(self) -> None:
@@ -102,6 +105,8 @@ class OutputStream:
             ids = list(self.unfinished)
             for request_id in ids:
                 self._release(request_id)
+                if self._client.requests is not None:
+                    self._client.requests.finish(request_id, "abort")
             self._client.abort(ids)
 
     def _release(self, request_id: str) -> None:
@@ -129,6 +134,9 @@ class EngineClient:
         self._op_ids = itertools.count(1)
         # Receives every finetuning report (set by the server's job manager).
         self.on_finetune_report: Callable[[FinetuneReport], None] = lambda report: None
+        # Receives every iteration's stats, and follows every request (set by the metrics).
+        self.on_stats: Callable[[IterationStats], None] = lambda stats: None
+        self.requests: RequestTracker | None = None
         self._pending_ops: dict[int, asyncio.Future[AdapterOpDone]] = {}
 
     @property
@@ -182,9 +190,12 @@ class EngineClient:
                 continue
             if msg.stats is not None:
                 self.last_stats = msg.stats
+                self.on_stats(msg.stats)
             for report in msg.finetune:
                 self.on_finetune_report(report)
             for output in msg.outputs:
+                if self.requests is not None:
+                    self.requests.on_output(output)
                 stream = self.streams.get(output.request_id)
                 if stream is not None:  # None: the server already gave it up
                     stream.put(output)
@@ -203,6 +214,8 @@ class EngineClient:
         for stream in set(self.streams.values()):
             stream.put(EngineDead(reason))
         self.streams.clear()
+        if self.requests is not None:
+            self.requests.finish_all("error")
         for future in self._pending_ops.values():
             if not future.done():
                 future.set_exception(EngineDead(reason))
@@ -217,6 +230,8 @@ class EngineClient:
         stream = OutputStream(self, [r.request_id for r in requests])
         for request in requests:
             self.streams[request.request_id] = stream
+            if self.requests is not None:
+                self.requests.start(request)
             self._send(request)
         return stream
 

@@ -22,6 +22,7 @@ from engine.messages import EngineRequest, RequestOutput, SamplingParams, TokenL
 from server import errors
 from server.detokenizer import IncrementalDetokenizer
 from server.engine_client import EngineClient, EngineDead, OutputStream
+from server.protocol import RequestSLO
 from server.stop_strings import StopStringMatcher
 
 
@@ -57,6 +58,7 @@ class Sequence:
     stop: StopStringMatcher
     num_generated: int = 0
     finish_reason: str | None = None
+    energy_joules: float | None = None
     prompt_logprobs: list[TokenLogprob] | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
 
@@ -72,8 +74,10 @@ def make_sequences(
     n: int,
     stop_strings: list[str],
     lora_name: str | None = None,
+    slo: RequestSLO | None = None,
 ) -> list[Sequence]:
     """`n` choices per prompt, indexed prompt-major; choice i of a prompt uses seed + i."""
+    ttft_ms, tpot_ms = (slo.ttft_ms, slo.tpot_ms) if slo is not None else (None, None)
     sequences = []
     now = time.time()
     for prompt_ids, params in prompts:
@@ -82,7 +86,9 @@ def make_sequences(
             choice_params = params
             if params.seed is not None and i:
                 choice_params = msgspec.structs.replace(params, seed=params.seed + i)
-            request = EngineRequest(f"{request_id}-{index}", prompt_ids, choice_params, now, lora_name)
+            request = EngineRequest(
+                f"{request_id}-{index}", prompt_ids, choice_params, now, lora_name, ttft_ms, tpot_ms
+            )
             sequences.append(
                 Sequence(index, request, IncrementalDetokenizer(tokenizer, prompt_ids), StopStringMatcher(stop_strings))
             )
@@ -120,6 +126,8 @@ async def _deltas(stream: OutputStream, texts: TokenTexts, sequences: list[Seque
 
 def _apply(seq: Sequence, output: RequestOutput, texts: TokenTexts) -> ChoiceDelta:
     seq.num_generated += len(output.new_token_ids)
+    if output.energy_joules is not None:
+        seq.energy_joules = output.energy_joules
     if output.prompt_logprobs is not None:
         seq.prompt_logprobs = _prompt_logprobs(seq.request.prompt_token_ids, output.prompt_logprobs, texts)
     new_logprobs = [

@@ -25,6 +25,15 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class RequestSLO(BaseModel):
+    """Per-request latency targets (coserve extra field `slo`); unset = the server's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ttft_ms: float | None = Field(None, gt=0, description="Time-to-first-token target, ms")
+    tpot_ms: float | None = Field(None, gt=0, description="Time-per-output-token target, ms")
+
+
 class GenerationRequest(BaseModel):
     """Fields that completions and chat share."""
 
@@ -46,6 +55,8 @@ class GenerationRequest(BaseModel):
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     ignore_eos: bool | None = False
     stop_token_ids: list[TokenId] | None = None
+    # coserve extra: this request's own SLOs (the openai client sends it via `extra_body`).
+    slo: RequestSLO | None = None
 
     @property
     def stop_strings(self) -> list[str]:
@@ -127,6 +138,13 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    # coserve extra, only where a power device is watched: the energy the engine
+    # attributed to this request's iterations (engine/energy.py), in joules.
+    energy_joules: float | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_energy_without_a_device(self, handler) -> dict:
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class CompletionLogprobs(BaseModel):

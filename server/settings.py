@@ -106,6 +106,16 @@ class Settings(BaseSettings):
     finetune_backward_layers_per_iteration: int = Field(
         4, ge=1, description="Layers of finetuning backward recomputed per engine iteration, all jobs together"
     )
+    power_device: Literal["auto", "nvml", "simulated", "none"] = Field(
+        "auto",
+        description="Accelerator watched for clock, power and energy: auto = NVML on a CUDA device, none on the CPU; "
+        "simulated = a modelled H100 (tests and what-if studies only)",
+    )
+    power_mode: Literal["off", "advise", "apply"] = Field(
+        "advise",
+        description="GPU frequency governor: off; advise = export the SLO-safe target clock; "
+        "apply = lock SM clocks through NVML (needs root; clocks are reset on exit)",
+    )
     api_key: str | None = Field(None, description="If set, /v1 routes require `Authorization: Bearer <key>`")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Logging level")
 
@@ -170,4 +180,6 @@ class Settings(BaseSettings):
             ttft_slo_ms=self.ttft_slo_ms,
             tpot_slo_ms=self.tpot_slo_ms,
             finetune_backward_layers_per_iteration=self.finetune_backward_layers_per_iteration,
+            power_device=self.power_device,
+            power_mode=self.power_mode,
         )

@@ -36,6 +36,7 @@ class FinetuneCoordinator:
         self._adapters: dict[str, AdapterEntry] = {}
         self._turn = 0
         self.backward_layer_tokens = 0  # of the last iteration, for the latency model
+        self.backward_layer_tokens_by_job: dict[str, int] = {}  # the same per job, for energy
         self.paused: set[str] = set()
 
     def add_job(self, job: FinetuneJob) -> None:
@@ -97,6 +98,7 @@ class FinetuneCoordinator:
         """Backward slices for this iteration, at most `max_layers` layers in all (None: whole
         backwards, when no inference waits); refresh slots of jobs that stepped."""
         self.backward_layer_tokens = 0
+        self.backward_layer_tokens_by_job = {}
         active = [job for job in self.jobs.values() if job.backward is not None]
         if not active or max_layers == 0:
             return
@@ -115,5 +117,6 @@ class FinetuneCoordinator:
             layers = job.backward_slice(min(share, budget), self.cos, self.sin)
             budget -= layers
             self.backward_layer_tokens += layers * tokens
+            self.backward_layer_tokens_by_job[job.job_id] = layers * tokens
             if job.step != step_before:
                 self.loras.refresh(self._adapters[job.job_id], job.lora.serving_weights(self.loras.dtype))

@@ -56,6 +56,7 @@ class StepEvent:
     learning_rate: float  # the rate this step used
     tokens_trained: int  # cumulative target tokens
     tokens_per_second: float
+    energy_joules: float | None = None  # the job's energy so far (None without a power device)
 
 
 def epoch_order(num_examples: int, n_epochs: int, seed: int) -> list[int]:
@@ -129,6 +130,9 @@ class FinetuneJob:
         self.step = 0
         self.tokens_trained = 0
         self.events: list[StepEvent] = []
+        # Energy of the iterations' finetuning shares attributed to this job (the engine
+        # adds to it when a power device is watched).
+        self.energy_joules: float | None = None
         self.forwarding: TrainingSequence | None = None
         self.backward: _Backward | None = None
         self._batch_loss = 0.0
@@ -147,6 +151,7 @@ class FinetuneJob:
             "step": self.step,
             "position": self.position,
             "tokens_trained": self.tokens_trained,
+            "energy_joules": self.energy_joules,
         }
 
     def load_trainer_state(self, state: dict) -> None:
@@ -154,6 +159,7 @@ class FinetuneJob:
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.step, self.position, self.tokens_trained = state["step"], state["position"], state["tokens_trained"]
+        self.energy_joules = state.get("energy_joules")  # absent in checkpoints without a power device
 
     def _batch_bounds(self) -> tuple[int, int]:
         start = self.step * self.hyperparameters.batch_size
@@ -232,6 +238,7 @@ class FinetuneJob:
                 learning_rate=lr,
                 tokens_trained=self.tokens_trained,
                 tokens_per_second=batch_tokens / elapsed if elapsed > 0 else 0.0,
+                energy_joules=self.energy_joules,
             )
         )
         self._batch_loss = 0.0

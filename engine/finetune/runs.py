@@ -134,7 +134,7 @@ class FinetuneRuns:
                     job_id=job_id,
                     status=run.status,
                     steps=[FinetuneStep(e.step, e.total_steps, e.loss, e.learning_rate, e.tokens_trained,
-                                        e.tokens_per_second) for e in events],
+                                        e.tokens_per_second, e.energy_joules) for e in events],
                     checkpoints=run.unreported_checkpoints,
                     final_path=run.final_path,
                     error=run.error,

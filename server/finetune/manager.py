@@ -21,11 +21,20 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from engine.messages import ControlFinetune, FinetuneExample, FinetuneReport, StartFinetune
+from engine.messages import (
+    ControlFinetune,
+    FinetuneExample,
+    FinetuneReport,
+    StartFinetune,
+)
 from server.adapters import AdapterRegistry
 from server.engine_client import EngineClient
 from server.finetune.job_request import CreateJobRequest, engine_settings
-from server.finetune.training_data import TrainingDataError, render_training_file, summarize
+from server.finetune.training_data import (
+    TrainingDataError,
+    render_training_file,
+    summarize,
+)
 from server.store import Store
 from server.store.jobs import InvalidTransition, JobError, JobRecord
 
@@ -66,6 +75,10 @@ class JobManager:
         self._tasks: set[asyncio.Task] = set()
         # Reports are handled in arrival order, one at a time, off the engine reader.
         self._reports: asyncio.Queue[FinetuneReport] = asyncio.Queue()
+        # For the metrics: latest (loss, progress 0-1) of each running or paused job
+        # that has stepped since start-up, and optimizer steps reported since start-up.
+        self.progress: dict[str, tuple[float, float]] = {}
+        self.steps_reported = 0
 
     # -- start-up ----------------------------------------------------------------------
 
@@ -123,6 +136,8 @@ class JobManager:
             self.engine.send_finetune(ControlFinetune(record.id, action))
         message = {"pause": "Job paused", "resume": "Job resumed", "cancel": "Job cancelled"}[action]
         self.store.jobs.add_event(record.id, "info", message)
+        if status == "cancelled":
+            self.progress.pop(record.id, None)
         return updated
 
     # -- the pipeline ------------------------------------------------------------------
@@ -197,7 +212,7 @@ class JobManager:
             report = await self._reports.get()
             try:
                 await self._apply(report)
-            except Exception:  # noqa: BLE001 - one bad report must not stop the others
+            except Exception:
                 log.exception("handling the report of finetuning job %s", report.job_id)
 
     async def _apply(self, report: FinetuneReport) -> None:
@@ -205,20 +220,25 @@ class JobManager:
         if record is None:
             return  # cancelled or failed here first
         for step in report.steps:
+            data = {"step": step.step, "total_steps": step.total_steps, "train_loss": step.loss,
+                    "learning_rate": step.learning_rate, "tokens_trained": step.tokens_trained,
+                    "tokens_per_second": step.tokens_per_second}
+            if step.energy_joules is not None:
+                data["energy_joules"] = step.energy_joules
             self.store.jobs.add_event(
-                record.id, "info",
-                f"Step {step.step}/{step.total_steps}: training loss={step.loss:.4f}",
-                {"step": step.step, "total_steps": step.total_steps, "train_loss": step.loss,
-                 "learning_rate": step.learning_rate, "tokens_trained": step.tokens_trained,
-                 "tokens_per_second": step.tokens_per_second},
+                record.id, "info", f"Step {step.step}/{step.total_steps}: training loss={step.loss:.4f}", data
             )
             self.store.jobs.update(record.id, trained_tokens=step.tokens_trained)
+            self.progress[record.id] = (step.loss, step.step / step.total_steps)
+            self.steps_reported += 1
         losses = {s.step: s.loss for s in report.steps}
         for step, path in report.checkpoints:
             name = checkpoint_name(record, step)
             await self.adapters.register_own(name, Path(path))
             self.store.jobs.add_checkpoint(record.id, step, name, {"step": step, "train_loss": losses.get(step)}, path)
             self.store.jobs.add_event(record.id, "info", f"Checkpoint created at step {step}: {name}")
+        if report.status in ("succeeded", "failed", "cancelled"):
+            self.progress.pop(record.id, None)
         if report.status == "succeeded" and report.final_path:
             name = model_name(record)
             await self.adapters.register_own(name, Path(report.final_path))

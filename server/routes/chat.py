@@ -11,7 +11,13 @@ from fastapi import APIRouter, Request
 from server import errors
 from server.context import ServerContext, get_context
 from server.disconnect import cancel_on_disconnect
-from server.generation import ChoiceDelta, Sequence, TokenLogprob, make_sequences, start_generation
+from server.generation import (
+    ChoiceDelta,
+    Sequence,
+    TokenLogprob,
+    make_sequences,
+    start_generation,
+)
 from server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -56,7 +62,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
     )
     request_id = new_request_id("chatcmpl")
-    sequences = make_sequences(ctx.tokenizer, request_id, [(prompt, params)], body.n or 1, body.stop_strings, lora_name)
+    sequences = make_sequences(ctx.tokenizer, request_id, [(prompt, params)], body.n or 1, body.stop_strings, lora_name, body.slo)
     chat = _Chat(ctx, body, request_id, prompt, sequences)
     deltas = start_generation(ctx.engine, ctx.texts, sequences)
     if body.stream:

@@ -11,8 +11,19 @@ from fastapi import APIRouter, Request
 from server import errors
 from server.context import ServerContext, get_context
 from server.disconnect import cancel_on_disconnect
-from server.generation import ChoiceDelta, Sequence, TokenLogprob, make_sequences, start_generation
-from server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
+from server.generation import (
+    ChoiceDelta,
+    Sequence,
+    TokenLogprob,
+    make_sequences,
+    start_generation,
+)
+from server.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+)
 from server.routes.sampling import new_request_id, sampling_params, usage
 from server.sse import event, sse_response
 
@@ -42,7 +53,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     ]
     n = body.n or 1
     request_id = new_request_id("cmpl")
-    sequences = make_sequences(ctx.tokenizer, request_id, prompt_params, n, body.stop_strings, lora_name)
+    sequences = make_sequences(ctx.tokenizer, request_id, prompt_params, n, body.stop_strings, lora_name, body.slo)
     completion = _Completion(ctx, body, request_id, prompts, sequences, n)
     deltas = start_generation(ctx.engine, ctx.texts, sequences)
     if body.stream:

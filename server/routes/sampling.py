@@ -18,8 +18,9 @@ def usage(prompts: list[list[int]], sequences: list[Sequence]) -> Usage:
     """Each prompt counts once however many choices it has; every generated token counts."""
     prompt_tokens = sum(len(p) for p in prompts)
     completion_tokens = sum(s.num_generated for s in sequences)
+    energies = [s.energy_joules for s in sequences if s.energy_joules is not None]
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                 total_tokens=prompt_tokens + completion_tokens)
+                 total_tokens=prompt_tokens + completion_tokens, energy_joules=sum(energies) if energies else None)
 
 
 def sampling_params(

@@ -193,6 +193,11 @@ class JobStore:
             ).fetchall()
         return [_job(row) for row in rows]
 
+    def count_by_status(self) -> dict[str, int]:
+        """Jobs of every owner per status (statuses without jobs are absent)."""
+        with self.db.transaction() as conn:
+            return dict(conn.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall())
+
     def set_status(
         self,
         job_id: str,
