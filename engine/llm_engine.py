@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -165,6 +166,8 @@ class LLMEngine:
             except AdapterError as exc:
                 return RequestOutput(request.request_id, [], finish_reason="error", error=str(exc))
         seq = Sequence(request.request_id, request.prompt_token_ids, request.params, request.arrival_time, lora)
+        if request.ttft_slo_ms is not None:
+            seq.ttft_slo_s = request.ttft_slo_ms / 1000
         if request.tpot_slo_ms is not None:
             seq.tpot_slo_s = request.tpot_slo_ms / 1000
         try:
@@ -333,15 +336,22 @@ class LLMEngine:
         admitted = self.scheduler.running + self.scheduler.waiting
         running = [s for s in admitted if s.num_output_tokens > 0]
         waiting = [s for s in admitted if s.num_output_tokens == 0]
-        return project_load(
+        # The strictest SLOs of the requests the interval serves (TTFT only matters to
+        # those still waiting for their first token).
+        tpot_s = min((s.tpot_slo_s or self.config.tpot_slo_ms / 1000 for s in admitted),
+                     default=self.config.tpot_slo_ms / 1000)
+        ttft_s = min((s.ttft_slo_s or self.config.ttft_slo_ms / 1000 for s in waiting),
+                     default=self.config.ttft_slo_ms / 1000)
+        load = project_load(
             time.time(),
             running_context_lens=[s.num_tokens for s in running],
             waiting=sorted(((s.num_uncomputed_tokens, s.arrival_time) for s in waiting), key=lambda w: w[1]),
             arrivals=self.arrivals,
             interval_s=self.power.governor.interval_s,
-            tpot_slo_s=self.config.tpot_slo_ms / 1000,
+            tpot_slo_s=tpot_s,
             finetune_tokens=self._finetune_forward_tokens,
         )
+        return dataclasses.replace(load, ttft_slo_ms=ttft_s * 1000, tpot_slo_ms=tpot_s * 1000)
 
     def stats(self, iteration_seconds: float = 0.0, num_batched_tokens: int = 0) -> IterationStats:
         waiting = self.scheduler.waiting

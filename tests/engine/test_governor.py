@@ -7,6 +7,8 @@ and compares SLO attainment and energy.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -185,3 +187,13 @@ def test_bursty_trace_meets_slos_with_less_energy_than_the_top_clock(seed):
     assert attainment >= 0.99
     assert saving > 0.15
     assert what_if.governed.gpu.locked_mhz is None
+
+
+def test_a_request_with_a_tighter_slo_needs_a_faster_clock():
+    # A long interval, so that the TPOT test binds, not the longest iteration's.
+    gov = governor("advise", interval_s=1.0)
+    decoding = LoadState(running_context_lens=(2000,) * 64)
+    relaxed = gov.decide(decoding)
+    strict = gov.decide(dataclasses.replace(decoding, tpot_slo_ms=TPOT_SLO_MS / 2))
+    lenient = gov.decide(dataclasses.replace(decoding, tpot_slo_ms=TPOT_SLO_MS * 2))
+    assert lenient < relaxed < strict
