@@ -267,11 +267,17 @@ class StateCollector(Collector):
                                  labels=["model_name", "job_id"])
         progress = GaugeMetricFamily("coserve:finetune_job_progress", "Optimizer steps done / total (0-1)",
                                      labels=["model_name", "job_id"])
-        for job_id, (job_loss, job_progress) in self._jobs.progress.items():
+        energy = GaugeMetricFamily("coserve:finetune_job_energy_joules",
+                                   "Energy attributed to each running or paused job so far (with a power device)",
+                                   labels=["model_name", "job_id"])
+        for job_id, (job_loss, job_progress, job_energy) in self._jobs.progress.items():
             loss.add_metric([*self._labels, job_id], job_loss)
             progress.add_metric([*self._labels, job_id], job_progress)
+            if job_energy is not None:
+                energy.add_metric([*self._labels, job_id], job_energy)
         yield loss
         yield progress
+        yield energy
 
     def _power(self, iteration: IterationStats | None):
         ready = self._engine.ready

@@ -75,9 +75,10 @@ class JobManager:
         self._tasks: set[asyncio.Task] = set()
         # Reports are handled in arrival order, one at a time, off the engine reader.
         self._reports: asyncio.Queue[FinetuneReport] = asyncio.Queue()
-        # For the metrics: latest (loss, progress 0-1) of each running or paused job
-        # that has stepped since start-up, and optimizer steps reported since start-up.
-        self.progress: dict[str, tuple[float, float]] = {}
+        # For the metrics: latest (loss, progress 0-1, energy so far or None) of each
+        # running or paused job that has stepped since start-up, and optimizer steps
+        # reported since start-up.
+        self.progress: dict[str, tuple[float, float, float | None]] = {}
         self.steps_reported = 0
 
     # -- start-up ----------------------------------------------------------------------
@@ -229,7 +230,7 @@ class JobManager:
                 record.id, "info", f"Step {step.step}/{step.total_steps}: training loss={step.loss:.4f}", data
             )
             self.store.jobs.update(record.id, trained_tokens=step.tokens_trained)
-            self.progress[record.id] = (step.loss, step.step / step.total_steps)
+            self.progress[record.id] = (step.loss, step.step / step.total_steps, step.energy_joules)
             self.steps_reported += 1
         losses = {s.step: s.loss for s in report.steps}
         for step, path in report.checkpoints:

@@ -6,7 +6,12 @@ from fastapi import APIRouter, Request
 
 from server import errors
 from server.context import get_context
-from server.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
+from server.protocol import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+)
 
 router = APIRouter()
 

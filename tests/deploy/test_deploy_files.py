@@ -43,6 +43,7 @@ GAUGES = {
     "coserve:finetune_jobs",
     "coserve:finetune_job_loss",
     "coserve:finetune_job_progress",
+    "coserve:finetune_job_energy_joules",
     "coserve:latency_model_relative_error",
     "coserve:power_mode_info",
     "coserve:gpu_sm_clock_mhz",

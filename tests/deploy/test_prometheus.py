@@ -115,14 +115,16 @@ def _chat(client: openai.OpenAI, model: str, stream: bool, max_tokens: int = 8) 
         assert client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens).choices
 
 
-def _drive_traffic(client: openai.OpenAI) -> None:
-    """Chat (streamed and not) while a tiny finetuning job trains, then a burst of
-    requests to its adapter, more than MAX_NUM_SEQS at once, twice."""
+def _drive_traffic(client: openai.OpenAI, prometheus: str) -> None:
+    """Chat (streamed and not) while a tiny finetuning job trains (paused for a few
+    scrapes after its first step, so that the per-job series of a running job are
+    seen however fast it trains), then a burst of requests to its adapter, more than
+    MAX_NUM_SEQS at once, twice."""
     base = client.models.list().data[0].id
     examples = [
         {"messages": [{"role": "user", "content": "What is the password?"},
                       {"role": "assistant", "content": "The password is pineapple."}]}
-    ] * 2
+    ] * 4
     training = client.files.create(
         file=("train.jsonl", io.BytesIO("\n".join(map(json.dumps, examples)).encode())), purpose="fine-tune"
     )
@@ -131,6 +133,14 @@ def _drive_traffic(client: openai.OpenAI) -> None:
         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 1}}},
     )
     deadline = time.monotonic() + 240
+    while not any(event.data and "step" in event.data for event in client.fine_tuning.jobs.list_events(job.id).data):
+        assert time.monotonic() < deadline, "finetuning job made no step"
+        time.sleep(0.1)
+    client.fine_tuning.jobs.pause(job.id)
+    while client.fine_tuning.jobs.retrieve(job.id).status != "paused":
+        time.sleep(0.1)
+    _wait_for_scrapes(prometheus, time.time(), count=3)
+    client.fine_tuning.jobs.resume(job.id)
     stream = False
     while (job := client.fine_tuning.jobs.retrieve(job.id)).status not in ("succeeded", "failed", "cancelled"):
         assert time.monotonic() < deadline, f"finetuning job still {job.status}"
@@ -148,7 +158,7 @@ def test_every_dashboard_expression_returns_data(prometheus, live):
     client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0, timeout=120)
     _wait_for_scrapes(prometheus, time.time(), count=1)
     start = time.time()
-    _drive_traffic(client)
+    _drive_traffic(client, prometheus)
     end = time.time()
     _wait_for_scrapes(prometheus, end)
 

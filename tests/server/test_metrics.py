@@ -18,6 +18,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.deploy.test_deploy_files import COUNTERS, GAUGES, HISTOGRAM_SERIES, HISTOGRAMS
 from tests.server.conftest import assert_openai_error, start_server
 
 pytestmark = pytest.mark.slow
@@ -155,6 +156,7 @@ def test_iteration_and_finetuning_series(traffic):
     ((labels, progress),) = paused["coserve:finetune_job_progress"].items()
     assert dict(labels)["job_id"] == job.id and 0 < progress < 1
     assert value(paused, "coserve:finetune_job_loss", job_id=job.id) > 0
+    assert value(paused, "coserve:finetune_job_energy_joules", job_id=job.id) > 0
 
 
 def test_power_series_from_the_simulated_gpu(traffic):
@@ -185,6 +187,15 @@ def test_energy_reaches_usage_and_job_events(traffic):
     assert len(steps) == 8
     energies = [d["energy_joules"] for d in sorted(steps, key=lambda d: d["step"])]
     assert all(e > 0 for e in energies) and energies == sorted(energies)  # cumulative per job
+
+
+def test_the_server_exposes_exactly_the_series_the_dashboards_are_checked_against(traffic):
+    """The deploy tests hold the contract the dashboards are built on; the live server,
+    after traffic of every kind, must expose that set and nothing else under coserve:."""
+    families = {name for name in traffic["samples"] if name.startswith("coserve:")}
+    families |= {name for name in traffic["paused"] if name.startswith("coserve:")}
+    exposed = {HISTOGRAM_SERIES.get(name, name) for name in families if not name.endswith("_created")}
+    assert exposed == COUNTERS | GAUGES | HISTOGRAMS
 
 
 def test_bad_slo_values_are_400s(live):
