@@ -59,8 +59,10 @@ ENV TORCH_EXTENSIONS_DIR=/opt/coserve/.torch_extensions \
     COSERVE_PORT=8000
 
 # Work that every first start would do otherwise, done once here: compile the CPU kernels
-# (used when COSERVE_DEVICE=cpu; the build fails loudly rather than serving without them)
-# and dequantize the default model's GGUF into the cache.
+# (used when COSERVE_DEVICE=cpu; the build fails loudly rather than serving without them;
+# the build is named after the build host's CPU, so a host with another CPU compiles its
+# own at first start instead of loading instructions it may lack) and dequantize the
+# default model's GGUF into the cache.
 RUN python -c "from engine.ops import cpu_kernels_available as ok; assert ok(), 'csrc/cpu did not build'" \
  && python -c "from pathlib import Path; from engine.model_files import resolve_model as r; r(None, Path('${COSERVE_CACHE_DIR}'))"
 

@@ -11,6 +11,7 @@ kernels are tested against.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 from pathlib import Path
 
@@ -19,6 +20,22 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
+
+
+def _cpu_signature() -> str:
+    """A short hash of this CPU's model and instruction-set flags.
+
+    The kernels are built with -march=native, and torch's extension cache keys a build
+    by name and sources only: a build cached on one CPU (a Docker image built on a
+    newer host, a shared home directory) would load on another and could die on an
+    illegal instruction. Naming the build after the CPU makes another CPU build its own.
+    """
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "unknown"
+    wanted = [line for line in lines if line.startswith(("model name", "flags"))][:2]
+    return hashlib.sha256("\n".join(wanted).encode()).hexdigest()[:12]
 
 
 @functools.cache
@@ -32,7 +49,7 @@ def cpu_kernels_available() -> bool:
         from torch.utils.cpp_extension import load
 
         load(
-            name="coserve_cpu_ops",
+            name=f"coserve_cpu_ops_{_cpu_signature()}",
             sources=[str(source)],
             extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"],
             is_python_module=False,
