@@ -36,19 +36,27 @@ class PowerReading:
 
 
 def open_device(kind: str, torch_device: str) -> GpuDevice | None:
-    """The device named by the `power_device` setting; `auto` = NVML on a CUDA device, else none."""
+    """The device named by the `power_device` setting; `auto` = NVML on a CUDA device where
+    NVML opens, else none."""
     if kind not in DEVICES:
         raise ValueError(f"power_device must be one of {', '.join(DEVICES)}; got {kind!r}")
     if kind == "none" or (kind == "auto" and not torch_device.startswith("cuda")):
         return None
     if kind == "simulated":
         return SimulatedGpu()
-    from engine.power.nvml_device import (
-        NvmlDevice,  # imported only where a driver is expected
-    )
+    # Imported only where a driver is expected.
+    from engine.power.nvml_device import NvmlDevice
 
     _, _, index = torch_device.partition(":")
-    return NvmlDevice(int(index or 0))
+    try:
+        return NvmlDevice(int(index or 0))
+    except PowerControlError as exc:
+        if kind == "nvml":
+            raise
+        # `auto` serves on without power readings where NVML is missing (a container
+        # without the driver's management library); asked for by name, it is an error.
+        log.warning("no power readings: %s", exc)
+        return None
 
 
 class PowerMonitor:

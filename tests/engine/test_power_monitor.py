@@ -34,6 +34,16 @@ def test_a_cpu_deployment_watches_no_device_unless_asked():
     assert simulated.governor.latency_model.max_clock_mhz == 1980
 
 
+def test_auto_serves_on_without_readings_where_nvml_is_missing_nvml_by_name_fails(monkeypatch):
+    def no_driver():
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+
+    monkeypatch.setattr(pynvml, "nvmlInit", no_driver)
+    assert monitor("auto", "advise", "cuda:0") is None
+    with pytest.raises(PowerControlError, match="no NVIDIA driver"):
+        monitor("nvml", "advise", "cuda:0")
+
+
 def test_iteration_energy_excludes_idle_time_between_iterations():
     power = monitor("simulated", "off", "cpu")
     shape = IterationShape(decode_tokens=32, prefill_tokens=0, context_tokens=32 * 1000)
