@@ -78,7 +78,8 @@ class FinetuneSettings(msgspec.Struct, frozen=True):
 
 class StartFinetune(msgspec.Struct, tag=True, frozen=True):
     """Train a LoRA adapter; checkpoints go to <output_dir>/checkpoints/step-<n>, the
-    result to <output_dir>/final. `resume`: continue from the newest checkpoint there."""
+    result to <output_dir>/final. `resume`: continue from the newest checkpoint there.
+    `validation`: examples scored (never trained on) at checkpoint steps and the last."""
 
     job_id: str
     examples: list[FinetuneExample]
@@ -86,6 +87,7 @@ class StartFinetune(msgspec.Struct, tag=True, frozen=True):
     output_dir: str
     base_model: str
     resume: bool = False
+    validation: list[FinetuneExample] = []
 
 
 class ControlFinetune(msgspec.Struct, tag=True, frozen=True):
@@ -175,6 +177,7 @@ class FinetuneStep(msgspec.Struct, frozen=True):
     tokens_trained: int
     tokens_per_second: float
     energy_joules: float | None = None  # the job's energy so far (None without a power device)
+    valid_loss: float | None = None  # mean token loss of the validation set (only when it was scored)
 
 
 class FinetuneReport(msgspec.Struct, frozen=True):

@@ -7,10 +7,16 @@ backward runs a few layers per iteration from the top (`backward_slice`). Gradie
 accumulate over `batch_size` sequences; then AdamW steps, with a linear schedule
 after warmup. The loss of a batch is the summed token cross-entropy over its target
 tokens divided by their number, as in ordinary (PEFT) training of the same batch.
+
+With validation examples, every `validate_every` steps and at the last step the job
+scores them with that step's weights before training goes on: each is forwarded like a
+training sequence and only the loss head runs on it. The step's event waits for that
+score (`valid_loss`, reduced like the training loss), so events stay in step order.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -57,6 +63,7 @@ class StepEvent:
     tokens_trained: int  # cumulative target tokens
     tokens_per_second: float
     energy_joules: float | None = None  # the job's energy so far (None without a power device)
+    valid_loss: float | None = None  # mean token loss of the validation set, on the steps it is scored
 
 
 def epoch_order(num_examples: int, n_epochs: int, seed: int) -> list[int]:
@@ -80,11 +87,17 @@ def linear_schedule(warmup_steps: int, total_steps: int):
     return factor
 
 
+def loss_targets(example: TrainingExample) -> torch.Tensor:
+    """Per position, the next token to predict, or -100 where it is not trained on; [T]."""
+    ids = example.token_ids
+    return torch.tensor([ids[t + 1] if example.target[t + 1] else -100 for t in range(len(ids) - 1)] + [-100])
+
+
 class TrainingSequence(Sequence):
     """A sequence the scheduler forwards like a prefill; it is never sampled from."""
 
-    def __init__(self, job: FinetuneJob, example: TrainingExample, position: int):
-        super().__init__(f"{job.job_id}/seq{position}", example.token_ids, SamplingParams(max_tokens=1), 0.0)
+    def __init__(self, job: FinetuneJob, example: TrainingExample, name: str):
+        super().__init__(f"{job.job_id}/{name}", example.token_ids, SamplingParams(max_tokens=1), 0.0)
         self.job = job
         self.example = example
         # Per layer (and the last layer's output): input hidden states of the
@@ -95,6 +108,10 @@ class TrainingSequence(Sequence):
         """Preempted mid-forward: the KV cache is gone, so the activations go too."""
         self.num_computed_tokens = 0
         self.saved = [[] for _ in self.saved]
+
+
+class ValidationSequence(TrainingSequence):
+    """A validation example's forward: scored by the loss head, never trained on."""
 
 
 @dataclass
@@ -114,6 +131,8 @@ class FinetuneJob:
     hyperparameters: Hyperparameters = field(default_factory=Hyperparameters)
     lora_config: LoRAConfig = field(default_factory=LoRAConfig)
     seed: int = 0
+    validation: list[TrainingExample] = field(default_factory=list)
+    validate_every: int = 1  # steps between validation passes (the last step always has one)
 
     def __post_init__(self) -> None:
         hp = self.hyperparameters
@@ -137,13 +156,23 @@ class FinetuneJob:
         self.backward: _Backward | None = None
         self._batch_loss = 0.0
         self._batch_started = time.perf_counter()
+        # The event of the step being validated, held back until its `valid_loss` is known.
+        self._unvalidated: StepEvent | None = None
+        self._valid_scored = 0  # validation examples scored in this pass
+        self._valid_loss = 0.0  # their summed token loss
+        self._valid_targets = max(1, sum(e.num_targets for e in self.validation))
+
+    @property
+    def validating(self) -> bool:
+        return self._unvalidated is not None
 
     @property
     def done(self) -> bool:
-        return self.step == self.total_steps
+        return self.step == self.total_steps and not self.validating
 
     def trainer_state(self) -> dict:
-        """Everything to continue training from a step boundary (see checkpoint.py)."""
+        """Everything to continue training from a step boundary (see checkpoint.py); taken
+        once the step's validation is done, so a resumed job never owes one."""
         return {
             "lora": self.lora.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -170,17 +199,25 @@ class FinetuneJob:
         return max(1, sum(self.examples[i].num_targets for i in self.order[start:end]))
 
     def next_sequence(self) -> TrainingSequence | None:
-        """The sequence to forward next, when the job is idle and has work left."""
+        """The sequence to forward next, when the job is idle and has work left: the
+        pending validation first, so training resumes only after it."""
         if self.done or self.forwarding is not None or self.backward is not None:
             return None
-        seq = TrainingSequence(self, self.examples[self.order[self.position]], self.position)
+        if self.validating:
+            index = self._valid_scored
+            seq = ValidationSequence(self, self.validation[index], f"val{self.step}-{index}")
+        else:
+            seq = TrainingSequence(self, self.examples[self.order[self.position]], f"seq{self.position}")
         self.forwarding = seq
         return seq
 
     def forward_finished(self, seq: TrainingSequence) -> None:
+        self.forwarding = None
+        if isinstance(seq, ValidationSequence):
+            self._score(seq)
+            return
         inputs = [torch.cat(chunks) for chunks in seq.saved]  # per layer + final, [T, hidden]
         seq.saved = []
-        self.forwarding = None
         self.backward = _Backward(seq, inputs)
 
     def backward_slice(self, max_layers: int, cos: torch.Tensor, sin: torch.Tensor) -> int:
@@ -191,11 +228,7 @@ class FinetuneJob:
         num_layers = len(work.inputs) - 1
         scale = 1.0 / self._batch_targets()
         if work.next_layer == -1:
-            ids = work.seq.example.token_ids
-            targets = torch.tensor(
-                [ids[t + 1] if work.seq.example.target[t + 1] else -100 for t in range(len(ids) - 1)] + [-100]
-            )
-            loss, grad = loss_sum(self.model, work.inputs[num_layers], targets)
+            loss, grad = loss_sum(self.model, work.inputs[num_layers], loss_targets(work.seq.example))
             self._batch_loss += loss
             work.grad = grad * scale
             work.next_layer = num_layers - 1
@@ -230,16 +263,31 @@ class FinetuneJob:
         start, end = self._batch_bounds()
         batch_tokens = sum(self.examples[i].num_targets for i in self.order[start:end])
         self.step += 1
-        self.events.append(
-            StepEvent(
-                step=self.step,
-                total_steps=self.total_steps,
-                loss=self._batch_loss / max(1, batch_tokens),
-                learning_rate=lr,
-                tokens_trained=self.tokens_trained,
-                tokens_per_second=batch_tokens / elapsed if elapsed > 0 else 0.0,
-                energy_joules=self.energy_joules,
-            )
+        event = StepEvent(
+            step=self.step,
+            total_steps=self.total_steps,
+            loss=self._batch_loss / max(1, batch_tokens),
+            learning_rate=lr,
+            tokens_trained=self.tokens_trained,
+            tokens_per_second=batch_tokens / elapsed if elapsed > 0 else 0.0,
+            energy_joules=self.energy_joules,
         )
+        if self.validation and (self.step % self.validate_every == 0 or self.step == self.total_steps):
+            self._unvalidated = event
+        else:
+            self.events.append(event)
         self._batch_loss = 0.0
         self._batch_started = time.perf_counter()
+
+    def _score(self, seq: ValidationSequence) -> None:
+        """Add a validation example's loss (no backward: only the loss value is used)."""
+        hidden = torch.cat(seq.saved[-1])  # the last layer's output, [T, hidden]
+        seq.saved = []
+        self._valid_loss += loss_sum(self.model, hidden, loss_targets(seq.example))[0]
+        self._valid_scored += 1
+        if self._valid_scored == len(self.validation):
+            self.events.append(dataclasses.replace(self._unvalidated, valid_loss=self._valid_loss / self._valid_targets))
+            self._unvalidated = None
+            self._valid_scored, self._valid_loss = 0, 0.0
+            # The next batch's throughput counts its own training only.
+            self._batch_started = time.perf_counter()

@@ -52,16 +52,20 @@ class FinetuneRuns:
     def start(self, msg: StartFinetune) -> None:
         s = msg.settings
         examples = [TrainingExample(e.token_ids, e.target) for e in msg.examples]
+        validation = [TrainingExample(e.token_ids, e.target) for e in msg.validation]
         hyperparameters = Hyperparameters(
             n_epochs=s.n_epochs, batch_size=s.batch_size, learning_rate=s.learning_rate,
             warmup_steps=s.warmup_steps, weight_decay=s.weight_decay,
         )
         lora = LoRAConfig(rank=s.rank, alpha=s.alpha, target_modules=tuple(s.target_modules), use_rslora=s.use_rslora)
         output_dir = Path(msg.output_dir)
+        checkpoint_every = max(1, s.checkpoint_every_steps)
         run = None
         try:
-            job = FinetuneJob(msg.job_id, self.model, self.layout, examples, hyperparameters, lora, s.seed)
-            run = _Run(job, output_dir, msg.base_model, max(1, s.checkpoint_every_steps))
+            # Validation runs on the checkpoint steps, so each checkpoint carries its score.
+            job = FinetuneJob(msg.job_id, self.model, self.layout, examples, hyperparameters, lora, s.seed,
+                              validation, validate_every=checkpoint_every)
+            run = _Run(job, output_dir, msg.base_model, checkpoint_every)
             if msg.resume and (checkpoint := newest_checkpoint(output_dir)) is not None:
                 load_checkpoint(job, checkpoint)
                 run.checked_step = job.step
@@ -94,9 +98,10 @@ class FinetuneRuns:
                 continue
             job = run.job
             try:
-                # A job steps at most once per iteration, right at a batch boundary: the
-                # moment its state is a clean checkpoint.
-                if job.step > run.checked_step:
+                # A job steps at most once per iteration, right at a batch boundary, and
+                # stays there while it validates: once validated, its state is a clean
+                # checkpoint and the step's event has been emitted.
+                if job.step > run.checked_step and not job.validating:
                     run.checked_step = job.step
                     if job.step % run.checkpoint_every == 0 or job.done:
                         path = run.output_dir / "checkpoints" / f"step-{job.step}"
@@ -134,7 +139,7 @@ class FinetuneRuns:
                     job_id=job_id,
                     status=run.status,
                     steps=[FinetuneStep(e.step, e.total_steps, e.loss, e.learning_rate, e.tokens_trained,
-                                        e.tokens_per_second, e.energy_joules) for e in events],
+                                        e.tokens_per_second, e.energy_joules, e.valid_loss) for e in events],
                     checkpoints=run.unreported_checkpoints,
                     final_path=run.final_path,
                     error=run.error,

@@ -78,6 +78,7 @@ class EventList(BaseModel):
 class CheckpointMetrics(BaseModel):
     step: int
     train_loss: float | None = None
+    valid_loss: float | None = None
 
 
 class JobCheckpoint(BaseModel):

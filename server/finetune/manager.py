@@ -25,6 +25,7 @@ from engine.messages import (
     ControlFinetune,
     FinetuneExample,
     FinetuneReport,
+    FinetuneStep,
     StartFinetune,
 )
 from server.adapters import AdapterRegistry
@@ -103,10 +104,10 @@ class JobManager:
             await self.adapters.register_own(checkpoint.fine_tuned_model_checkpoint, checkpoint.path)
 
     async def _resume(self, record: JobRecord) -> None:
-        examples = await self._render(record)
-        if examples is None:
+        rendered = await self._render(record)
+        if rendered is None:
             return
-        self._send_start(record, examples, resume=True)
+        self._send_start(record, *rendered, resume=True)
         if record.status == "paused":
             self.engine.send_finetune(ControlFinetune(record.id, "pause"))
         self.store.jobs.add_event(record.id, "info", "Server restarted; the job continues from its last checkpoint")
@@ -144,10 +145,11 @@ class JobManager:
     # -- the pipeline ------------------------------------------------------------------
 
     async def _render(self, record: JobRecord):
-        """Training examples of the job, or None after failing it with the file's problem."""
+        """(training examples, validation examples) of the job, or None after failing it
+        with the file's problem."""
         max_len = record.lora["max_seq_len"]
         try:
-            examples = []
+            examples = {"training_file": [], "validation_file": []}
             for param, file_id in (("training_file", record.training_file), ("validation_file", record.validation_file)):
                 if file_id is None:
                     continue
@@ -156,8 +158,7 @@ class JobManager:
                     rendered = await asyncio.to_thread(render_training_file, path, self.tokenizer, max_len)
                 except TrainingDataError as exc:
                     raise _Invalid(param, f"{param} {file_id}: {exc}") from None
-                if param == "training_file":
-                    examples = rendered
+                examples[param] = rendered
         except _Invalid as exc:
             self._fail(record, "invalid_training_file" if exc.param == "training_file" else "invalid_validation_file",
                        str(exc), exc.param)
@@ -165,13 +166,14 @@ class JobManager:
         except LookupError:
             self._fail(record, "file_not_found", "a file of this job no longer exists", "training_file")
             return None
-        return examples
+        return examples["training_file"], examples["validation_file"]
 
     async def _validate_and_start(self, record: JobRecord) -> None:
         self.store.jobs.add_event(record.id, "info", "Validating training file")
-        examples = await self._render(record)
-        if examples is None:
+        rendered = await self._render(record)
+        if rendered is None:
             return
+        examples, validation = rendered
         summary = summarize(examples)
         try:
             record = self.store.jobs.set_status(record.id, "queued")
@@ -181,11 +183,11 @@ class JobManager:
             record.id, "info",
             f"Files validated: {summary.examples} examples, {summary.target_tokens} trained tokens per epoch",
         )
-        self._send_start(record, examples, resume=False)
+        self._send_start(record, examples, validation, resume=False)
         self.store.jobs.set_status(record.id, "running")
         self.store.jobs.add_event(record.id, "info", "Fine-tuning job started")
 
-    def _send_start(self, record: JobRecord, examples, resume: bool) -> None:
+    def _send_start(self, record: JobRecord, examples, validation, resume: bool) -> None:
         settings = engine_settings(record.hyperparameters, record.lora, record.seed, len(examples))
         self.engine.send_finetune(
             StartFinetune(
@@ -195,6 +197,7 @@ class JobManager:
                 output_dir=str(self._output_dir(record)),
                 base_model=str(self.base_model_dir),
                 resume=resume,
+                validation=[FinetuneExample(e.token_ids, e.target) for e in validation],
             )
         )
 
@@ -224,19 +227,22 @@ class JobManager:
             data = {"step": step.step, "total_steps": step.total_steps, "train_loss": step.loss,
                     "learning_rate": step.learning_rate, "tokens_trained": step.tokens_trained,
                     "tokens_per_second": step.tokens_per_second}
+            message = f"Step {step.step}/{step.total_steps}: training loss={step.loss:.4f}"
             if step.energy_joules is not None:
                 data["energy_joules"] = step.energy_joules
-            self.store.jobs.add_event(
-                record.id, "info", f"Step {step.step}/{step.total_steps}: training loss={step.loss:.4f}", data
-            )
+            if step.valid_loss is not None:
+                data["valid_loss"] = step.valid_loss
+                message += f", validation loss={step.valid_loss:.4f}"
+            self.store.jobs.add_event(record.id, "info", message, data)
             self.store.jobs.update(record.id, trained_tokens=step.tokens_trained)
             self.progress[record.id] = (step.loss, step.step / step.total_steps, step.energy_joules)
             self.steps_reported += 1
-        losses = {s.step: s.loss for s in report.steps}
+        # A checkpoint comes in the report of its step's event (the engine validates first).
+        events = {s.step: s for s in report.steps}
         for step, path in report.checkpoints:
             name = checkpoint_name(record, step)
             await self.adapters.register_own(name, Path(path))
-            self.store.jobs.add_checkpoint(record.id, step, name, {"step": step, "train_loss": losses.get(step)}, path)
+            self.store.jobs.add_checkpoint(record.id, step, name, _checkpoint_metrics(step, events.get(step)), path)
             self.store.jobs.add_event(record.id, "info", f"Checkpoint created at step {step}: {name}")
         if report.status in ("succeeded", "failed", "cancelled"):
             self.progress.pop(record.id, None)
@@ -256,6 +262,13 @@ class JobManager:
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+
+
+def _checkpoint_metrics(step: int, event: FinetuneStep | None) -> dict:
+    metrics = {"step": step, "train_loss": event.loss if event else None}
+    if event is not None and event.valid_loss is not None:
+        metrics["valid_loss"] = event.valid_loss
+    return metrics
 
 
 class _Invalid(Exception):

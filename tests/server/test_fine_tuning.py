@@ -1,8 +1,8 @@
 """Finetuning jobs through the OpenAI API against a live server, with the openai client.
 
 A job learns a fact the base model does not know, trains while the server serves
-other requests, reports steps and checkpoints, and its result is served by name at
-once, loads in peft, and survives a server restart; a bad training file fails the job
+other requests, reports steps, validation losses and checkpoints, and its result is
+served by name at once, loads in peft, and survives a server restart; a bad training file fails the job
 naming the line.
 """
 
@@ -68,8 +68,9 @@ def test_job_learns_and_its_model_is_served(ft_client, data_dir):
     base = ft_client.models.list().data[0].id
     assert "pineapple" not in _ask(ft_client, base).lower()
     training = ft_client.files.create(file=("train.jsonl", io.BytesIO(_chat_jsonl(24))), purpose="fine-tune")
+    validation = ft_client.files.create(file=("valid.jsonl", io.BytesIO(_chat_jsonl(2))), purpose="fine-tune")
     job = ft_client.fine_tuning.jobs.create(
-        model=base, training_file=training.id, suffix="pw", seed=7,
+        model=base, training_file=training.id, validation_file=validation.id, suffix="pw", seed=7,
         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 4}}},
     )
     assert job.status in ("validating_files", "queued", "running")
@@ -86,8 +87,13 @@ def test_job_learns_and_its_model_is_served(ft_client, data_dir):
     metrics = sorted((e.data["step"], e.data["train_loss"]) for e in events if e.type == "metrics")
     assert [s for s, _ in metrics] == list(range(1, 13))
     assert metrics[-1][1] < metrics[0][1] / 2, metrics
+    # Validated on the checkpoint steps (every 10) and the last one.
+    validated = {e.data["step"]: e for e in events if e.type == "metrics" and "valid_loss" in e.data}
+    assert sorted(validated) == [10, 12]
+    assert all(f"validation loss={e.data['valid_loss']:.4f}" in e.message for e in validated.values())
     checkpoints = list(ft_client.fine_tuning.jobs.checkpoints.list(job.id))
     assert sorted(c.step_number for c in checkpoints) == [10, 12]
+    assert all(c.metrics.valid_loss == validated[c.step_number].data["valid_loss"] for c in checkpoints)
 
     served = {m.id: m for m in ft_client.models.list().data}
     assert served[job.fine_tuned_model].parent == base
