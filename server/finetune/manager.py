@@ -179,10 +179,11 @@ class JobManager:
             record = self.store.jobs.set_status(record.id, "queued")
         except InvalidTransition:
             return  # cancelled while its files were validated
-        self.store.jobs.add_event(
-            record.id, "info",
-            f"Files validated: {summary.examples} examples, {summary.target_tokens} trained tokens per epoch",
-        )
+        message = f"Files validated: {summary.examples} examples, {summary.target_tokens} trained tokens per epoch"
+        if validation:
+            held_out = summarize(validation)
+            message += f"; validation: {held_out.examples} examples, {held_out.target_tokens} scored tokens"
+        self.store.jobs.add_event(record.id, "info", message)
         self._send_start(record, examples, validation, resume=False)
         self.store.jobs.set_status(record.id, "running")
         self.store.jobs.add_event(record.id, "info", "Fine-tuning job started")

@@ -87,6 +87,7 @@ def test_job_learns_and_its_model_is_served(ft_client, data_dir):
     metrics = sorted((e.data["step"], e.data["train_loss"]) for e in events if e.type == "metrics")
     assert [s for s, _ in metrics] == list(range(1, 13))
     assert metrics[-1][1] < metrics[0][1] / 2, metrics
+    assert any(e.message.startswith("Files validated: ") and "; validation: 2 examples" in e.message for e in events)
     # Validated on the checkpoint steps (every 10) and the last one.
     validated = {e.data["step"]: e for e in events if e.type == "metrics" and "valid_loss" in e.data}
     assert sorted(validated) == [10, 12]
