@@ -166,10 +166,8 @@ class LLMEngine:
             except AdapterError as exc:
                 return RequestOutput(request.request_id, [], finish_reason="error", error=str(exc))
         seq = Sequence(request.request_id, request.prompt_token_ids, request.params, request.arrival_time, lora)
-        if request.ttft_slo_ms is not None:
-            seq.ttft_slo_s = request.ttft_slo_ms / 1000
-        if request.tpot_slo_ms is not None:
-            seq.tpot_slo_s = request.tpot_slo_ms / 1000
+        seq.ttft_slo_s = (request.ttft_slo_ms or self.config.ttft_slo_ms) / 1000
+        seq.tpot_slo_s = (request.tpot_slo_ms or self.config.tpot_slo_ms) / 1000
         try:
             self.scheduler.add(seq)
         except ValueError as exc:  # the server checks lengths first; this guards the engine itself
@@ -221,8 +219,7 @@ class LLMEngine:
 
     def _tpot_budget_s(self, plan: IterationPlan) -> float:
         """The strictest TPOT target among the plan's requests, less the margin."""
-        default = self.config.tpot_slo_ms / 1000
-        slo = min((c.seq.tpot_slo_s or default for c in plan.chunks), default=default)
+        slo = min((c.seq.tpot_slo_s for c in plan.chunks), default=self.config.tpot_slo_ms / 1000)
         return slo * (1 - _SLO_MARGIN)
 
     def _backward_layers(self, plan: IterationPlan) -> int | None:
@@ -338,10 +335,8 @@ class LLMEngine:
         waiting = [s for s in admitted if s.num_output_tokens == 0]
         # The strictest SLOs of the requests the interval serves (TTFT only matters to
         # those still waiting for their first token).
-        tpot_s = min((s.tpot_slo_s or self.config.tpot_slo_ms / 1000 for s in admitted),
-                     default=self.config.tpot_slo_ms / 1000)
-        ttft_s = min((s.ttft_slo_s or self.config.ttft_slo_ms / 1000 for s in waiting),
-                     default=self.config.ttft_slo_ms / 1000)
+        tpot_s = min((s.tpot_slo_s for s in admitted), default=self.config.tpot_slo_ms / 1000)
+        ttft_s = min((s.ttft_slo_s for s in waiting), default=self.config.ttft_slo_ms / 1000)
         load = project_load(
             time.time(),
             running_context_lens=[s.num_tokens for s in running],

@@ -54,8 +54,9 @@ class Sequence:
         # Collected across prefill chunks, sent once with the first output.
         self.prompt_logprobs: list[TokenLogprobs] | None = [] if params.prompt_logprobs is not None else None
         self.prompt_logprobs_sent = False
-        # This request's own SLOs in seconds (None: the engine's). Finetuning keeps the
-        # iterations it runs in within the strictest TPOT; the governor honours both.
+        # This request's SLOs in seconds, its own or the engine's (set on admission; None
+        # for training sequences). Finetuning keeps the iterations it runs in within the
+        # strictest TPOT; the governor honours both.
         self.ttft_slo_s: float | None = None
         self.tpot_slo_s: float | None = None
         # When it first got a chunk in an iteration (queue time), and the energy
