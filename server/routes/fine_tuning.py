@@ -146,17 +146,21 @@ async def resume_job(job_id: str, request: Request) -> FineTuningJob:
     return await _control(job_id, request, "resume")
 
 
+def _job_page(request: Request, list_records, kind: str, job_id: str, limit: int, after: str | None):
+    """A page of one of the caller's job's events or checkpoints; 404 for an unknown job or cursor."""
+    try:
+        return list_records(owner_of(request), job_id, limit=limit, after=after)
+    except JobNotFound:
+        raise _job_not_found(job_id) from None
+    except CursorNotFound:
+        raise errors.APIError(404, f"No {kind} with id {after!r} in this job.", param="after") from None
+
+
 @router.get("/v1/fine_tuning/jobs/{job_id}/events", response_model=EventList)
 async def list_events(
     job_id: str, request: Request, after: str | None = None, limit: int = Query(20, ge=1, le=MAX_LIMIT)
 ) -> EventList:
-    ctx = get_context(request)
-    try:
-        page = ctx.store.jobs.list_events(owner_of(request), job_id, limit=limit, after=after)
-    except JobNotFound:
-        raise _job_not_found(job_id) from None
-    except CursorNotFound:
-        raise errors.APIError(404, f"No event with id {after!r} in this job.", param="after") from None
+    page = _job_page(request, get_context(request).store.jobs.list_events, "event", job_id, limit, after)
     data = [
         JobEvent(id=e.id, created_at=e.created_at, level=e.level, message=e.message, data=e.data,
                  type="metrics" if e.data and "step" in e.data else "message")
@@ -169,13 +173,7 @@ async def list_events(
 async def list_checkpoints(
     job_id: str, request: Request, after: str | None = None, limit: int = Query(10, ge=1, le=MAX_LIMIT)
 ) -> CheckpointList:
-    ctx = get_context(request)
-    try:
-        page = ctx.store.jobs.list_checkpoints(owner_of(request), job_id, limit=limit, after=after)
-    except JobNotFound:
-        raise _job_not_found(job_id) from None
-    except CursorNotFound:
-        raise errors.APIError(404, f"No checkpoint with id {after!r} in this job.", param="after") from None
+    page = _job_page(request, get_context(request).store.jobs.list_checkpoints, "checkpoint", job_id, limit, after)
     data = [
         JobCheckpoint(id=c.id, created_at=c.created_at, fine_tuned_model_checkpoint=c.fine_tuned_model_checkpoint,
                       fine_tuning_job_id=c.job_id, metrics=CheckpointMetrics(**c.metrics), step_number=c.step)
