@@ -22,7 +22,7 @@ import openai
 import pytest
 
 from tests.deploy.dashboards import dashboard_queries, evaluable
-from tests.server.conftest import free_port, start_server
+from tests.server.conftest import free_port, paused_after_first_step, start_server
 
 pytestmark = pytest.mark.slow
 
@@ -133,14 +133,8 @@ def _drive_traffic(client: openai.OpenAI, prometheus: str) -> None:
         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 1}}},
     )
     deadline = time.monotonic() + 240
-    while not any(event.data and "step" in event.data for event in client.fine_tuning.jobs.list_events(job.id).data):
-        assert time.monotonic() < deadline, "finetuning job made no step"
-        time.sleep(0.1)
-    client.fine_tuning.jobs.pause(job.id)
-    while client.fine_tuning.jobs.retrieve(job.id).status != "paused":
-        time.sleep(0.1)
-    _wait_for_scrapes(prometheus, time.time(), count=3)
-    client.fine_tuning.jobs.resume(job.id)
+    with paused_after_first_step(client, job.id, timeout=240):
+        _wait_for_scrapes(prometheus, time.time(), count=3)
     stream = False
     while (job := client.fine_tuning.jobs.retrieve(job.id)).status not in ("succeeded", "failed", "cancelled"):
         assert time.monotonic() < deadline, f"finetuning job still {job.status}"

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,3 +131,20 @@ def assert_openai_error(response: httpx.Response, status: int, param: str | None
     if code is not None:
         assert error["code"] == code, error
     return error
+
+
+@contextmanager
+def paused_after_first_step(client: openai.OpenAI, job_id: str, timeout: float):
+    """Holds a finetuning job paused once it has made its first optimizer step, for the
+    body of the with-block (so per-job state can be observed however fast it trains),
+    then resumes it."""
+    deadline = time.monotonic() + timeout
+    while not any(e.data and "step" in e.data for e in client.fine_tuning.jobs.list_events(job_id).data):
+        assert time.monotonic() < deadline, "finetuning job made no step"
+        time.sleep(0.1)
+    client.fine_tuning.jobs.pause(job_id)
+    while client.fine_tuning.jobs.retrieve(job_id).status != "paused":
+        assert time.monotonic() < deadline, "finetuning job did not pause"
+        time.sleep(0.1)
+    yield
+    client.fine_tuning.jobs.resume(job_id)

@@ -18,8 +18,17 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.deploy.test_deploy_files import COUNTERS, GAUGES, HISTOGRAM_SERIES, HISTOGRAMS
-from tests.server.conftest import assert_openai_error, start_server
+from tests.deploy.test_deploy_files import (
+    COUNTERS,
+    GAUGES,
+    HISTOGRAM_SERIES,
+    HISTOGRAMS,
+)
+from tests.server.conftest import (
+    assert_openai_error,
+    paused_after_first_step,
+    start_server,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -63,14 +72,8 @@ def traffic(live):
     )
     # Paused after its first step, a job is listed with its loss and progress.
     deadline = time.monotonic() + 300
-    while not any(e.data and "step" in e.data for e in client.fine_tuning.jobs.list_events(job.id).data):
-        assert time.monotonic() < deadline, "finetuning job made no step"
-        time.sleep(0.1)
-    client.fine_tuning.jobs.pause(job.id)
-    while client.fine_tuning.jobs.retrieve(job.id).status != "paused":
-        time.sleep(0.1)
-    paused = scrape(live.url)
-    client.fine_tuning.jobs.resume(job.id)
+    with paused_after_first_step(client, job.id, timeout=300):
+        paused = scrape(live.url)
 
     replies = []
     # An SLO no request can meet (1 us to the first token) and one every request meets.
