@@ -8,6 +8,15 @@ timed alone) took 39 ms packed against 65 ms plain on two threads, 73 against
 computes the same products as `F.linear` (the native path, kept as the reference);
 results match to float32 rounding for any number of rows.
 
+torch's `_mkl_linear` takes the packed path only when the call's row-count argument
+equals the input's rows, and otherwise runs a plain GEMM on the unpacked weight. The
+packed buffer itself does not depend on that count (MKL packs the weight panels
+alone), so each call passes its own row count. Above about 64 rows the packed path
+stops paying (5-15% slower than plain at 128-512 rows, where the GEMM is bound by
+compute), so larger calls (prefill chunks, training chunks) run plain. Measured with
+`python bench/packed_rows.py` (every linear of a decode step, LM head included) on the
+same machine: 4 to 24 rows 33-48 ms packed against 49-70 ms plain.
+
 Used only where it applies: CPU, float32, a torch built with MKL. Everything
 else runs the layers as they are.
 """
@@ -18,8 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Row count MKL tunes the packing for; any count works. Decode batches are this size.
-_ROWS_HINT = 32
+# Row count handed to MKL's packing call; the packed layout is the same for any count.
+_PACKING_ROWS = 32
+# Largest call that takes the packed path (see the module docstring).
+_PACKED_MAX_ROWS = 64
 
 
 def mkl_packing_available(weight: torch.Tensor) -> bool:
@@ -40,10 +51,13 @@ class PackedLinear(nn.Module):
         # adapters (LoRA) use it.
         self.weight = weight
         self.bias = bias
-        self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, _ROWS_HINT)
+        self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, _PACKING_ROWS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, _ROWS_HINT)
+        rows = x.numel() // x.shape[-1]
+        if rows > _PACKED_MAX_ROWS:
+            return F.linear(x, self.weight, self.bias)
+        return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, rows)
 
     def forward_native(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
