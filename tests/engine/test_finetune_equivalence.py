@@ -123,13 +123,18 @@ def test_engine_training_equals_peft_training(tmp_path, with_inference):
 
 @pytest.mark.slow
 def test_default_model_training_equals_peft_training():
-    """The real SmolLM2-135M, 12 optimizer steps with concurrent inference.
+    """The real SmolLM2-135M, 10 optimizer steps with concurrent inference, 1e-4 per tensor.
 
-    All adapter tensors together must be within 1e-4 of the reference. Per tensor the
-    bound is 2e-3, twice float32's own spread on this 30-layer model: two transformers
-    attention implementations (sdpa and eager) trained the same way end up 1.06e-3
-    apart on layer 0's o_proj lora_B (median tensor: 2.6e-6), the tensor where we are
-    furthest too (1.5e-3). Measured 2026-11-21 on this workload.
+    AdamW's eps is 1e-5 here, not torch's 1e-8. With 1e-8, Adam's first step moves
+    every element by +-lr whatever its gradient's size, so an element whose first
+    gradient is zero within float32 rounding takes a full step in a direction that
+    rounding picks. Two transformers attention implementations (sdpa and eager)
+    trained the same way then ended 1.06e-3 apart on layer 0's o_proj lora_B, 99.7%
+    of it one element whose first gradient was 2.6e-8 (median 5e-3); 7 of the 300
+    tensors were past 1e-4. With eps 1e-5 (1/500 of the median gradient element, so
+    Adam is otherwise unchanged) the step is continuous at zero, and the two
+    implementations' worst tensor was 1.3e-5 apart (median 1.2e-6). Measured
+    2026-11-21 on this workload.
     """
     import os
     from pathlib import Path
@@ -138,16 +143,14 @@ def test_default_model_training_equals_peft_training():
 
     model_dir = resolve_model(None, Path(os.environ.get("COSERVE_CACHE_DIR", "~/.cache/coserve")).expanduser())[0]
     examples = make_examples(vocab=49152, count=10, seed=2)
-    hp = Hyperparameters(n_epochs=3, batch_size=3, learning_rate=2e-4, warmup_steps=2, weight_decay=0.01)
+    hp = Hyperparameters(n_epochs=3, batch_size=3, learning_rate=2e-4, warmup_steps=2, weight_decay=0.01, eps=1e-5)
     job = train_with_engine(model_dir, examples, with_inference=True, hp=hp)
     assert job.step == job.total_steps >= 10
     initial = FinetuneJob("ref", job.model, job.layout, examples, hp, LORA, seed=5).lora.peft_state_dict()
     reference = train_with_peft(model_dir, examples, job, initial)
     ours = job.lora.peft_state_dict()
-    keys = sorted(reference)
-    flat_ours = torch.cat([ours[k].flatten() for k in keys])
-    flat_ref = torch.cat([reference[k].flatten() for k in keys])
-    assert (flat_ours - flat_ref).norm() / flat_ref.norm() <= 1e-4
-    for key in keys:
-        error = (ours[key] - reference[key]).norm() / reference[key].norm()
-        assert error <= 2e-3, (key, float(error))
+    assert set(ours) == set(reference)
+    for key, ref in reference.items():
+        assert (ref - initial[key]).norm() > 0, f"{key} did not train"
+        error = (ours[key] - ref).norm() / ref.norm()
+        assert error <= 1e-4, (key, float(error))
