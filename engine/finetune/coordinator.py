@@ -3,7 +3,9 @@
 Per engine iteration:
   before scheduling   each idle job hands its next training sequence to the scheduler;
   after the forward   the layer inputs the runner captured for training chunks are
-                      kept with their sequence; a completed forward starts its backward;
+                      kept with their sequence; a completed forward starts its backward
+                      (or waits for the job's running one: a job forwards its next
+                      sequence during a backward of the same optimizer batch);
   after the update    backward slices run, at most `backward_layers_per_iteration`
                       layers in all, shared round robin by the jobs with backward work;
                       after an optimizer step the job's compute slot gets the new weights.
@@ -62,7 +64,7 @@ class FinetuneCoordinator:
 
     def has_work(self) -> bool:
         return any(
-            not job.done and (job_id not in self.paused or job.forwarding or job.backward)
+            not job.done and (job_id not in self.paused or job.forwarding or job.backward or job.ready)
             for job_id, job in self.jobs.items()
         )
 

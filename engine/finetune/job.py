@@ -145,7 +145,8 @@ class FinetuneJob:
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, linear_schedule(hp.warmup_steps, self.total_steps)
         )
-        self.position = 0  # index into `order` of the next sequence to start
+        self.position = 0  # index into `order` of the next sequence to finish its backward
+        self.started = 0  # index into `order` of the next sequence to start its forward
         self.step = 0
         self.tokens_trained = 0
         self.events: list[StepEvent] = []
@@ -154,6 +155,8 @@ class FinetuneJob:
         self.energy_joules: float | None = None
         self.forwarding: TrainingSequence | None = None
         self.backward: _Backward | None = None
+        # A forward that finished while the previous sequence's backward still ran.
+        self.ready: _Backward | None = None
         self._batch_loss = 0.0
         self._batch_started = time.perf_counter()
         # The event of the step being validated, held back until its `valid_loss` is known.
@@ -188,6 +191,7 @@ class FinetuneJob:
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.step, self.position, self.tokens_trained = state["step"], state["position"], state["tokens_trained"]
+        self.started = self.position
         self.energy_joules = state.get("energy_joules")  # absent in checkpoints without a power device
 
     def _batch_bounds(self) -> tuple[int, int]:
@@ -199,15 +203,24 @@ class FinetuneJob:
         return max(1, sum(self.examples[i].num_targets for i in self.order[start:end]))
 
     def next_sequence(self) -> TrainingSequence | None:
-        """The sequence to forward next, when the job is idle and has work left: the
-        pending validation first, so training resumes only after it."""
-        if self.done or self.forwarding is not None or self.backward is not None:
+        """The sequence to forward next, or None: the pending validation first, so training
+        resumes only after it.
+
+        A training forward may run while the previous sequence's backward does, when both
+        belong to the same optimizer batch: no weight update falls between them, so the
+        forward sees the weights it would see after that backward. Its tokens then share
+        the iteration's weight reads with the decodes, which a backward slice cannot.
+        """
+        if self.done or self.forwarding is not None or self.ready is not None:
             return None
-        if self.validating:
+        if self.validating:  # set by an optimizer step, so no backward is in flight
             index = self._valid_scored
             seq = ValidationSequence(self, self.validation[index], f"val{self.step}-{index}")
         else:
-            seq = TrainingSequence(self, self.examples[self.order[self.position]], f"seq{self.position}")
+            if self.started >= self._batch_bounds()[1]:
+                return None  # the next sequence waits for this batch's optimizer step
+            seq = TrainingSequence(self, self.examples[self.order[self.started]], f"seq{self.started}")
+            self.started += 1
         self.forwarding = seq
         return seq
 
@@ -218,7 +231,10 @@ class FinetuneJob:
             return
         inputs = [torch.cat(chunks) for chunks in seq.saved]  # per layer + final, [T, hidden]
         seq.saved = []
-        self.backward = _Backward(seq, inputs)
+        if self.backward is None:
+            self.backward = _Backward(seq, inputs)
+        else:
+            self.ready = _Backward(seq, inputs)
 
     def backward_slice(self, max_layers: int, cos: torch.Tensor, sin: torch.Tensor) -> int:
         """Advance the backward by the loss head and up to `max_layers` layers; returns the layers done."""
@@ -248,7 +264,7 @@ class FinetuneJob:
         return done
 
     def _sequence_done(self, seq: TrainingSequence) -> None:
-        self.backward = None
+        self.backward, self.ready = self.ready, None
         self.position += 1
         self.tokens_trained += seq.example.num_targets
         if self.position == self._batch_bounds()[1]:

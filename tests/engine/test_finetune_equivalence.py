@@ -2,7 +2,8 @@
 
 A job runs through the real engine pieces: forward chunks in the scheduler's flat
 batch (with and without inference traffic in the same iterations), backward layer
-by layer from saved layer inputs, AdamW with warmup and linear decay, gradient
+by layer from saved layer inputs, the next sequence's forward during the previous
+one's backward within a batch, AdamW with warmup and linear decay, gradient
 accumulation. The reference is transformers + peft trained the plain way on the same
 examples, order, initial adapter weights, batches, optimizer and schedule. After at
 least 10 optimizer steps every adapter tensor must satisfy |ours - ref| / |ref| <= 1e-4.
@@ -55,7 +56,7 @@ def train_with_engine(model_dir, examples, with_inference: bool, hp: Hyperparame
     job = FinetuneJob("job", model, lora_layout(model), examples, hp, LORA, seed=5)
     coordinator.add_job(job)
     gen = torch.Generator().manual_seed(9)
-    iterations = mixed = 0
+    iterations = mixed = overlapped = 0
     while coordinator.has_work():
         if with_inference and iterations % 7 == 0:
             prompt = torch.randint(3, model.config.vocab_size, (int(torch.randint(2, 20, (1,), generator=gen)),),
@@ -64,12 +65,18 @@ def train_with_engine(model_dir, examples, with_inference: bool, hp: Hyperparame
         coordinator.before_schedule()
         plan = scheduler.schedule(finetune_budget=lambda plan, left: min(8, left))
         mixed += bool(plan.chunks and plan.finetune_chunks)
+        if plan.finetune_chunks and job.backward is not None:
+            overlapped += 1
+            forward, backward = (int(seq.request_id.rsplit("seq", 1)[1]) for seq in
+                                 (plan.finetune_chunks[0].seq, job.backward.seq))
+            assert forward // hp.batch_size == backward // hp.batch_size, "overlap across an optimizer step"
         result = runner.execute(plan)
         coordinator.after_forward(plan, result.captured)
         scheduler.update(plan, result.sampled)
         coordinator.run_backward(coordinator.backward_layers_per_iteration)
         iterations += 1
     assert not with_inference or mixed > 10, "inference and finetuning should share iterations"
+    assert overlapped > 10, "a sequence's forward should run during the previous one's backward"
     return job
 
 
@@ -122,8 +129,9 @@ def test_engine_training_equals_peft_training(tmp_path, with_inference):
 
 
 @pytest.mark.slow
-def test_default_model_training_equals_peft_training():
-    """The real SmolLM2-135M, 10 optimizer steps with concurrent inference, 1e-4 per tensor.
+@pytest.mark.parametrize("with_inference", [False, True], ids=["alone", "with-inference"])
+def test_default_model_training_equals_peft_training(with_inference):
+    """The real SmolLM2-135M, 10 optimizer steps, 1e-4 per tensor.
 
     AdamW's eps is 1e-5 here, not torch's 1e-8. With 1e-8, Adam's first step moves
     every element by +-lr whatever its gradient's size, so an element whose first
@@ -144,7 +152,7 @@ def test_default_model_training_equals_peft_training():
     model_dir = resolve_model(None, Path(os.environ.get("COSERVE_CACHE_DIR", "~/.cache/coserve")).expanduser())[0]
     examples = make_examples(vocab=49152, count=10, seed=2)
     hp = Hyperparameters(n_epochs=3, batch_size=3, learning_rate=2e-4, warmup_steps=2, weight_decay=0.01, eps=1e-5)
-    job = train_with_engine(model_dir, examples, with_inference=True, hp=hp)
+    job = train_with_engine(model_dir, examples, with_inference, hp=hp)
     assert job.step == job.total_steps >= 10
     initial = FinetuneJob("ref", job.model, job.layout, examples, hp, LORA, seed=5).lora.peft_state_dict()
     reference = train_with_peft(model_dir, examples, job, initial)
