@@ -6,7 +6,7 @@ One command, from the repository root:
 
 Drives LLMEngine directly (no server) on the default model: a finetuning job of 64
 made-up examples (120-200 tokens, 60-130 of them trained; LoRA rank 16 on all seven
-projections, batch size 1) while inference requests of 128 prompt x 128 output tokens
+projections, --batch-size examples per optimizer step) while inference requests of 128 prompt x 128 output tokens
 arrive as a Poisson process at --rate. After a 20 s warm-up it records each
 iteration's measured and predicted time and its composition, then prints the
 finetuning throughput and, per kind of iteration (D decodes, P prefill chunks,
@@ -44,7 +44,7 @@ WARMUP_S = 20.0
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def make_job(engine: LLMEngine, rng: random.Random) -> FinetuneJob:
+def make_job(engine: LLMEngine, rng: random.Random, batch_size: int) -> FinetuneJob:
     examples = []
     for _ in range(64):
         length = rng.randint(120, 200)
@@ -52,7 +52,7 @@ def make_job(engine: LLMEngine, rng: random.Random) -> FinetuneJob:
         ids = [rng.randint(100, engine.model.config.vocab_size - 1) for _ in range(length)]
         examples.append(TrainingExample(ids, [False] * (length - trained) + [True] * trained))
     return FinetuneJob("probe", engine.model, engine.loras.layout, examples,
-                       Hyperparameters(n_epochs=3, batch_size=1, learning_rate=1e-3),
+                       Hyperparameters(n_epochs=3, batch_size=batch_size, learning_rate=1e-3),
                        LoRAConfig(rank=16, alpha=32, target_modules=ALL_PROJECTIONS), seed=0)
 
 
@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=0.25, help="inference requests per second")
     parser.add_argument("--seconds", type=float, default=90.0, help="run time, warm-up included")
     parser.add_argument("--tpot-slo-ms", type=float, default=200.0)
+    parser.add_argument("--batch-size", type=int, default=4, help="examples per optimizer step (the server's auto)")
     parser.add_argument("--backward-layers", type=int, default=4, help="finetune_backward_layers_per_iteration")
     args = parser.parse_args()
 
@@ -70,7 +71,7 @@ def main() -> None:
     engine = LLMEngine(EngineConfig(model_dir=model_dir, tpot_slo_ms=args.tpot_slo_ms,
                                     finetune_backward_layers_per_iteration=args.backward_layers))
     rng = random.Random(0)
-    job = make_job(engine, rng)
+    job = make_job(engine, rng, args.batch_size)
     engine.add_finetune_job(job)
     params = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
     start = time.time()
@@ -94,7 +95,8 @@ def main() -> None:
     trained_per_s = (job.tokens_trained - baseline[0]) / (time.time() - baseline[1])
     table = np.array(rows)
     print(json.dumps(result_header(started, model_name)))
-    print(f"\nrate {args.rate} req/s, TPOT SLO {args.tpot_slo_ms:g} ms, backward slice {args.backward_layers} layers: "
+    print(f"\nrate {args.rate} req/s, TPOT SLO {args.tpot_slo_ms:g} ms, batch size {args.batch_size}, "
+          f"backward slice {args.backward_layers} layers: "
           f"finetuning {trained_per_s:.1f} trained tok/s; {len(table)} iterations, mean {table[:, 0].mean() * 1e3:.0f} "
           f"ms measured, {table[:, 1].mean() * 1e3:.0f} ms predicted\n")
     groups = defaultdict(list)
