@@ -43,6 +43,33 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     return torch.bfloat16 if cpu_computes_bf16_natively() else torch.float32
 
 
+DECODE_WEIGHTS = ("auto", "float32", "bfloat16")
+
+
+def resolve_decode_weights(name: str, dtype: str, device: str) -> bool:
+    """Whether decode-sized batches read bfloat16 copies of float32 weights.
+
+    `auto` turns them on where the CPU kernel runs (AVX-512) and `dtype` is `auto` and
+    resolved to float32: a decode step of a few sequences is bound by reading weights,
+    and bfloat16 halves those bytes while the arithmetic stays float32. An explicit
+    `dtype: float32` keeps every matmul in float32 (the tests that compare with
+    transformers rely on that).
+    """
+    if name not in DECODE_WEIGHTS:
+        raise ValueError(f"decode_weights must be one of {', '.join(DECODE_WEIGHTS)}; got {name!r}")
+    if name == "float32" or device != "cpu" or resolve_dtype(dtype, device) != torch.float32:
+        return False
+    if name == "auto" and dtype != "auto":
+        return False
+    from engine import ops
+
+    if not ops.bf16_linear_available():
+        if name == "bfloat16":
+            raise ValueError("decode_weights bfloat16 needs the CPU kernels on a CPU with AVX-512")
+        return False
+    return True
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return next(k for k, v in _DTYPES.items() if v == dtype)
 
@@ -51,6 +78,9 @@ def dtype_name(dtype: torch.dtype) -> str:
 class EngineConfig:
     model_dir: Path
     dtype: str = "auto"
+    # Weights read by batches of up to 16 rows on the CPU: auto, float32 or bfloat16
+    # (see resolve_decode_weights).
+    decode_weights: str = "auto"
     device: str = "cpu"
     # Tokens per KV-cache block.
     block_size: int = 16
@@ -105,3 +135,5 @@ class EngineConfig:
         if self.power_mode not in POWER_MODES:
             raise ValueError(f"power_mode must be one of {', '.join(POWER_MODES)}; got {self.power_mode!r}")
         resolve_dtype(self.dtype, self.device)  # fails early on a bad name
+        if self.decode_weights not in DECODE_WEIGHTS:
+            raise ValueError(f"decode_weights must be one of {', '.join(DECODE_WEIGHTS)}; got {self.decode_weights!r}")

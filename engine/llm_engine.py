@@ -13,7 +13,12 @@ import msgspec
 import torch
 
 from engine.block_manager import BlockManager
-from engine.config import EngineConfig, dtype_name, resolve_dtype
+from engine.config import (
+    EngineConfig,
+    dtype_name,
+    resolve_decode_weights,
+    resolve_dtype,
+)
 from engine.energy import split_energy
 from engine.finetune.coordinator import FinetuneCoordinator
 from engine.finetune.job import FinetuneJob
@@ -71,7 +76,8 @@ class LLMEngine:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.dtype = resolve_dtype(config.dtype, config.device)
-        self.model = load_model(config.model_dir, self.dtype, config.device)
+        self.decode_bf16 = resolve_decode_weights(config.decode_weights, config.dtype, config.device)
+        self.model = load_model(config.model_dir, self.dtype, config.device, decode_bf16=self.decode_bf16)
         model_config = self.model.config
 
         block_bytes = ModelRunner.kv_bytes_per_block(self.model, config.block_size, self.dtype)
@@ -114,8 +120,9 @@ class LLMEngine:
         )
         self.finetune_runs = FinetuneRuns(self.finetune, self.model, self.loras.layout)
         log.info(
-            "engine ready: %s, dtype=%s, %d KV blocks of %d tokens, max_model_len=%d",
-            config.model_dir, dtype_name(self.dtype), num_blocks, config.block_size, self.max_model_len,
+            "engine ready: %s, dtype=%s%s, %d KV blocks of %d tokens, max_model_len=%d",
+            config.model_dir, dtype_name(self.dtype), " (bfloat16 decode weights)" if self.decode_bf16 else "",
+            num_blocks, config.block_size, self.max_model_len,
         )
 
     def _max_model_len(self, model_config, cache_tokens: int) -> int:

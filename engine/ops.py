@@ -41,21 +41,21 @@ def _cpu_signature() -> str:
 @functools.cache
 def cpu_kernels_available() -> bool:
     """Build (once per machine) and load the CPU kernels; False if that is impossible."""
-    source = CSRC / "cpu" / "paged_attention.cpp"
-    if not source.is_file():
-        log.info("csrc/ not found: native CPU attention")
+    sources = [CSRC / "cpu" / name for name in ("paged_attention.cpp", "bf16_linear.cpp")]
+    if not all(source.is_file() for source in sources):
+        log.info("csrc/ not found: native CPU attention and float32 weights")
         return False
     try:
         from torch.utils.cpp_extension import load
 
         load(
             name=f"coserve_cpu_ops_{_cpu_signature()}",
-            sources=[str(source)],
+            sources=[str(source) for source in sources],
             extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"],
             is_python_module=False,
         )
     except Exception as exc:  # noqa: BLE001 - any build failure means: use the native path
-        log.warning("CPU kernels unavailable (%s): native CPU attention", exc)
+        log.warning("CPU kernels unavailable (%s): native CPU attention and float32 weights", exc)
         return False
     return True
 
@@ -82,3 +82,39 @@ def paged_decode_attention(
         block_tables: [num_seqs, max_blocks] int64; context_lens: [num_seqs] int64
     """
     torch.ops.coserve.paged_decode_attention(out, q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+# Weights packed for `bf16_linear` hold this many outputs per panel.
+BF16_PANEL = 16
+# The most rows `bf16_linear` takes: decode-sized batches, where reading the weights
+# dominates; larger batches are bound by compute and run the float32 GEMM.
+BF16_LINEAR_MAX_ROWS = 16
+
+
+def bf16_linear_available() -> bool:
+    """The CPU kernels built, and for a CPU with AVX-512 (the kernel's instructions)."""
+    return cpu_kernels_available() and torch.ops.coserve.bf16_linear_supported()
+
+
+def pack_bf16_weight(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] float weight -> [ceil(N / 16), K, 16] bfloat16 panels for `bf16_linear`
+    (outputs past N are zero)."""
+    n, k = weight.shape
+    panels = -(-n // BF16_PANEL)
+    padded = torch.nn.functional.pad(weight, (0, 0, 0, panels * BF16_PANEL - n))  # [panels * 16, K]
+    return padded.to(torch.bfloat16).view(panels, BF16_PANEL, k).transpose(1, 2).contiguous()
+
+
+def bf16_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x W^T + b with W read from its bfloat16 panels, all arithmetic in float32.
+
+    Semantics: F.linear(x, W.to(bfloat16).float(), b), up to float32 summation order.
+
+    Shape:
+        x: [rows, K] float32, 1 <= rows <= BF16_LINEAR_MAX_ROWS
+        packed: [ceil(out_features / 16), K, 16] bfloat16 (pack_bf16_weight)
+        bias: [out_features] float32 or None; returns [rows, out_features] float32
+    """
+    out = x.new_empty(x.shape[0], out_features)
+    torch.ops.coserve.bf16_linear(out, x.contiguous(), packed, bias)
+    return out

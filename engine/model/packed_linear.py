@@ -17,6 +17,10 @@ compute), so larger calls (prefill chunks, training chunks) run plain. Measured 
 `python bench/packed_rows.py` (every linear of a decode step, LM head included) on the
 same machine: 4 to 24 rows 33-48 ms packed against 49-70 ms plain.
 
+With `decode_bf16`, each layer also keeps its weight as bfloat16 panels, and calls
+of up to 16 rows run csrc/cpu/bf16_linear.cpp on them: half the bytes of a decode
+step, float32 arithmetic (see engine/config.py, resolve_decode_weights).
+
 Used only where it applies: CPU, float32, a torch built with MKL. Everything
 else runs the layers as they are.
 """
@@ -26,6 +30,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from engine import ops
 
 # Row count handed to MKL's packing call; the packed layout is the same for any count.
 _PACKING_ROWS = 32
@@ -45,16 +51,19 @@ def mkl_packing_available(weight: torch.Tensor) -> bool:
 class PackedLinear(nn.Module):
     """y = x W^T + b with W packed once. x: [rows, in] -> [rows, out]."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, decode_bf16: bool = False):
         super().__init__()
-        # The plain weight stays: MKL reads its shape, and the native path and
-        # adapters (LoRA) use it.
+        # The plain weight stays: MKL reads its shape, and the native path, the
+        # finetuning recompute and adapters (LoRA) use it.
         self.weight = weight
         self.bias = bias
         self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, _PACKING_ROWS)
+        self.bf16_panels = ops.pack_bf16_weight(weight) if decode_bf16 else None  # [ceil(out / 16), in, 16]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
+        if self.bf16_panels is not None and 0 < rows <= ops.BF16_LINEAR_MAX_ROWS and x.dim() == 2:
+            return ops.bf16_linear(x, self.bf16_panels, self.weight.shape[0], self.bias)
         if rows > _PACKED_MAX_ROWS:
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, rows)
@@ -63,9 +72,9 @@ class PackedLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-def pack_linears(model: nn.Module) -> None:
+def pack_linears(model: nn.Module, decode_bf16: bool = False) -> None:
     """Replace every nn.Linear in `model` by a PackedLinear, where packing applies."""
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and mkl_packing_available(child.weight):
-                setattr(module, child_name, PackedLinear(child.weight, child.bias))
+                setattr(module, child_name, PackedLinear(child.weight, child.bias, decode_bf16))

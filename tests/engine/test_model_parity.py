@@ -13,12 +13,20 @@ import torch
 from engine.block_manager import BlockManager
 from engine.messages import SamplingParams
 from engine.model.loader import load_model
-from engine.ops import cpu_kernels_available
+from engine.ops import (
+    BF16_LINEAR_MAX_ROWS,
+    bf16_linear_available,
+    cpu_kernels_available,
+)
 from engine.runner import ModelRunner
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
 from tests.engine.teacher_forcing import run_teacher_forced
-from tests.engine.tiny_models import tiny_llama_config, tiny_qwen2_config, write_tiny_model
+from tests.engine.tiny_models import (
+    tiny_llama_config,
+    tiny_qwen2_config,
+    write_tiny_model,
+)
 
 ATOL = 1e-4
 
@@ -28,8 +36,9 @@ def _reference_logits(reference, token_ids: list[int]) -> torch.Tensor:
         return reference(torch.tensor([token_ids])).logits[0]  # [len, vocab]
 
 
-def _run_and_compare(model_dir, reference, prompt_lens, decode_steps, budget, use_kernels, block_size=4):
-    model = load_model(model_dir, torch.float32)
+def _run_and_compare(model_dir, reference, prompt_lens, decode_steps, budget, use_kernels, block_size=4,
+                     decode_bf16=False):
+    model = load_model(model_dir, torch.float32, decode_bf16=decode_bf16)
     blocks = BlockManager(num_blocks=64, block_size=block_size)
     runner = ModelRunner(model, blocks.num_blocks, block_size, max_model_len=256, device="cpu", use_kernels=use_kernels)
     scheduler = Scheduler(blocks, max_num_batched_tokens=budget, max_num_seqs=8, max_model_len=256, eos_token_ids=[])
@@ -77,6 +86,29 @@ def test_llama_tied_embeddings_and_scaled_rope(tmp_path, use_kernels):
 def test_qwen2_with_qkv_bias(tmp_path, use_kernels):
     reference = write_tiny_model(tmp_path, tiny_qwen2_config())
     _run_and_compare(tmp_path, reference, prompt_lens=[3, 21, 11], decode_steps=4, budget=20, use_kernels=use_kernels)
+
+
+def _with_bf16_linear_weights(reference):
+    """The reference with every linear weight rounded to bfloat16 (kept float32), the
+    LM head untied first so that the embedding lookup stays float32, as in ours."""
+    with torch.no_grad():
+        if reference.lm_head.weight is reference.model.embed_tokens.weight:
+            reference.lm_head.weight = torch.nn.Parameter(reference.lm_head.weight.clone())
+        for module in reference.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.copy_(module.weight.to(torch.bfloat16).float())
+    return reference
+
+
+@pytest.mark.skipif(not bf16_linear_available(), reason="bf16_linear needs the C++ build on an AVX-512 CPU")
+@pytest.mark.parametrize("config", [tiny_llama_config(tie_word_embeddings=True), tiny_qwen2_config()],
+                         ids=["llama-tied", "qwen2-qkv-bias"])
+def test_bfloat16_decode_weights_match_transformers_with_rounded_weights(tmp_path, config):
+    """With decode_bf16 and batches of at most 16 rows, every linear reads bfloat16
+    weights; the reference rounds its linear weights the same way."""
+    reference = _with_bf16_linear_weights(write_tiny_model(tmp_path, config))
+    _run_and_compare(tmp_path, reference, prompt_lens=[5, 13, 30], decode_steps=5, budget=BF16_LINEAR_MAX_ROWS,
+                     use_kernels=True, decode_bf16=True)
 
 
 def test_unsupported_architecture_fails_clearly(tmp_path):

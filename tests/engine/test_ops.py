@@ -1,4 +1,5 @@
-"""The C++ decode-attention kernel against the native gathered-SDPA path (its reference)."""
+"""The C++ CPU kernels against their native references: decode attention against the
+gathered-SDPA path, the bfloat16-weight linear against F.linear on rounded weights."""
 
 from __future__ import annotations
 
@@ -47,3 +48,33 @@ def test_kernel_checks_its_inputs():
         q3 = torch.randn(2, 3, 16)
         ops.paged_decode_attention(torch.empty_like(q3), q3, cache, cache, torch.zeros(2, 1, dtype=torch.long),
                                    torch.ones(2, dtype=torch.long), 0.25)
+
+
+bf16_kernel = pytest.mark.skipif(not ops.bf16_linear_available(), reason="bf16_linear needs an AVX-512 CPU")
+
+
+@bf16_kernel
+@pytest.mark.parametrize("out_features, in_features", [(40, 48), (576, 576), (960, 576), (576, 1536)])
+@pytest.mark.parametrize("rows", [1, 2, 7, 12, 13, 16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bf16_linear_equals_linear_on_rounded_weights(out_features, in_features, rows, with_bias):
+    torch.manual_seed(rows * 1000 + out_features)
+    weight = torch.randn(out_features, in_features)
+    bias = torch.randn(out_features) if with_bias else None
+    x = torch.randn(rows, in_features)
+    packed = ops.pack_bf16_weight(weight)  # [ceil(out / 16), in, 16]
+    assert packed.shape == (-(-out_features // 16), in_features, 16) and packed.dtype == torch.bfloat16
+    expected = torch.nn.functional.linear(x, weight.to(torch.bfloat16).float(), bias)
+    torch.testing.assert_close(ops.bf16_linear(x, packed, out_features, bias), expected, atol=1e-5 * in_features**0.5,
+                               rtol=1e-5)
+
+
+@bf16_kernel
+def test_bf16_linear_checks_its_inputs():
+    packed = ops.pack_bf16_weight(torch.randn(32, 8))
+    with pytest.raises(RuntimeError, match="1 to 16 rows"):
+        ops.bf16_linear(torch.randn(17, 8), packed, 32, None)
+    with pytest.raises(RuntimeError, match="K = 8, x has 9"):
+        ops.bf16_linear(torch.randn(2, 9), packed, 32, None)
+    with pytest.raises(RuntimeError, match="bias"):
+        ops.bf16_linear(torch.randn(2, 8), packed, 32, torch.randn(31))

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from engine import ops
 from engine.model.packed_linear import PackedLinear, mkl_packing_available, pack_linears
 
 pytestmark = pytest.mark.skipif(
@@ -27,3 +29,14 @@ def test_pack_linears_replaces_float32_layers_only():
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8).to(torch.bfloat16))
     pack_linears(model)
     assert isinstance(model[0], PackedLinear) and isinstance(model[1], nn.Linear)
+
+
+@pytest.mark.skipif(not ops.bf16_linear_available(), reason="bf16_linear needs the C++ build on an AVX-512 CPU")
+def test_decode_bf16_reads_rounded_weights_up_to_16_rows_only():
+    torch.manual_seed(0)
+    weight, bias = torch.randn(96, 48), torch.randn(96)
+    layer = PackedLinear(weight, bias, decode_bf16=True)
+    rounded = weight.to(torch.bfloat16).float()
+    for rows, expected_weight in ((1, rounded), (16, rounded), (17, weight), (80, weight)):
+        x = torch.randn(rows, 48)
+        torch.testing.assert_close(layer(x), F.linear(x, expected_weight, bias), atol=1e-5, rtol=1e-5)

@@ -1,13 +1,19 @@
 """Greedy decoding through the HTTP API equals transformers' `generate` on the real
-default model (float32): same tokens, same text, logprobs within 1e-3."""
+default model (float32): same tokens, same text, logprobs within 1e-3. And with the
+default settings (bfloat16 decode weights where the CPU has AVX-512), equals
+transformers with its linear weights rounded to bfloat16."""
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
+
+from engine.ops import bf16_linear_available
 
 PROMPTS = [
     "The capital of France is",
@@ -31,11 +37,8 @@ def reference():
     return model, AutoTokenizer.from_pretrained(model_dir)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("prompt", PROMPTS)
-def test_greedy_matches_transformers(client, model_name, http, reference, prompt):
-    model, tokenizer = reference
-    ids = http.post("/tokenize", json={"prompt": prompt}).json()["tokens"]
+def _check_greedy(client, model_name, ids, model, tokenizer):
+    """The server's greedy completion of `ids` equals `model.generate`'s."""
     with torch.no_grad():
         out = model.generate(
             torch.tensor([ids]),
@@ -59,3 +62,35 @@ def test_greedy_matches_transformers(client, model_name, http, reference, prompt
     assert choice.finish_reason == ("length" if len(expected) == MAX_TOKENS and expected[-1] != 2 else "stop")
     for got_lp, want_lp in zip(choice.logprobs.token_logprobs, expected_logprobs):
         assert abs(got_lp - want_lp) < 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_matches_transformers(client, model_name, http, reference, prompt):
+    model, tokenizer = reference
+    _check_greedy(client, model_name, http.post("/tokenize", json={"prompt": prompt}).json()["tokens"], model, tokenizer)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not bf16_linear_available(), reason="bf16_linear needs the C++ build on an AVX-512 CPU")
+def test_default_settings_decode_with_bfloat16_weights(tmp_path, reference):
+    """`dtype: auto` serves with bfloat16 decode weights; prompts of at most 16 tokens
+    make every batch decode-sized, so every linear reads the rounded weights."""
+    import openai
+
+    from tests.engine.test_model_parity import _with_bf16_linear_weights
+    from tests.server.conftest import start_server
+
+    model, tokenizer = reference
+    rounded = _with_bf16_linear_weights(copy.deepcopy(model))
+    live = start_server(tmp_path, "--dtype", "auto")
+    try:
+        assert "(bfloat16 decode weights)" in live.log_path.read_text()
+        client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        name = client.models.list().data[0].id
+        for prompt in PROMPTS:
+            ids = httpx.post(f"{live.url}/tokenize", json={"prompt": prompt}).json()["tokens"]
+            assert len(ids) <= 16, "a longer prompt would prefill with the float32 weights"
+            _check_greedy(client, name, ids, rounded, tokenizer)
+    finally:
+        live.stop()
