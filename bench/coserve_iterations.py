@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=90.0, help="run time, warm-up included")
     parser.add_argument("--tpot-slo-ms", type=float, default=200.0)
     parser.add_argument("--batch-size", type=int, default=4, help="examples per optimizer step (the server's auto)")
-    parser.add_argument("--backward-layers", type=int, default=4, help="finetune_backward_layers_per_iteration")
+    parser.add_argument("--backward-layers", type=int, default=8, help="finetune_backward_layers_per_iteration")
     args = parser.parse_args()
 
     started = dt.datetime.now()

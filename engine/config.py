@@ -53,7 +53,9 @@ def resolve_decode_weights(name: str, dtype: str, device: str) -> bool:
     resolved to float32: a decode step of a few sequences is bound by reading weights,
     and bfloat16 halves those bytes while the arithmetic stays float32. An explicit
     `dtype: float32` keeps every matmul in float32 (the tests that compare with
-    transformers rely on that).
+    transformers rely on that). A finetuning chunk in a batch of at most 16 rows is
+    forwarded with the bfloat16 weights too; its backward recomputes in float32 from
+    the saved layer inputs.
     """
     if name not in DECODE_WEIGHTS:
         raise ValueError(f"decode_weights must be one of {', '.join(DECODE_WEIGHTS)}; got {name!r}")
@@ -103,8 +105,9 @@ class EngineConfig:
     # Latency SLOs; finetuning only takes what keeps a predicted iteration within TPOT.
     ttft_slo_ms: float = 2000.0
     tpot_slo_ms: float = 200.0
-    # Backward slices of finetuning: layers recomputed per iteration, all jobs together.
-    finetune_backward_layers_per_iteration: int = 4
+    # Backward slices of finetuning: at most this many layers recomputed per iteration,
+    # all jobs together (next to inference, the latency model sizes the slice below it).
+    finetune_backward_layers_per_iteration: int = 8
     # Accelerator watched for clocks, power and energy: auto = NVML on a CUDA device,
     # none on the CPU; simulated = engine/power/simulated_device.py (tests, what-ifs).
     power_device: str = "auto"

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 # is held to a few tokens: its predictions are still the prior's.
 _WARMUP_ITERATIONS = 20
 _WARMUP_FINETUNE_TOKENS = 16
+_WARMUP_BACKWARD_LAYERS = 1
 # Fraction of the TPOT SLO kept free for prediction error.
 _SLO_MARGIN = 0.1
 
@@ -236,8 +237,10 @@ class LLMEngine:
             return None
         configured = self.config.finetune_backward_layers_per_iteration
         tokens = self.finetune.backward_tokens()
-        if not plan.chunks or tokens == 0 or self.latency.num_observations < _WARMUP_ITERATIONS:
+        if not plan.chunks or tokens == 0:
             return configured
+        if self.latency.num_observations < _WARMUP_ITERATIONS:
+            return min(configured, _WARMUP_BACKWARD_LAYERS)
         spare = self._tpot_budget_s(plan) - self.latency.predict(iteration_shape(plan), self._clock_mhz)
         per_layer = self.latency.costs(self._clock_mhz)[-1] * tokens  # seconds of one layer slice
         if spare <= 0:

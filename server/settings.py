@@ -109,7 +109,8 @@ class Settings(BaseSettings):
         200.0, gt=0, description="Time-per-output-token SLO (ms); finetuning only fills iterations predicted within it"
     )
     finetune_backward_layers_per_iteration: int = Field(
-        4, ge=1, description="Layers of finetuning backward recomputed per engine iteration, all jobs together"
+        8, ge=1, description="Most layers of finetuning backward recomputed per engine iteration, all jobs together "
+        "(next to inference, the latency model sizes the slice within the TPOT SLO)"
     )
     power_device: Literal["auto", "nvml", "simulated", "none"] = Field(
         "auto",
