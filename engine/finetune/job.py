@@ -208,8 +208,10 @@ class FinetuneJob:
 
         A training forward may run while the previous sequence's backward does, when both
         belong to the same optimizer batch: no weight update falls between them, so the
-        forward sees the weights it would see after that backward. Its tokens then share
-        the iteration's weight reads with the decodes, which a backward slice cannot.
+        forward sees the weights it would see after that backward. Its tokens can then
+        share an iteration's weight reads with the decodes, which a backward slice
+        cannot; on the 2-core machine the engine-level co-served throughput measured the
+        same with it (batch 4) as without (batch 1), 50.6 and 50.5 tok/s.
         """
         if self.done or self.forwarding is not None or self.ready is not None:
             return None
