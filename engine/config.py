@@ -46,6 +46,11 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
 DECODE_WEIGHTS = ("auto", "float32", "bfloat16")
 
 
+def _check_decode_weights(name: str) -> None:
+    if name not in DECODE_WEIGHTS:
+        raise ValueError(f"decode_weights must be one of {', '.join(DECODE_WEIGHTS)}; got {name!r}")
+
+
 def resolve_decode_weights(name: str, dtype: str, device: str) -> bool:
     """Whether decode-sized batches read bfloat16 copies of float32 weights.
 
@@ -57,8 +62,7 @@ def resolve_decode_weights(name: str, dtype: str, device: str) -> bool:
     forwarded with the bfloat16 weights too; its backward recomputes in float32 from
     the saved layer inputs.
     """
-    if name not in DECODE_WEIGHTS:
-        raise ValueError(f"decode_weights must be one of {', '.join(DECODE_WEIGHTS)}; got {name!r}")
+    _check_decode_weights(name)
     if name == "float32" or device != "cpu" or resolve_dtype(dtype, device) != torch.float32:
         return False
     if name == "auto" and dtype != "auto":
@@ -138,5 +142,4 @@ class EngineConfig:
         if self.power_mode not in POWER_MODES:
             raise ValueError(f"power_mode must be one of {', '.join(POWER_MODES)}; got {self.power_mode!r}")
         resolve_dtype(self.dtype, self.device)  # fails early on a bad name
-        if self.decode_weights not in DECODE_WEIGHTS:
-            raise ValueError(f"decode_weights must be one of {', '.join(DECODE_WEIGHTS)}; got {self.decode_weights!r}")
+        _check_decode_weights(self.decode_weights)  # resolved (and the kernels built) by the engine
