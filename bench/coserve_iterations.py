@@ -10,7 +10,7 @@ projections, --batch-size examples per optimizer step) while inference requests 
 arrive as a Poisson process at --rate. After a 20 s warm-up it records each
 iteration's measured and predicted time and its composition, then prints the
 finetuning throughput and, per kind of iteration (D decodes, P prefill chunks,
-F finetuning forward tokens, B backward layer-tokens), how many there were, the time
+F finetuning forward tokens, B backward layer-tokens, L loss-head tokens), how many there were, the time
 they took and what they carried. It shows whether the TPOT budget, the configured
 backward slice or mispredicted work bounds the finetuning share.
 """
@@ -90,7 +90,7 @@ def main() -> None:
         if baseline is None:
             baseline = (job.tokens_trained, time.time())
         rows.append((stats.iteration_seconds, stats.predicted_seconds, stats.decode_tokens, stats.prefill_tokens,
-                     stats.finetune_forward_tokens, stats.finetune_backward_layer_tokens))
+                     stats.finetune_forward_tokens, stats.finetune_backward_layer_tokens, stats.finetune_loss_tokens))
 
     trained_per_s = (job.tokens_trained - baseline[0]) / (time.time() - baseline[1])
     table = np.array(rows)
@@ -101,14 +101,15 @@ def main() -> None:
           f"ms measured, {table[:, 1].mean() * 1e3:.0f} ms predicted\n")
     groups = defaultdict(list)
     for row in table:
-        kind = "".join(letter for letter, amount in zip("DPFB", row[2:]) if amount) or "-"
+        kind = "".join(letter for letter, amount in zip("DPFBL", row[2:]) if amount) or "-"
         groups[kind].append(row)
-    print("| kind | iterations | seconds | mean ms | predicted ms | decodes | finetune fwd tokens | backward layer-tokens |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| kind | iterations | seconds | mean ms | predicted ms | decodes | finetune fwd tokens | backward layer-tokens "
+          "| loss-head tokens |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for kind, group in sorted(groups.items(), key=lambda item: -len(item[1])):
         g = np.array(group)
         print(f"| {kind} | {len(g)} | {g[:, 0].sum():.1f} | {g[:, 0].mean() * 1e3:.0f} | {g[:, 1].mean() * 1e3:.0f} "
-              f"| {g[:, 2].mean():.1f} | {g[:, 4].mean():.0f} | {g[:, 5].mean():.0f} |")
+              f"| {g[:, 2].mean():.1f} | {g[:, 4].mean():.0f} | {g[:, 5].mean():.0f} | {g[:, 6].mean():.0f} |")
 
 
 if __name__ == "__main__":

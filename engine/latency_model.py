@@ -8,8 +8,9 @@ yet, on a machine whose speed drifts (other tenants, thermals, a new adapter mix
 Why a linear model. An iteration is one flat token batch, so its time is close to
 a sum of costs: a fixed part (weights streamed once, launches, sampling), a cost
 per decode / prefill / finetuning-forward token (the GEMMs), a cost per attended
-context token and a cost per backward layer-token. Context is split in two because
-the two kinds differ by two orders of magnitude: a decode token reads its whole KV
+context token, a cost per backward layer-token and one per token through the
+finetuning loss head. Context is split in two because the two kinds differ by two
+orders of magnitude: a decode token reads its whole KV
 history from HBM (~128 KiB per context token for an 8B model, memory-bound), while
 a prefill chunk's queries share each KV tile (flash attention), leaving ~1 ns of
 attention compute per context token on an H100. throttLL'eM (Kakolyris et al.,
@@ -20,7 +21,7 @@ extrapolates sanely to shapes it has not seen.
 Why the clock enters as f_max / f. Each cost is split into a clock-independent
 part (HBM traffic, host overhead: memory-bound decode barely slows at lower SM
 clocks) and a compute-bound part that scales with cycle time, f_max / f. That gives
-14 parameters: per feature x_i, time = sum_i x_i * (m_i + c_i * f_max / f). On the
+16 parameters: per feature x_i, time = sum_i x_i * (m_i + c_i * f_max / f). On the
 CPU there is no clock and the factor is 1.
 
 Why exponentially weighted ridge regression toward a prior, not plain recursive
@@ -29,7 +30,18 @@ not excite (a clock never visited, finetuning that has not started): its
 covariance grows without bound and one noisy sample then throws the estimate far
 off. Here the data is forgotten at rate `forgetting` but the prior is not, so an
 unexcited direction falls back to the prior instead of drifting, and the normal
-equations (14 x 14) stay well conditioned. Solving them costs microseconds.
+equations (16 x 16) stay well conditioned. Solving them costs microseconds.
+
+Why outliers are down-weighted (a Huber fit). An iteration now and then takes many
+times its usual length for reasons no feature describes: the host steals the vCPU,
+another process takes a core, the allocator faults in fresh pages. Measured on the
+2-core CI machine, 8-16 of ~400 co-served iterations ran 0.1-2 s over their
+prediction. In a least-squares fit each such iteration pulls every coefficient up
+for the next hundred iterations (the forgetting horizon), so the scheduler leaves
+tens of milliseconds of each TPOT budget unused. An observation whose error is
+beyond `outlier_errors` times the median recent relative error is therefore
+weighted down so that it counts as if it were on that threshold (Huber's loss); a
+lasting change of speed still moves the fit, since the median error then grows.
 """
 
 from __future__ import annotations
@@ -40,10 +52,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# 1, decode, prefill, decode context, prefill context, finetune forward, finetune backward
-NUM_FEATURES = 7
-_PREFILL_CONTEXT = 4
-_FINETUNE_FORWARD = 5
+# Indices into IterationShape.features() and LatencyModel.costs().
+(
+    FIXED,
+    DECODE,
+    PREFILL,
+    DECODE_CONTEXT,
+    PREFILL_CONTEXT,
+    FINETUNE_FORWARD,
+    FINETUNE_BACKWARD,
+    FINETUNE_LOSS,
+) = range(8)
+NUM_FEATURES = 8
 
 
 @dataclass(frozen=True)
@@ -57,6 +77,11 @@ class IterationShape:
     finetune_forward_tokens: int = 0
     # Layers x tokens recomputed and backpropagated by finetuning backward slices.
     finetune_backward_layer_tokens: int = 0
+    # Tokens put through the loss head (final norm, vocabulary logits, cross-entropy
+    # and its gradient) at the start of a backward: one such token costs about as
+    # much as several backward layer-tokens on a small model, and it comes in a
+    # burst per sequence, so it is a feature of its own.
+    finetune_loss_tokens: int = 0
     # The part of context_tokens attended by prefill and finetuning-forward chunks;
     # the rest is attended by decodes (see the module docstring for why it matters).
     prefill_context_tokens: int = 0
@@ -77,6 +102,7 @@ class IterationShape:
                 self.prefill_context_tokens,
                 self.finetune_forward_tokens,
                 self.finetune_backward_layer_tokens,
+                self.finetune_loss_tokens,
             ],
             dtype=np.float64,
         )
@@ -103,11 +129,12 @@ class LatencyPrior:
         1e-9,  # per prefill context token: 4 x 4096 x 32 attention FLOPs at ~50% of 989 TFLOPS
         40e-6,  # per finetuning forward token: a prefill token that also keeps layer inputs
         3.3e-6,  # per backward layer-token: recompute + input gradient ~ 3x a forward layer
+        4e-6,  # per loss token: logits and their input gradient, 2 x 2 x 4096 x 128k FLOPs at ~50%
     )
     # Part of each cost that scales with the SM cycle time.
-    compute_fraction: tuple[float, ...] = (0.1, 0.9, 0.9, 0.1, 0.9, 0.9, 0.9)
+    compute_fraction: tuple[float, ...] = (0.1, 0.9, 0.9, 0.1, 0.9, 0.9, 0.9, 0.9)
     # A typical per-iteration magnitude of each feature; it sets the prior's scale.
-    typical: tuple[float, ...] = (1.0, 64.0, 512.0, 65536.0, 524288.0, 512.0, 4096.0)
+    typical: tuple[float, ...] = (1.0, 64.0, 512.0, 65536.0, 524288.0, 512.0, 4096.0, 128.0)
     # The prior counts as this many iterations of typical size in every direction:
     # weak, so that a few measurements override it where they are informative (real
     # batches make the features strongly collinear), yet it still holds the
@@ -135,16 +162,20 @@ class LatencyModel:
         max_clock_mhz: float | None = None,
         forgetting: float = 0.99,
         error_window: int = 100,
+        outlier_errors: float = 3.0,
     ):
         if not 0.0 < forgetting <= 1.0:
             raise ValueError("forgetting must lie in (0, 1]")
         if error_window <= 0:
             raise ValueError("error_window must be positive")
+        if outlier_errors <= 0:
+            raise ValueError("outlier_errors must be positive")
         if max_clock_mhz is not None and max_clock_mhz <= 0:
             raise ValueError("max_clock_mhz must be positive")
         self.prior = prior
         self.max_clock_mhz = max_clock_mhz
         self.forgetting = forgetting
+        self.outlier_errors = outlier_errors
         # Features are divided by their typical size so that one prior weight fits all.
         self._scale = np.array(prior.typical)
         seconds, fraction = np.array(prior.seconds), np.array(prior.compute_fraction)
@@ -177,14 +208,30 @@ class LatencyModel:
             raise ValueError(f"a measured iteration takes positive time, got {seconds}")
         # Scored before the update: the error metric is what the scheduler really got.
         predicted = self.predict(shape, clock_mhz)
-        self._errors.append(abs(predicted - seconds) / seconds)
         phi = self._regressors(shape, clock_mhz)
+        weight = self._huber_weight(phi, predicted, seconds)
+        self._errors.append(abs(predicted - seconds) / seconds)
         self._gram *= self.forgetting
-        self._gram += np.outer(phi, phi)
+        self._gram += weight * np.outer(phi, phi)
         self._moment *= self.forgetting
-        self._moment += phi * seconds
+        self._moment += weight * phi * seconds
         self._stale = True
         self.num_observations += 1
+
+    def _huber_weight(self, phi: np.ndarray, predicted: float, seconds: float) -> float:
+        """1 for an ordinary observation; threshold / |error| beyond the outlier threshold.
+
+        The threshold scales with the prediction's own uncertainty, sqrt(1 + leverage):
+        an iteration of a kind the fit has barely seen (the first backward slices after
+        hours of inference only) is new information, not an outlier, and counts fully.
+        Until the error window is full the fit is still leaving its prior, whose errors
+        say nothing about outliers, so every observation counts fully then too."""
+        if len(self._errors) < self._errors.maxlen:
+            return 1.0
+        leverage = float(phi @ np.linalg.solve(self._gram + self.prior.weight * np.eye(len(phi)), phi))
+        threshold = self.outlier_errors * float(np.median(self._errors)) * predicted * math.sqrt(1 + leverage)
+        error = abs(seconds - predicted)
+        return 1.0 if error <= threshold or threshold <= 0 else threshold / error
 
     def _parameters(self) -> np.ndarray:
         if self._stale:
@@ -232,7 +279,7 @@ class LatencyModel:
         if spare <= 0 or limit <= 0:
             return 0
         costs = self.costs(clock_mhz)
-        per_token = costs[_FINETUNE_FORWARD] + context_per_token * costs[_PREFILL_CONTEXT]
+        per_token = costs[FINETUNE_FORWARD] + context_per_token * costs[PREFILL_CONTEXT]
         if per_token <= 0:
             return limit
         return min(limit, math.floor(spare / per_token))

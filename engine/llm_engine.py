@@ -20,10 +20,16 @@ from engine.config import (
     resolve_dtype,
 )
 from engine.energy import split_energy
+from engine.finetune.backward_work import BackwardAllowance
 from engine.finetune.coordinator import FinetuneCoordinator
 from engine.finetune.job import FinetuneJob
 from engine.finetune.runs import FinetuneRuns
-from engine.latency_model import IterationShape, LatencyModel
+from engine.latency_model import (
+    FINETUNE_BACKWARD,
+    FINETUNE_LOSS,
+    IterationShape,
+    LatencyModel,
+)
 from engine.lora.adapter import AdapterError
 from engine.lora.layout import lora_layout
 from engine.lora.manager import LoRAManager
@@ -222,7 +228,7 @@ class LLMEngine:
             return tokens_left
         if self.latency.num_observations < _WARMUP_ITERATIONS:
             return min(tokens_left, _WARMUP_FINETUNE_TOKENS)
-        shape = iteration_shape(plan, self.finetune.expected_backward_layer_tokens())
+        shape = iteration_shape(plan, self.finetune.expected_backward())
         return self.latency.max_finetune_tokens(shape, self._tpot_budget_s(plan), self._clock_mhz, limit=tokens_left)
 
     def _tpot_budget_s(self, plan: IterationPlan) -> float:
@@ -230,22 +236,24 @@ class LLMEngine:
         slo = min((c.seq.tpot_slo_s for c in plan.chunks), default=self.config.tpot_slo_ms / 1000)
         return slo * (1 - _SLO_MARGIN)
 
-    def _backward_layers(self, plan: IterationPlan) -> int | None:
-        """Backward layers this iteration: whole backwards when no inference waits, else at
-        most the configured slice, and only what the TPOT budget has left after the plan."""
+    def _backward_allowance(self, plan: IterationPlan) -> BackwardAllowance:
+        """Backward this iteration: whole backwards when no inference waits, else at most
+        the configured layer slice, and only what the TPOT budget has left after the plan."""
         if not self.scheduler.has_work():
-            return None
+            return BackwardAllowance()
         configured = self.config.finetune_backward_layers_per_iteration
-        tokens = self.finetune.backward_tokens()
-        if not plan.chunks or tokens == 0:
-            return configured
+        if not plan.chunks:
+            return BackwardAllowance(max_layers=configured)
         if self.latency.num_observations < _WARMUP_ITERATIONS:
-            return min(configured, _WARMUP_BACKWARD_LAYERS)
+            return BackwardAllowance(max_layers=min(configured, _WARMUP_BACKWARD_LAYERS))
         spare = self._tpot_budget_s(plan) - self.latency.predict(iteration_shape(plan), self._clock_mhz)
-        per_layer = self.latency.costs(self._clock_mhz)[-1] * tokens  # seconds of one layer slice
-        if spare <= 0:
-            return 0
-        return configured if per_layer <= 0 else min(configured, int(spare // per_layer))
+        costs = self.latency.costs(self._clock_mhz)
+        return BackwardAllowance(
+            max_layers=configured,
+            seconds=max(0.0, spare),
+            seconds_per_layer_token=float(costs[FINETUNE_BACKWARD]),
+            seconds_per_loss_token=float(costs[FINETUNE_LOSS]),
+        )
 
     # -- the iteration -----------------------------------------------------------------
 
@@ -270,8 +278,8 @@ class LLMEngine:
                 self.sequences[request_id].prompt_logprobs.extend(entries)
             self.scheduler.update(plan, result.sampled)
             sampled, logprobs = result.sampled, result.logprobs
-        self.finetune.run_backward(self._backward_layers(plan))
-        shape = iteration_shape(plan, self.finetune.backward_layer_tokens)
+        self.finetune.run_backward(self._backward_allowance(plan))
+        shape = iteration_shape(plan, self.finetune.backward_work)
         energy = self._spend_energy(plan, shape)
         predicted = self.latency.predict(shape, self._clock_mhz)
         # Measured before checkpoint writes: the latency model times compute, not disk.
@@ -284,6 +292,7 @@ class LLMEngine:
             self.stats(elapsed, plan.num_tokens),
             finetune_forward_tokens=shape.finetune_forward_tokens,
             finetune_backward_layer_tokens=shape.finetune_backward_layer_tokens,
+            finetune_loss_tokens=shape.finetune_loss_tokens,
             finetune_backward_tokens=shape.finetune_backward_layer_tokens / self.model.config.num_hidden_layers,
             decode_tokens=shape.decode_tokens,
             prefill_tokens=shape.prefill_tokens,
@@ -320,7 +329,7 @@ class LLMEngine:
             return {}
         joules = self.power.end_iteration(shape)
         shares = split_energy(
-            joules, plan, self.finetune.backward_layer_tokens_by_job, self.latency.costs(self._clock_mhz)
+            joules, plan, self.finetune.backward_work_by_job, self.latency.costs(self._clock_mhz)
         )
         for request_id, share in shares.requests.items():
             self.sequences[request_id].energy_joules += share

@@ -153,6 +153,7 @@ class IterationStats(msgspec.Struct, frozen=True):
     # Finetuning work done in this iteration, and the latency model's view of it.
     finetune_forward_tokens: int = 0
     finetune_backward_layer_tokens: int = 0
+    finetune_loss_tokens: int = 0  # target tokens through the loss head
     predicted_seconds: float = 0.0
     latency_model_error: float | None = None  # mean relative error, recent iterations
     # The iteration's inference tokens, and its backward work in whole-model tokens

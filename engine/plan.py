@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.finetune.backward_work import BackwardWork
 from engine.latency_model import IterationShape
 from engine.sequence import Sequence
 
@@ -58,7 +59,10 @@ def attended_context(chunk: ScheduledChunk) -> int:
     return sum(range(chunk.start + 1, chunk.end + 1))
 
 
-def iteration_shape(plan: IterationPlan, backward_layer_tokens: int = 0) -> IterationShape:
+_NO_BACKWARD = BackwardWork()
+
+
+def iteration_shape(plan: IterationPlan, backward: BackwardWork = _NO_BACKWARD) -> IterationShape:
     """The plan's composition in the latency model's units."""
     decodes = [c for c in plan.chunks if c.num_new_tokens == 1]
     prefills = [c for c in plan.chunks if c.num_new_tokens > 1] + plan.finetune_chunks
@@ -68,6 +72,7 @@ def iteration_shape(plan: IterationPlan, backward_layer_tokens: int = 0) -> Iter
         prefill_tokens=sum(c.num_new_tokens for c in prefills) - plan.num_finetune_tokens,
         context_tokens=sum(c.end for c in decodes) + prefill_context,
         finetune_forward_tokens=plan.num_finetune_tokens,
-        finetune_backward_layer_tokens=backward_layer_tokens,
+        finetune_backward_layer_tokens=backward.layer_tokens,
+        finetune_loss_tokens=backward.loss_tokens,
         prefill_context_tokens=prefill_context,
     )

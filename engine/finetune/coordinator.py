@@ -6,15 +6,19 @@ Per engine iteration:
                       kept with their sequence; a completed forward starts its backward
                       (or waits for the job's running one: a job forwards its next
                       sequence during a backward of the same optimizer batch);
-  after the update    backward slices run, at most `backward_layers_per_iteration`
-                      layers in all, shared round robin by the jobs with backward work;
-                      after an optimizer step the job's compute slot gets the new weights.
+  after the update    backward slices run within the iteration's allowance (time left
+                      in the TPOT budget, at most `backward_layers_per_iteration` layers),
+                      shared round robin by the jobs with backward work; after an
+                      optimizer step the job's compute slot gets the new weights.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
+from engine.finetune.backward_work import BackwardAllowance, BackwardWork
 from engine.finetune.job import FinetuneJob, TrainingSequence
 from engine.lora.manager import AdapterEntry, LoRAManager
 from engine.plan import IterationPlan
@@ -37,8 +41,8 @@ class FinetuneCoordinator:
         self.jobs: dict[str, FinetuneJob] = {}
         self._adapters: dict[str, AdapterEntry] = {}
         self._turn = 0
-        self.backward_layer_tokens = 0  # of the last iteration, for the latency model
-        self.backward_layer_tokens_by_job: dict[str, int] = {}  # the same per job, for energy
+        self.backward_work = BackwardWork()  # of the last iteration, for the latency model
+        self.backward_work_by_job: dict[str, BackwardWork] = {}  # the same per job, for energy
         self.paused: set[str] = set()
 
     def add_job(self, job: FinetuneJob) -> None:
@@ -85,40 +89,42 @@ class FinetuneCoordinator:
         for seq in self.scheduler.update_finetune(plan):
             seq.job.forward_finished(seq)
 
-    def expected_backward_layer_tokens(self) -> int:
-        """Layer-tokens the next `run_backward` will do at most (for the latency budget)."""
-        lengths = [len(job.backward.seq.token_ids) for job in self.jobs.values() if job.backward is not None]
-        if not lengths:
-            return 0
-        return self.backward_layers_per_iteration * max(lengths)
+    def expected_backward(self) -> BackwardWork:
+        """The most backward work the next `run_backward` can do under the configured
+        layer slice (reserved in the latency budget before forward tokens are sized)."""
+        running = [job for job in self.jobs.values() if job.backward is not None]
+        if not running:
+            return BackwardWork()
+        longest = max(len(job.backward.seq.token_ids) for job in running)
+        return BackwardWork(self.backward_layers_per_iteration * longest, sum(j.pending_loss_tokens for j in running))
 
-    def backward_tokens(self) -> int:
-        """Tokens of the longest sequence with backward work (the cost of one layer slice)."""
-        return max((len(job.backward.seq.token_ids) for job in self.jobs.values() if job.backward), default=0)
-
-    def run_backward(self, max_layers: int | None) -> None:
-        """Backward slices for this iteration, at most `max_layers` layers in all (None: whole
-        backwards, when no inference waits); refresh slots of jobs that stepped."""
-        self.backward_layer_tokens = 0
-        self.backward_layer_tokens_by_job = {}
+    def run_backward(self, allowance: BackwardAllowance) -> None:
+        """Backward slices for this iteration within `allowance`, split fairly between the
+        jobs with backward work (each gets an even share of what the ones before it left);
+        refresh the slots of jobs that stepped."""
+        self.backward_work = BackwardWork()
+        self.backward_work_by_job = {}
         active = [job for job in self.jobs.values() if job.backward is not None]
-        if not active or max_layers == 0:
+        if not active:
             return
-        layers = max_layers
-        if layers is None:
-            layers = len(active) * active[0].model.config.num_hidden_layers
-        share = max(1, layers // len(active))
         start = self._turn % len(active)
         self._turn += 1
-        budget = layers
-        for job in active[start:] + active[:start]:
-            if budget <= 0:
-                break
-            step_before = job.step
-            tokens = len(job.backward.seq.token_ids)
-            layers = job.backward_slice(min(share, budget), self.cos, self.sin)
-            budget -= layers
-            self.backward_layer_tokens += layers * tokens
-            self.backward_layer_tokens_by_job[job.job_id] = layers * tokens
+        seconds, layers = allowance.seconds, allowance.max_layers
+        for i, job in enumerate(active[start:] + active[:start]):
+            left = len(active) - i
+            share = dataclasses.replace(
+                allowance,
+                seconds=None if seconds is None else seconds / left,
+                max_layers=None if layers is None else -(-layers // left),  # ceil: a lone layer still runs
+            )
+            step_before, tokens = job.step, len(job.backward.seq.token_ids)
+            work = job.backward_slice(share, self.cos, self.sin)
+            self.backward_work += work
+            self.backward_work_by_job[job.job_id] = work
+            if seconds is not None:
+                seconds -= work.loss_tokens * allowance.seconds_per_loss_token
+                seconds -= work.layer_tokens * allowance.seconds_per_layer_token
+            if layers is not None:
+                layers -= work.layer_tokens // tokens
             if job.step != step_before:
                 self.loras.refresh(self._adapters[job.job_id], job.lora.serving_weights(self.loras.dtype))

@@ -3,7 +3,8 @@
 A job trains its `TrainableLoRA` on tokenized examples, one training sequence at a
 time: the sequence's forward runs in token chunks inside the engine's flat batch
 (scheduled by the scheduler like a prefill, through the job's adapter slot), then its
-backward runs a few layers per iteration from the top (`backward_slice`). Gradients
+backward runs in slices that fit the iteration (`backward_slice`): the loss head over
+its target tokens, then a few layers per iteration from the top. Gradients
 accumulate over `batch_size` sequences; then AdamW steps, with a linear schedule
 after warmup. The loss of a batch is the summed token cross-entropy over its target
 tokens divided by their number, as in ordinary (PEFT) training of the same batch.
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.finetune.backward_work import BackwardAllowance, BackwardWork
 from engine.finetune.lora_params import LoRAConfig, TrainableLoRA
 from engine.finetune.recompute import layer_forward, loss_sum
 from engine.lora.layout import LoRALayout
@@ -118,8 +120,23 @@ class ValidationSequence(TrainingSequence):
 class _Backward:
     seq: TrainingSequence
     inputs: list[torch.Tensor]  # per layer + final, [T, hidden]
-    grad: torch.Tensor | None = None  # d loss / d (input of the next layer to do), [T, hidden]
-    next_layer: int = -1  # the layer to recompute next; -1 before the loss head
+    loss_positions: torch.Tensor  # positions that carry a target, [n]
+    loss_targets: torch.Tensor  # the token each of them predicts, [n]
+    # d loss / d (input of the next layer to do), [T, hidden]: the loss head's passes
+    # add into it first, then each recomputed layer replaces it.
+    grad: torch.Tensor
+    next_layer: int  # the layer to recompute next
+    loss_done: int = 0  # loss_positions through the loss head so far
+
+    @property
+    def pending_loss_tokens(self) -> int:
+        return len(self.loss_positions) - self.loss_done
+
+    @classmethod
+    def start(cls, seq: TrainingSequence, inputs: list[torch.Tensor]) -> _Backward:
+        targets = loss_targets(seq.example)  # [T]
+        positions = (targets != -100).nonzero().squeeze(1)
+        return cls(seq, inputs, positions, targets[positions], torch.zeros_like(inputs[-1]), len(inputs) - 2)
 
 
 @dataclass
@@ -234,26 +251,34 @@ class FinetuneJob:
         inputs = [torch.cat(chunks) for chunks in seq.saved]  # per layer + final, [T, hidden]
         seq.saved = []
         if self.backward is None:
-            self.backward = _Backward(seq, inputs)
+            self.backward = _Backward.start(seq, inputs)
         else:
-            self.ready = _Backward(seq, inputs)
+            self.ready = _Backward.start(seq, inputs)
 
-    def backward_slice(self, max_layers: int, cos: torch.Tensor, sin: torch.Tensor) -> int:
-        """Advance the backward by the loss head and up to `max_layers` layers; returns the layers done."""
+    @property
+    def pending_loss_tokens(self) -> int:
+        """Target tokens of the running backward still to go through the loss head."""
+        return self.backward.pending_loss_tokens if self.backward is not None else 0
+
+    def backward_slice(self, allowance: BackwardAllowance, cos: torch.Tensor, sin: torch.Tensor) -> BackwardWork:
+        """Advance the backward by what `allowance` (this job's share) affords: loss head
+        passes first, then layers once the loss head is done."""
         work = self.backward
         if work is None:
-            return 0
-        num_layers = len(work.inputs) - 1
-        scale = 1.0 / self._batch_targets()
-        if work.next_layer == -1:
-            loss, grad = loss_sum(self.model, work.inputs[num_layers], loss_targets(work.seq.example))
-            self._batch_loss += loss
-            work.grad = grad * scale
-            work.next_layer = num_layers - 1
-        done = 0
+            return BackwardWork()
+        seconds = allowance.seconds
+        loss_tokens = allowance.loss_tokens(seconds, work.pending_loss_tokens)
+        if loss_tokens:
+            self._loss_pass(work, loss_tokens)
+            if seconds is not None:
+                seconds -= loss_tokens * allowance.seconds_per_loss_token
+        if work.pending_loss_tokens:
+            return BackwardWork(loss_tokens=loss_tokens)
         positions = len(work.seq.example.token_ids)
+        max_layers = allowance.layers(seconds, allowance.max_layers, positions)
+        done = 0
         with torch.enable_grad():
-            while done < max_layers and work.next_layer >= 0:
+            while (max_layers is None or done < max_layers) and work.next_layer >= 0:
                 x = work.inputs[work.next_layer].clone().requires_grad_(True)
                 y = layer_forward(self.model, work.next_layer, x, cos[:positions], sin[:positions], self.lora)
                 y.backward(work.grad)
@@ -263,7 +288,17 @@ class FinetuneJob:
                 done += 1
         if work.next_layer < 0:
             self._sequence_done(work.seq)
-        return done
+        return BackwardWork(layer_tokens=done * positions, loss_tokens=loss_tokens)
+
+    def _loss_pass(self, work: _Backward, num_tokens: int) -> None:
+        """The loss head over the next `num_tokens` target positions; their gradient, scaled
+        to the batch's mean token loss, adds into the top layer's output gradient."""
+        rows = slice(work.loss_done, work.loss_done + num_tokens)
+        positions = work.loss_positions[rows]
+        loss, grad = loss_sum(self.model, work.inputs[-1][positions], work.loss_targets[rows])
+        self._batch_loss += loss
+        work.grad.index_add_(0, positions, grad, alpha=1.0 / self._batch_targets())
+        work.loss_done += num_tokens
 
     def _sequence_done(self, seq: TrainingSequence) -> None:
         self.backward, self.ready = self.ready, None
@@ -301,7 +336,9 @@ class FinetuneJob:
         """Add a validation example's loss (no backward: only the loss value is used)."""
         hidden = torch.cat(seq.saved[-1])  # the last layer's output, [T, hidden]
         seq.saved = []
-        self._valid_loss += loss_sum(self.model, hidden, loss_targets(seq.example))[0]
+        targets = loss_targets(seq.example)  # [T]
+        scored = targets != -100
+        self._valid_loss += loss_sum(self.model, hidden[scored], targets[scored])[0]
         self._valid_scored += 1
         if self._valid_scored == len(self.validation):
             self.events.append(dataclasses.replace(self._unvalidated, valid_loss=self._valid_loss / self._valid_targets))

@@ -64,17 +64,17 @@ def layer_forward(
 
 
 def loss_sum(model: LlamaForCausalLM, hidden: torch.Tensor, targets: torch.Tensor, rows_per_chunk: int = 64):
-    """Summed token cross-entropy of `hidden` [T, hidden] (last layer output, pre-norm)
-    against `targets` [T] (-100 = no loss), computed in row chunks so the [rows, vocab]
-    logits stay small; returns (loss value, d loss / d hidden)."""
+    """Summed token cross-entropy of `hidden` [n, hidden] (last layer output, pre-norm,
+    at positions that carry a target) against `targets` [n], computed in row chunks so
+    the [rows, vocab] logits stay small; returns (loss value, d loss / d hidden [n, hidden]).
+    Positions without a target add nothing to the loss or its gradient, so callers
+    leave them out rather than pay for their logits."""
     hidden = hidden.detach().requires_grad_(True)
     total = 0.0
     for start in range(0, hidden.shape[0], rows_per_chunk):
         rows = slice(start, start + rows_per_chunk)
-        if (targets[rows] == -100).all():
-            continue
         logits = F.linear(model.norm(hidden[rows]), model.lm_head.weight).float()  # [rows, vocab]
-        loss = F.cross_entropy(logits, targets[rows], ignore_index=-100, reduction="sum")
+        loss = F.cross_entropy(logits, targets[rows], reduction="sum")
         loss.backward()
         total += loss.item()
     grad = hidden.grad if hidden.grad is not None else torch.zeros_like(hidden)

@@ -55,6 +55,7 @@ class SimulatedGpuConfig:
     bytes_per_param: int = 2
     num_layers: int = 32
     hidden_size: int = 4096
+    vocab_size: int = 128256
     kv_bytes_per_token: int = 131072
 
     # Idle power: 80.3 W measured on an idle H200 SXM (api.serialalice.pt
@@ -134,6 +135,8 @@ class SimulatedGpu:
             + 4 * c.hidden_size * c.num_layers * shape.context_tokens
             # Frozen base weights: recompute (2) and input gradient (2), no weight gradient.
             + 4 * c.params / c.num_layers * shape.finetune_backward_layer_tokens
+            # Loss head: vocabulary logits and their input gradient.
+            + 4 * c.hidden_size * c.vocab_size * shape.finetune_loss_tokens
         )
         compute = flops / (c.peak_flops * c.compute_efficiency) * c.max_clock_mhz / mhz
         return memory, compute

@@ -1,10 +1,10 @@
 """Token-level finetuning equals ordinary PEFT training (float32).
 
 A job runs through the real engine pieces: forward chunks in the scheduler's flat
-batch (with and without inference traffic in the same iterations), backward layer
-by layer from saved layer inputs, the next sequence's forward during the previous
-one's backward within a batch, AdamW with warmup and linear decay, gradient
-accumulation. The reference is transformers + peft trained the plain way on the same
+batch (with and without inference traffic in the same iterations), the loss head in
+passes split over iterations, backward layer by layer from saved layer inputs, the
+next sequence's forward during the previous one's backward within a batch, AdamW
+with warmup and linear decay, gradient accumulation. The reference is transformers + peft trained the plain way on the same
 examples, order, initial adapter weights, batches, optimizer and schedule. After at
 least 10 optimizer steps every adapter tensor must satisfy |ours - ref| / |ref| <= 1e-4.
 """
@@ -18,8 +18,14 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from engine.block_manager import BlockManager
+from engine.finetune.backward_work import BackwardAllowance
 from engine.finetune.coordinator import FinetuneCoordinator
-from engine.finetune.job import FinetuneJob, Hyperparameters, TrainingExample, linear_schedule
+from engine.finetune.job import (
+    FinetuneJob,
+    Hyperparameters,
+    TrainingExample,
+    linear_schedule,
+)
 from engine.finetune.lora_params import LoRAConfig
 from engine.lora.layout import lora_layout
 from engine.lora.manager import LoRAManager
@@ -56,6 +62,13 @@ def train_with_engine(model_dir, examples, with_inference: bool, hp: Hyperparame
     job = FinetuneJob("job", model, lora_layout(model), examples, hp, LORA, seed=5)
     coordinator.add_job(job)
     gen = torch.Generator().manual_seed(9)
+    # Backward slices priced as the engine prices them: per iteration, 4 tokens through
+    # the loss head (in passes of 2) or 2 layers of the longest sequence, so loss heads
+    # are split over iterations and some iterations finish one and start the layers.
+    longest = max(len(e.token_ids) for e in examples)
+    allowance = BackwardAllowance(max_layers=2, seconds=1.0, seconds_per_layer_token=1 / (2 * longest),
+                                  seconds_per_loss_token=0.25, loss_tokens_per_pass=2)
+    split_loss = 0
     iterations = mixed = overlapped = 0
     while coordinator.has_work():
         if with_inference and iterations % 7 == 0:
@@ -73,10 +86,15 @@ def train_with_engine(model_dir, examples, with_inference: bool, hp: Hyperparame
         result = runner.execute(plan)
         coordinator.after_forward(plan, result.captured)
         scheduler.update(plan, result.sampled)
-        coordinator.run_backward(coordinator.backward_layers_per_iteration)
+        in_backward = job.backward.seq if job.backward is not None else None
+        coordinator.run_backward(allowance)
+        # A loss head that ran and is not done yet: the sequence's next pass comes later.
+        split_loss += bool(coordinator.backward_work.loss_tokens and job.backward is not None
+                           and job.backward.seq is in_backward and job.pending_loss_tokens)
         iterations += 1
     assert not with_inference or mixed > 10, "inference and finetuning should share iterations"
     assert overlapped > 10, "a sequence's forward should run during the previous one's backward"
+    assert split_loss > 10, "loss heads should be split over iterations"
     return job
 
 

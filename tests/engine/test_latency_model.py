@@ -13,8 +13,8 @@ from engine.power.simulated_device import SimulatedGpu, SimulatedGpuConfig
 
 # A CPU-sized machine, far from the default (H100) prior on purpose: seconds per
 # iteration, decode token, prefill token, decode / prefill context token,
-# finetuning forward token, backward layer-token.
-CPU_COSTS = np.array([20e-3, 1.0e-3, 0.4e-3, 60e-9, 5e-9, 0.5e-3, 30e-6])
+# finetuning forward token, backward layer-token, loss-head token.
+CPU_COSTS = np.array([20e-3, 1.0e-3, 0.4e-3, 60e-9, 5e-9, 0.5e-3, 30e-6, 0.75e-3])
 
 
 def random_shape(rng: np.random.Generator) -> IterationShape:
@@ -32,6 +32,7 @@ def random_shape(rng: np.random.Generator) -> IterationShape:
         context_tokens=decode_context + chunk_context,
         finetune_forward_tokens=finetune,
         finetune_backward_layer_tokens=int(rng.integers(0, 4096)) if rng.random() < 0.3 else 0,
+        finetune_loss_tokens=int(rng.integers(1, 200)) if rng.random() < 0.1 else 0,
         prefill_context_tokens=chunk_context,
     )
 
@@ -70,7 +71,7 @@ def test_fits_noisy_linear_data_within_a_few_percent():
 
 def test_forgetting_adapts_after_a_regime_change():
     rng = np.random.default_rng(1)
-    slower = CPU_COSTS * np.array([1.8, 1.5, 1.6, 1.2, 1.0, 1.6, 1.4])
+    slower = CPU_COSTS * np.array([1.8, 1.5, 1.6, 1.2, 1.0, 1.6, 1.4, 1.3])
     forgetting, remembering = LatencyModel(), LatencyModel(forgetting=1.0)
     for _ in range(400):
         shape = random_shape(rng)
@@ -212,3 +213,46 @@ def test_rejects_inconsistent_input():
         LatencyModel().observe(IterationShape(1, 0, 10), 0.0)
     with pytest.raises(ValueError):
         IterationShape(1, 0, 10, prefill_context_tokens=11)
+
+
+def _trained_pair(rng: np.random.Generator, shapes) -> tuple[LatencyModel, LatencyModel]:
+    """The default (outlier-robust) model and a plain least-squares one, fed the same data."""
+    robust, plain = LatencyModel(), LatencyModel(outlier_errors=1e12)
+    for shape in shapes:
+        seconds = true_seconds(shape) * (1 + rng.normal(0, 0.02))
+        robust.observe(shape, seconds)
+        plain.observe(shape, seconds)
+    return robust, plain
+
+
+def test_a_stalled_iteration_barely_moves_the_fit():
+    rng = np.random.default_rng(2)
+    robust, plain = _trained_pair(rng, [random_shape(rng) for _ in range(300)])
+    held_out = [random_shape(rng) for _ in range(200)]
+    stalled = random_shape(rng)
+    for model in (robust, plain):
+        model.observe(stalled, true_seconds(stalled) + 2.0)  # the process lost its cores for 2 s
+    assert mean_relative_error(robust, held_out, true_seconds) < 0.02
+    # What the stall would have done to a least-squares fit: every prediction off.
+    assert mean_relative_error(plain, held_out, true_seconds) > 0.1
+
+
+def test_a_new_kind_of_iteration_is_learnt_not_taken_for_an_outlier():
+    rng = np.random.default_rng(3)
+    # Hours of inference only, then the first iterations with finetuning backward work.
+    inference = [dataclasses.replace(random_shape(rng), finetune_forward_tokens=0, finetune_backward_layer_tokens=0,
+                                     finetune_loss_tokens=0) for _ in range(300)]
+    robust, plain = _trained_pair(rng, inference)
+    backward = [dataclasses.replace(random_shape(rng), finetune_backward_layer_tokens=int(rng.integers(512, 4096)),
+                                    finetune_loss_tokens=int(rng.integers(0, 128))) for _ in range(30)]
+    first = backward[0]
+    for model in (robust, plain):
+        model.observe(first, true_seconds(first))
+    # The first one is far off the fit (the prior's backward costs are an H100's) and
+    # still counts as much as in a plain fit.
+    robust_error = mean_relative_error(robust, backward[15:], true_seconds)
+    assert robust_error <= 1.2 * mean_relative_error(plain, backward[15:], true_seconds)
+    for shape in backward[1:15]:
+        for model in (robust, plain):
+            model.observe(shape, true_seconds(shape))
+    assert mean_relative_error(robust, backward[15:], true_seconds) < 0.05

@@ -8,9 +8,15 @@ import pynvml
 import pytest
 
 from engine.energy import split_energy
-from engine.latency_model import IterationShape, LatencyModel
+from engine.finetune.backward_work import BackwardWork
+from engine.latency_model import (
+    FINETUNE_LOSS,
+    NUM_FEATURES,
+    IterationShape,
+    LatencyModel,
+)
 from engine.messages import SamplingParams
-from engine.plan import IterationPlan, ScheduledChunk
+from engine.plan import IterationPlan, ScheduledChunk, iteration_shape
 from engine.power.device import PowerControlError
 from engine.power.governor import LoadState
 from engine.power.monitor import PowerMonitor
@@ -110,6 +116,12 @@ class _Job:
         self.job_id = job_id
 
 
+def _predicted(plan: IterationPlan, backward: dict[str, BackwardWork], costs: np.ndarray) -> float:
+    """Predicted seconds of all the iteration's work, its fixed part left out."""
+    total = sum(backward.values(), BackwardWork())
+    return float(costs @ iteration_shape(plan, total).features(iterations=0))
+
+
 def test_energy_is_split_by_predicted_work_and_sums_to_the_measurement():
     long_decode = ScheduledChunk(_seq("long", 4000, 3999), 1)
     short_decode = ScheduledChunk(_seq("short", 10, 9), 1)
@@ -118,16 +130,19 @@ def test_energy_is_split_by_predicted_work_and_sums_to_the_measurement():
     training.job = _Job("job-1")
     plan = IterationPlan(chunks=[long_decode, short_decode, prefill], finetune_chunks=[ScheduledChunk(training, 128)])
     costs = LatencyModel().costs()
-    shares = split_energy(10.0, plan, {"job-1": 30 * 128, "job-2": 30 * 64}, costs)
+    backward = {"job-1": BackwardWork(layer_tokens=30 * 128), "job-2": BackwardWork(layer_tokens=30 * 64),
+                "job-3": BackwardWork(loss_tokens=64)}
+    shares = split_energy(10.0, plan, backward, costs)
     assert sum(shares.requests.values()) + shares.finetune_joules == pytest.approx(10.0)
     # A decode over 4000 tokens of context costs more than one over 10.
     assert shares.requests["long"] > shares.requests["short"] > 0
-    assert set(shares.jobs) == {"job-1", "job-2"}
+    assert set(shares.jobs) == {"job-1", "job-2", "job-3"}
     assert shares.jobs["job-1"] > shares.jobs["job-2"] > 0
+    assert shares.jobs["job-3"] == pytest.approx(10.0 * costs[FINETUNE_LOSS] * 64 / _predicted(plan, backward, costs))
 
 
 def test_a_model_that_predicts_nothing_splits_evenly():
     plan = IterationPlan(chunks=[ScheduledChunk(_seq("a", 10, 9), 1), ScheduledChunk(_seq("b", 10, 9), 1)])
-    shares = split_energy(4.0, plan, {}, np.zeros(7))
+    shares = split_energy(4.0, plan, {}, np.zeros(NUM_FEATURES))
     assert shares.requests == {"a": 2.0, "b": 2.0}
-    assert split_energy(4.0, IterationPlan(), {}, np.zeros(7)).requests == {}
+    assert split_energy(4.0, IterationPlan(), {}, np.zeros(NUM_FEATURES)).requests == {}
