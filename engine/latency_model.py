@@ -39,9 +39,12 @@ another process takes a core, the allocator faults in fresh pages. Measured on t
 prediction. In a least-squares fit each such iteration pulls every coefficient up
 for the next hundred iterations (the forgetting horizon), so the scheduler leaves
 tens of milliseconds of each TPOT budget unused. An observation whose error is
-beyond `outlier_errors` times the median recent relative error is therefore
-weighted down so that it counts as if it were on that threshold (Huber's loss); a
-lasting change of speed still moves the fit, since the median error then grows.
+beyond `outlier_errors` times the median recent relative error, and beyond
+`outlier_floor` of the prediction, is therefore weighted down so that it counts as
+if it were on that threshold (Huber's loss). The floor keeps a fit that has seen
+only regular iterations (a job training alone, errors of 1-3%) from discarding the
+first iterations of a new mix as outliers: errors of tens of percent are what a
+change of load looks like, and the fit must follow them at once.
 """
 
 from __future__ import annotations
@@ -163,19 +166,21 @@ class LatencyModel:
         forgetting: float = 0.99,
         error_window: int = 100,
         outlier_errors: float = 3.0,
+        outlier_floor: float = 0.3,
     ):
         if not 0.0 < forgetting <= 1.0:
             raise ValueError("forgetting must lie in (0, 1]")
         if error_window <= 0:
             raise ValueError("error_window must be positive")
-        if outlier_errors <= 0:
-            raise ValueError("outlier_errors must be positive")
+        if outlier_errors <= 0 or outlier_floor <= 0:
+            raise ValueError("outlier_errors and outlier_floor must be positive")
         if max_clock_mhz is not None and max_clock_mhz <= 0:
             raise ValueError("max_clock_mhz must be positive")
         self.prior = prior
         self.max_clock_mhz = max_clock_mhz
         self.forgetting = forgetting
         self.outlier_errors = outlier_errors
+        self.outlier_floor = outlier_floor
         # Features are divided by their typical size so that one prior weight fits all.
         self._scale = np.array(prior.typical)
         seconds, fraction = np.array(prior.seconds), np.array(prior.compute_fraction)
@@ -229,7 +234,8 @@ class LatencyModel:
         if len(self._errors) < self._errors.maxlen:
             return 1.0
         leverage = float(phi @ np.linalg.solve(self._gram + self.prior.weight * np.eye(len(phi)), phi))
-        threshold = self.outlier_errors * float(np.median(self._errors)) * predicted * math.sqrt(1 + leverage)
+        relative = max(self.outlier_errors * float(np.median(self._errors)), self.outlier_floor)
+        threshold = relative * predicted * math.sqrt(1 + leverage)
         error = abs(seconds - predicted)
         return 1.0 if error <= threshold or threshold <= 0 else threshold / error
 

@@ -217,7 +217,7 @@ def test_rejects_inconsistent_input():
 
 def _trained_pair(rng: np.random.Generator, shapes) -> tuple[LatencyModel, LatencyModel]:
     """The default (outlier-robust) model and a plain least-squares one, fed the same data."""
-    robust, plain = LatencyModel(), LatencyModel(outlier_errors=1e12)
+    robust, plain = LatencyModel(), LatencyModel(outlier_errors=1e12, outlier_floor=1e12)
     for shape in shapes:
         seconds = true_seconds(shape) * (1 + rng.normal(0, 0.02))
         robust.observe(shape, seconds)
@@ -256,3 +256,19 @@ def test_a_new_kind_of_iteration_is_learnt_not_taken_for_an_outlier():
         for model in (robust, plain):
             model.observe(shape, true_seconds(shape))
     assert mean_relative_error(robust, backward[15:], true_seconds) < 0.05
+
+
+def test_a_change_of_load_after_regular_iterations_is_followed_at_once():
+    # A job trained alone: the same iteration over and over, errors well under 1%.
+    rng = np.random.default_rng(4)
+    alone = IterationShape(0, 0, 150 * 151 // 2, finetune_forward_tokens=150, finetune_backward_layer_tokens=30 * 150,
+                           finetune_loss_tokens=90, prefill_context_tokens=150 * 151 // 2)
+    robust, plain = _trained_pair(rng, [alone] * 100 + [random_shape(rng) for _ in range(100)] + [alone] * 150)
+    # Then inference arrives and the machine turns out 20% slower on the new mix.
+    mixed = [random_shape(rng) for _ in range(60)]
+    for shape in mixed[:20]:
+        for model in (robust, plain):
+            model.observe(shape, 1.2 * true_seconds(shape))
+    # As fast as a plain fit (without the floor its errors here are ~1.4x the plain one's).
+    slower = lambda s: 1.2 * true_seconds(s)
+    assert mean_relative_error(robust, mixed[20:], slower) <= 1.1 * mean_relative_error(plain, mixed[20:], slower)
