@@ -4,10 +4,10 @@ The device measures one number per iteration. We split it in proportion to each
 piece of work's predicted seconds under the latency model: a decode costs its
 token plus its whole attended context, a prefill chunk its tokens plus causal
 attention, a finetuning job its forward chunk, its backward layer-tokens and its
-loss-head tokens. The
-fixed part of the iteration (weights streamed once, launches) is shared in the
-same proportion: whoever ran in the iteration caused it. Splitting by token
-counts alone would charge a 4k-context decode like a 10-token one.
+loss-head tokens. The fixed part of the iteration (weights streamed once,
+launches) is shared in the same proportion: whoever ran in the iteration caused
+it. Splitting by token counts alone would charge a 4k-context decode like a
+10-token one.
 """
 
 from __future__ import annotations

@@ -10,10 +10,10 @@ a sum of costs: a fixed part (weights streamed once, launches, sampling), a cost
 per decode / prefill / finetuning-forward token (the GEMMs), a cost per attended
 context token, a cost per backward layer-token and one per token through the
 finetuning loss head. Context is split in two because the two kinds differ by two
-orders of magnitude: a decode token reads its whole KV
-history from HBM (~128 KiB per context token for an 8B model, memory-bound), while
-a prefill chunk's queries share each KV tile (flash attention), leaving ~1 ns of
-attention compute per context token on an H100. throttLL'eM (Kakolyris et al.,
+orders of magnitude: a decode token reads its whole KV history from HBM (~128 KiB
+per context token for an 8B model, memory-bound), while a prefill chunk's queries
+share each KV tile (flash attention), leaving ~1 ns of attention compute per
+context token on an H100. throttLL'eM (Kakolyris et al.,
 arXiv 2408.05235) fits gradient-boosted trees offline on a profiling sweep; we
 have no offline sweep, so we fit few parameters online, and a linear model
 extrapolates sanely to shapes it has not seen.
@@ -66,7 +66,7 @@ import numpy as np
     FINETUNE_BACKWARD,
     FINETUNE_LOSS,
 ) = range(8)
-NUM_FEATURES = 8
+NUM_FEATURES = FINETUNE_LOSS + 1
 
 
 @dataclass(frozen=True)

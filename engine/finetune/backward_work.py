@@ -45,6 +45,10 @@ class BackwardAllowance:
     seconds_per_loss_token: float = 0.0
     loss_tokens_per_pass: int = LOSS_TOKENS_PER_PASS
 
+    def seconds_for(self, work: BackwardWork) -> float:
+        """Predicted seconds of `work` at this allowance's prices."""
+        return work.layer_tokens * self.seconds_per_layer_token + work.loss_tokens * self.seconds_per_loss_token
+
     def loss_tokens(self, seconds: float | None, pending: int) -> int:
         """Of `pending` loss tokens, those that fit in `seconds`: whole passes, or all
         that are left."""

@@ -122,8 +122,7 @@ class FinetuneCoordinator:
             self.backward_work += work
             self.backward_work_by_job[job.job_id] = work
             if seconds is not None:
-                seconds -= work.loss_tokens * allowance.seconds_per_loss_token
-                seconds -= work.layer_tokens * allowance.seconds_per_layer_token
+                seconds -= allowance.seconds_for(work)
             if layers is not None:
                 layers -= work.layer_tokens // tokens
             if job.step != step_before:

@@ -136,7 +136,8 @@ class _Backward:
     def start(cls, seq: TrainingSequence, inputs: list[torch.Tensor]) -> _Backward:
         targets = loss_targets(seq.example)  # [T]
         positions = (targets != -100).nonzero().squeeze(1)
-        return cls(seq, inputs, positions, targets[positions], torch.zeros_like(inputs[-1]), len(inputs) - 2)
+        return cls(seq, inputs, positions, targets[positions], grad=torch.zeros_like(inputs[-1]),
+                   next_layer=len(inputs) - 2)
 
 
 @dataclass
@@ -267,13 +268,13 @@ class FinetuneJob:
         if work is None:
             return BackwardWork()
         seconds = allowance.seconds
-        loss_tokens = allowance.loss_tokens(seconds, work.pending_loss_tokens)
-        if loss_tokens:
-            self._loss_pass(work, loss_tokens)
+        loss = BackwardWork(loss_tokens=allowance.loss_tokens(seconds, work.pending_loss_tokens))
+        if loss.loss_tokens:
+            self._loss_pass(work, loss.loss_tokens)
             if seconds is not None:
-                seconds -= loss_tokens * allowance.seconds_per_loss_token
+                seconds -= allowance.seconds_for(loss)
         if work.pending_loss_tokens:
-            return BackwardWork(loss_tokens=loss_tokens)
+            return loss
         positions = len(work.seq.example.token_ids)
         max_layers = allowance.layers(seconds, allowance.max_layers, positions)
         done = 0
@@ -288,7 +289,7 @@ class FinetuneJob:
                 done += 1
         if work.next_layer < 0:
             self._sequence_done(work.seq)
-        return BackwardWork(layer_tokens=done * positions, loss_tokens=loss_tokens)
+        return loss + BackwardWork(layer_tokens=done * positions)
 
     def _loss_pass(self, work: _Backward, num_tokens: int) -> None:
         """The loss head over the next `num_tokens` target positions; their gradient, scaled

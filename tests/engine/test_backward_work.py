@@ -32,3 +32,7 @@ def test_layers_fit_the_time_and_the_cap():
 
 def test_work_adds_up():
     assert BackwardWork(10, 2) + BackwardWork(5, 1) == BackwardWork(15, 3)
+
+
+def test_work_is_priced_at_the_allowance_costs():
+    assert PRICED.seconds_for(BackwardWork(layer_tokens=200, loss_tokens=10)) == 200 * 1e-3 + 10 * 1e-2
