@@ -79,6 +79,7 @@ def measure_coserve(model_dir: Path) -> dict:
     import torch
 
     from engine.block_manager import BlockManager
+    from engine.finetune.backward_work import BackwardAllowance
     from engine.finetune.coordinator import FinetuneCoordinator
     from engine.finetune.job import FinetuneJob, Hyperparameters, TrainingExample
     from engine.finetune.lora_params import LoRAConfig
@@ -107,7 +108,7 @@ def measure_coserve(model_dir: Path) -> dict:
         result = runner.execute(plan)
         coordinator.after_forward(plan, result.captured)
         scheduler.update(plan, result.sampled)
-        coordinator.run_backward(coordinator.backward_layers_per_iteration)
+        coordinator.run_backward(BackwardAllowance(max_layers=coordinator.backward_layers_per_iteration))
     return {"peak_activation_mib": (_rss_kib("VmHWM") - before) / 1024, "loss": job.events[0].loss}
 
 

@@ -50,6 +50,7 @@ from engine.power.monitor import PowerMonitor
 from engine.runner import ModelRunner
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
+from engine.tpot_pacer import TpotPacer
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,6 @@ log = logging.getLogger(__name__)
 _WARMUP_ITERATIONS = 20
 _WARMUP_FINETUNE_TOKENS = 16
 _WARMUP_BACKWARD_LAYERS = 1
-# Fraction of the TPOT SLO kept free for prediction error.
-_SLO_MARGIN = 0.1
 
 
 def _eos_token_ids(config, model_dir) -> set[int]:
@@ -115,6 +114,7 @@ class LLMEngine:
         )
         self.sequences: dict[str, Sequence] = {}
         self.latency = LatencyModel()
+        self.pacer = TpotPacer()
         self.power = PowerMonitor.create(
             config.power_device, config.power_mode, config.device, self.latency,
             config.ttft_slo_ms, config.tpot_slo_ms, config.max_num_batched_tokens,
@@ -232,13 +232,21 @@ class LLMEngine:
         return self.latency.max_finetune_tokens(shape, self._tpot_budget_s(plan), self._clock_mhz, limit=tokens_left)
 
     def _tpot_budget_s(self, plan: IterationPlan) -> float:
-        """The strictest TPOT target among the plan's requests, less the margin."""
+        """This iteration's time budget: the strictest TPOT SLO among the plan's requests,
+        paced (see tpot_pacer.py)."""
         slo = min((c.seq.tpot_slo_s for c in plan.chunks), default=self.config.tpot_slo_ms / 1000)
-        return slo * (1 - _SLO_MARGIN)
+        return self.pacer.budget(slo)
 
-    def _backward_allowance(self, plan: IterationPlan) -> BackwardAllowance:
+    def _decoding_tpot_slo_s(self) -> float | None:
+        """The strictest TPOT SLO among the requests this iteration decodes for, if any."""
+        return min(
+            (s.tpot_slo_s for s in self.scheduler.running if s.num_uncomputed_tokens == 1), default=None
+        )
+
+    def _backward_allowance(self, plan: IterationPlan, elapsed_s: float) -> BackwardAllowance:
         """Backward this iteration: whole backwards when no inference waits, else at most
-        the configured layer slice, and only what the TPOT budget has left after the plan."""
+        the configured layer slice, and only what the TPOT budget has left after the
+        `elapsed_s` the iteration has taken so far (measured: the plan has run)."""
         if not self.scheduler.has_work():
             return BackwardAllowance()
         configured = self.config.finetune_backward_layers_per_iteration
@@ -246,19 +254,21 @@ class LLMEngine:
             return BackwardAllowance(max_layers=configured)
         if self.latency.num_observations < _WARMUP_ITERATIONS:
             return BackwardAllowance(max_layers=min(configured, _WARMUP_BACKWARD_LAYERS))
-        spare = self._tpot_budget_s(plan) - self.latency.predict(iteration_shape(plan), self._clock_mhz)
-        costs = self.latency.costs(self._clock_mhz)
+        spare = self._tpot_budget_s(plan) - elapsed_s
+        prior = self.latency.costs(self._clock_mhz)
+        measured = self.finetune.backward_costs
         return BackwardAllowance(
             max_layers=configured,
             seconds=max(0.0, spare),
-            seconds_per_layer_token=float(costs[FINETUNE_BACKWARD]),
-            seconds_per_loss_token=float(costs[FINETUNE_LOSS]),
+            seconds_per_layer_token=measured.per_layer_token(prior=float(prior[FINETUNE_BACKWARD])),
+            seconds_per_loss_token=measured.per_loss_token(prior=float(prior[FINETUNE_LOSS])),
         )
 
     # -- the iteration -----------------------------------------------------------------
 
     def step(self) -> tuple[list[RequestOutput], IterationStats]:
         started = time.perf_counter()
+        self.pacer.tick(started, self._decoding_tpot_slo_s())
         if self.power is not None:
             self.power.tick(time.time(), self._load_state)
             self.power.begin_iteration()
@@ -278,7 +288,7 @@ class LLMEngine:
                 self.sequences[request_id].prompt_logprobs.extend(entries)
             self.scheduler.update(plan, result.sampled)
             sampled, logprobs = result.sampled, result.logprobs
-        self.finetune.run_backward(self._backward_allowance(plan))
+        self.finetune.run_backward(self._backward_allowance(plan, time.perf_counter() - started))
         shape = iteration_shape(plan, self.finetune.backward_work)
         energy = self._spend_energy(plan, shape)
         predicted = self.latency.predict(shape, self._clock_mhz)

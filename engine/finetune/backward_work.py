@@ -3,8 +3,9 @@
 A training sequence's backward is two kinds of work, done in order: the loss head
 (final norm, vocabulary logits, cross-entropy and its gradient) over the tokens
 that carry a target, then the decoder layers from the top, each recomputed from its
-saved input. The engine gives each iteration an allowance of both, sized by the
-latency model so that the iteration stays within the TPOT SLO.
+saved input. The engine gives each iteration an allowance of both: the time its TPOT
+budget has left once the iteration's forward has run, priced at what recent units
+measured (backward_costs.py).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class BackwardAllowance:
 
     `max_layers`: layers in all, over every job (None: no limit, whole backwards).
     `seconds`: predicted time the backward may take (None: no limit), priced at
-    `seconds_per_layer_token` and `seconds_per_loss_token` (the latency model's costs).
+    `seconds_per_layer_token` and `seconds_per_loss_token` (measured on recent units).
     Loss tokens go in passes of `loss_tokens_per_pass`.
     """
 

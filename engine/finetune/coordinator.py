@@ -18,6 +18,7 @@ import dataclasses
 
 import torch
 
+from engine.finetune.backward_costs import BackwardCosts
 from engine.finetune.backward_work import BackwardAllowance, BackwardWork
 from engine.finetune.job import FinetuneJob, TrainingSequence
 from engine.lora.manager import AdapterEntry, LoRAManager
@@ -43,6 +44,7 @@ class FinetuneCoordinator:
         self._turn = 0
         self.backward_work = BackwardWork()  # of the last iteration, for the latency model
         self.backward_work_by_job: dict[str, BackwardWork] = {}  # the same per job, for energy
+        self.backward_costs = BackwardCosts()  # measured on every job's units: one model
         self.paused: set[str] = set()
 
     def add_job(self, job: FinetuneJob) -> None:
@@ -118,7 +120,7 @@ class FinetuneCoordinator:
                 max_layers=None if layers is None else -(-layers // left),  # ceil: a lone layer still runs
             )
             step_before, tokens = job.step, len(job.backward.seq.token_ids)
-            work = job.backward_slice(share, self.cos, self.sin)
+            work = job.backward_slice(share, self.cos, self.sin, self.backward_costs)
             self.backward_work += work
             self.backward_work_by_job[job.job_id] = work
             if seconds is not None:

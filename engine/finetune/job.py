@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.finetune.backward_costs import BackwardCosts
 from engine.finetune.backward_work import BackwardAllowance, BackwardWork
 from engine.finetune.lora_params import LoRAConfig, TrainableLoRA
 from engine.finetune.recompute import layer_forward, loss_sum
@@ -261,16 +262,20 @@ class FinetuneJob:
         """Target tokens of the running backward still to go through the loss head."""
         return self.backward.pending_loss_tokens if self.backward is not None else 0
 
-    def backward_slice(self, allowance: BackwardAllowance, cos: torch.Tensor, sin: torch.Tensor) -> BackwardWork:
+    def backward_slice(
+        self, allowance: BackwardAllowance, cos: torch.Tensor, sin: torch.Tensor, costs: BackwardCosts
+    ) -> BackwardWork:
         """Advance the backward by what `allowance` (this job's share) affords: loss head
-        passes first, then layers once the loss head is done."""
+        passes first, then layers once the loss head is done; each is timed into `costs`."""
         work = self.backward
         if work is None:
             return BackwardWork()
         seconds = allowance.seconds
         loss = BackwardWork(loss_tokens=allowance.loss_tokens(seconds, work.pending_loss_tokens))
         if loss.loss_tokens:
+            started = time.perf_counter()
             self._loss_pass(work, loss.loss_tokens)
+            costs.record_loss(time.perf_counter() - started, loss.loss_tokens)
             if seconds is not None:
                 seconds -= allowance.seconds_for(loss)
         if work.pending_loss_tokens:
@@ -280,10 +285,12 @@ class FinetuneJob:
         done = 0
         with torch.enable_grad():
             while (max_layers is None or done < max_layers) and work.next_layer >= 0:
+                started = time.perf_counter()
                 x = work.inputs[work.next_layer].clone().requires_grad_(True)
                 y = layer_forward(self.model, work.next_layer, x, cos[:positions], sin[:positions], self.lora)
                 y.backward(work.grad)
                 work.grad = x.grad
+                costs.record_layer(time.perf_counter() - started, positions)
                 work.inputs[work.next_layer + 1] = None  # no longer needed
                 work.next_layer -= 1
                 done += 1

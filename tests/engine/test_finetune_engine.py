@@ -52,6 +52,9 @@ def test_finetuning_fills_iterations_next_to_inference_within_a_loose_slo(tmp_pa
     assert shared, "finetuning should share iterations with running inference"
     assert any(s.finetune_backward_layer_tokens for s in history)
     assert history[-1].latency_model_error is not None
+    # The backward's layers and loss passes were timed: their prices are measured ones.
+    assert 0 < engine.finetune.backward_costs.per_layer_token(prior=-1.0) < 1.0
+    assert 0 < engine.finetune.backward_costs.per_loss_token(prior=-1.0) < 1.0
 
 
 def test_finetuning_yields_to_inference_under_a_tight_slo(tmp_path):
