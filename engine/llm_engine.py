@@ -237,11 +237,9 @@ class LLMEngine:
         slo = min((c.seq.tpot_slo_s for c in plan.chunks), default=self.config.tpot_slo_ms / 1000)
         return self.pacer.budget(slo)
 
-    def _decoding_tpot_slo_s(self) -> float | None:
-        """The strictest TPOT SLO among the requests this iteration decodes for, if any."""
-        return min(
-            (s.tpot_slo_s for s in self.scheduler.running if s.num_uncomputed_tokens == 1), default=None
-        )
+    def _decoding_tpot_slos(self) -> dict[str, float]:
+        """The TPOT SLO of each request this iteration decodes for."""
+        return {s.request_id: s.tpot_slo_s for s in self.scheduler.running if s.num_uncomputed_tokens == 1}
 
     def _backward_allowance(self, plan: IterationPlan, elapsed_s: float) -> BackwardAllowance:
         """Backward this iteration: whole backwards when no inference waits, else at most
@@ -268,7 +266,7 @@ class LLMEngine:
 
     def step(self) -> tuple[list[RequestOutput], IterationStats]:
         started = time.perf_counter()
-        self.pacer.tick(started, self._decoding_tpot_slo_s())
+        self.pacer.tick(started, self._decoding_tpot_slos())
         if self.power is not None:
             self.power.tick(time.time(), self._load_state)
             self.power.begin_iteration()
