@@ -41,7 +41,7 @@ def _cpu_signature() -> str:
 @functools.cache
 def cpu_kernels_available() -> bool:
     """Build (once per machine) and load the CPU kernels; False if that is impossible."""
-    sources = [CSRC / "cpu" / name for name in ("paged_attention.cpp", "bf16_linear.cpp")]
+    sources = [CSRC / "cpu" / name for name in ("paged_attention.cpp", "bf16_linear.cpp", "add_rms_norm.cpp")]
     if not all(source.is_file() for source in sources):
         log.info("csrc/ not found: native CPU attention and float32 weights")
         return False
@@ -117,4 +117,19 @@ def bf16_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: 
     """
     out = x.new_empty(x.shape[0], out_features)
     torch.ops.coserve.bf16_linear(out, x.contiguous(), packed, bias)
+    return out
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x += delta (in place, when given), then returns RMSNorm(x) * weight, in one pass.
+
+    Semantics: x = x + delta; weight * F.rms_norm(x, (hidden,), eps=eps), up to float32
+    summation order.
+
+    Shape:
+        x, delta: [rows, hidden] float32 (x contiguous; delta made so)
+        weight: [hidden] float32; returns [rows, hidden] float32
+    """
+    out = torch.empty_like(x)
+    torch.ops.coserve.add_rms_norm(out, x, None if delta is None else delta.contiguous(), weight, eps)
     return out

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
+from engine import ops
 from engine.attention import AttentionMetadata, paged_attention
 
 if TYPE_CHECKING:
@@ -28,11 +29,22 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden), requires_grad=False)
         self.eps = eps
+        # add_forward through the csrc kernel (float32 on the CPU); set by the runner.
+        self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalised in float32, like the reference, so bf16 serving stays close to it.
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype)
+
+    def add_forward(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + delta), x + delta), both [num_tokens, hidden]; delta None adds nothing.
+        The fused path updates x in place: callers pass a residual stream they own."""
+        if self.fused and x.dtype == torch.float32 and x.is_contiguous() and not torch.is_grad_enabled():
+            return ops.add_rms_norm(x, delta, self.weight, self.eps), x
+        if delta is not None:
+            x = x + delta
+        return self(x), x
 
 
 class Attention(nn.Module):
@@ -103,9 +115,19 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config, layer)
 
-    def forward(self, x, cos, sin, kv_cache, meta, lora):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta, lora)
-        return x + self.mlp(self.post_attention_layernorm(x), lora)
+    def forward(self, x, delta, cos, sin, kv_cache, meta, lora):
+        """The layer's input is x + delta (delta: the previous layer's last residual add,
+        None before the first layer). Returns its output the same way, unsummed: the
+        next norm does that add in the same pass."""
+        h, x = self.input_layernorm.add_forward(x, delta)
+        h, x = self.post_attention_layernorm.add_forward(x, self.self_attn(h, cos, sin, kv_cache, meta, lora))
+        return x, self.mlp(h, lora)
+
+
+def _rows_of_sum(x: torch.Tensor, delta: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+    """(x + delta)[rows], [len(rows), hidden], computing the sum at those rows only."""
+    picked = x.index_select(0, rows)
+    return picked if delta is None else picked + delta.index_select(0, rows)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -136,14 +158,20 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:  # [num_tokens, hidden]
         """With `capture_rows`, appends to `captured` each layer's input at those rows and
         the last layer's output, [n, hidden] each: what a finetuning backward recomputes from."""
-        x = self.embed_tokens(input_ids)
+        x, delta = self.embed_tokens(input_ids), None  # the residual stream is x + delta
         for layer, kv_cache in zip(self.layers, kv_caches):
             if capture_rows is not None:
-                captured.append(x.index_select(0, capture_rows))
-            x = layer(x, cos, sin, kv_cache, meta, lora)
+                captured.append(_rows_of_sum(x, delta, capture_rows))
+            x, delta = layer(x, delta, cos, sin, kv_cache, meta, lora)
         if capture_rows is not None:
-            captured.append(x.index_select(0, capture_rows))
-        return self.norm(x)
+            captured.append(_rows_of_sum(x, delta, capture_rows))
+        return self.norm.add_forward(x, delta)[0]
+
+    def set_fused_norms(self, enabled: bool) -> None:
+        """Residual adds and norms through the csrc kernel (engine/ops.py) or natively."""
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.fused = enabled
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [n, hidden] -> float32 logits [n, vocab]."""

@@ -1,5 +1,6 @@
 """The C++ CPU kernels against their native references: decode attention against the
-gathered-SDPA path, the bfloat16-weight linear against F.linear on rounded weights."""
+gathered-SDPA path, the bfloat16-weight linear against F.linear on rounded weights, the
+fused residual add and RMSNorm against F.rms_norm."""
 
 from __future__ import annotations
 
@@ -78,3 +79,30 @@ def test_bf16_linear_checks_its_inputs():
         ops.bf16_linear(torch.randn(2, 9), packed, 32, None)
     with pytest.raises(RuntimeError, match="bias"):
         ops.bf16_linear(torch.randn(2, 8), packed, 32, torch.randn(31))
+
+
+@pytest.mark.parametrize("rows", [1, 7, 16, 33, 300])
+@pytest.mark.parametrize("with_delta", [False, True])
+def test_add_rms_norm_matches_the_native_norm(rows, with_delta):
+    torch.manual_seed(rows)
+    hidden, eps = 576, 1e-5
+    x = torch.randn(rows, hidden) * 3
+    delta = torch.randn(rows, hidden) if with_delta else None
+    weight = torch.randn(hidden)
+    expected_sum = x + delta if with_delta else x.clone()
+    expected = weight * torch.nn.functional.rms_norm(expected_sum, (hidden,), eps=eps)
+
+    normed = ops.add_rms_norm(x, delta, weight, eps)
+
+    torch.testing.assert_close(x, expected_sum, atol=0, rtol=0)  # the residual, updated in place
+    torch.testing.assert_close(normed, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_add_rms_norm_checks_its_inputs():
+    x = torch.randn(3, 8)
+    with pytest.raises(RuntimeError, match="weight: contiguous float32"):
+        ops.add_rms_norm(x, None, torch.randn(7), 1e-5)
+    with pytest.raises(RuntimeError, match="delta: contiguous float32"):
+        ops.add_rms_norm(x, torch.randn(2, 8), torch.randn(8), 1e-5)
+    with pytest.raises(RuntimeError, match="residual: contiguous float32"):
+        ops.add_rms_norm(x.double(), None, torch.randn(8), 1e-5)
