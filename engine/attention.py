@@ -61,8 +61,10 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    kv_written: bool = False,  # k and v are in the cache already (ops.rope_write_kv)
 ) -> torch.Tensor:  # [num_tokens, heads, head_dim]
-    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    if not kv_written:
+        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     kv_heads, head_dim = k.shape[1:]
     num_decodes = meta.num_decode_tokens
     attended_decodes = None

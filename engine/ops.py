@@ -41,7 +41,10 @@ def _cpu_signature() -> str:
 @functools.cache
 def cpu_kernels_available() -> bool:
     """Build (once per machine) and load the CPU kernels; False if that is impossible."""
-    sources = [CSRC / "cpu" / name for name in ("paged_attention.cpp", "bf16_linear.cpp", "add_rms_norm.cpp")]
+    sources = [
+        CSRC / "cpu" / name
+        for name in ("paged_attention.cpp", "bf16_linear.cpp", "add_rms_norm.cpp", "rope_write_kv.cpp")
+    ]
     if not all(source.is_file() for source in sources):
         log.info("csrc/ not found: native CPU attention and float32 weights")
         return False
@@ -133,3 +136,26 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
     out = torch.empty_like(x)
     torch.ops.coserve.add_rms_norm(out, x, None if delta is None else delta.contiguous(), weight, eps)
     return out
+
+
+def rope_write_kv(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+) -> None:
+    """Rotates q and k in place in `qkv` and writes k and v to their cache slots.
+
+    Semantics: q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin) (engine/model/rope.py),
+    then attention.write_kv(k_cache, v_cache, k, v, slots).
+
+    Shape:
+        qkv: [tokens, (num_heads + 2 num_kv_heads) * head_dim] float32, contiguous
+        cos, sin: [tokens, head_dim] float32; slots: [tokens] int64
+        k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim] float32
+    """
+    torch.ops.coserve.rope_write_kv(qkv, cos, sin, k_cache, v_cache, slots, num_heads, num_kv_heads)

@@ -59,7 +59,7 @@ class ModelRunner:
         if use_kernels is None:
             use_kernels = device == "cpu" and ops.cpu_kernels_available()
         self.use_kernels = use_kernels
-        model.set_fused_norms(use_kernels)
+        model.set_fused_kernels(use_kernels)
         config = model.config
         dtype = model.embed_tokens.weight.dtype
         # Per layer (k, v), each [num_blocks, block_size, kv_heads, head_dim].

@@ -59,6 +59,8 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=getattr(config, "attention_bias", False))
         self.scale = head_dim**-0.5
+        # Rotation and cache write through the csrc kernel (float32 on the CPU); set by the runner.
+        self.fused = False
 
     def forward(
         self,
@@ -72,12 +74,16 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x)  # [num_tokens, q_size + 2 * kv_size]
         if lora is not None:
             lora.apply(qkv, x, self.layer, "qkv_proj")
-        # q and k rotated together: one set of elementwise ops instead of two.
-        qk_heads = qkv[:, : self.q_size + self.kv_size].view(-1, self.num_heads + self.num_kv_heads, self.head_dim)
-        qk = apply_rope(qk_heads, cos, sin)
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-        v = qkv[:, self.q_size + self.kv_size :].view(-1, self.num_kv_heads, self.head_dim)
-        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale).view(-1, self.q_size)
+        fused = self.fused and qkv.dtype == kv_cache[0].dtype == torch.float32 and qkv.is_contiguous()
+        if fused:  # rotated in place and cached in one pass
+            ops.rope_write_kv(qkv, cos, sin, *kv_cache, meta.slot_mapping, self.num_heads, self.num_kv_heads)
+        heads = qkv.view(-1, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        q, k, v = heads.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
+        if not fused:  # q and k rotated together: one set of elementwise ops instead of two
+            q, k = apply_rope(heads[:, : self.num_heads + self.num_kv_heads], cos, sin).split(
+                [self.num_heads, self.num_kv_heads], dim=1
+            )
+        out = paged_attention(q, k, v, *kv_cache, meta, self.scale, kv_written=fused).view(-1, self.q_size)
         y = self.o_proj(out)
         if lora is not None:
             lora.apply(y, out, self.layer, "o_proj")
@@ -167,10 +173,11 @@ class LlamaForCausalLM(nn.Module):
             captured.append(_rows_of_sum(x, delta, capture_rows))
         return self.norm.add_forward(x, delta)[0]
 
-    def set_fused_norms(self, enabled: bool) -> None:
-        """Residual adds and norms through the csrc kernel (engine/ops.py) or natively."""
+    def set_fused_kernels(self, enabled: bool) -> None:
+        """Residual adds and norms, rotary embeddings and cache writes through the csrc
+        kernels (engine/ops.py), or natively."""
         for module in self.modules():
-            if isinstance(module, RMSNorm):
+            if isinstance(module, (RMSNorm, Attention)):
                 module.fused = enabled
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """The C++ CPU kernels against their native references: decode attention against the
 gathered-SDPA path, the bfloat16-weight linear against F.linear on rounded weights, the
-fused residual add and RMSNorm against F.rms_norm."""
+fused residual add and RMSNorm against F.rms_norm, the fused rotary embedding and cache
+write against apply_rope and write_kv."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import pytest
 import torch
 
 from engine import ops
-from engine.attention import AttentionMetadata, _gathered_decode_attention
+from engine.attention import AttentionMetadata, _gathered_decode_attention, write_kv
+from engine.model.rope import apply_rope
 
 pytestmark = pytest.mark.skipif(not ops.cpu_kernels_available(), reason="C++ CPU kernels did not build here")
 
@@ -106,3 +108,39 @@ def test_add_rms_norm_checks_its_inputs():
         ops.add_rms_norm(x, torch.randn(2, 8), torch.randn(8), 1e-5)
     with pytest.raises(RuntimeError, match="residual: contiguous float32"):
         ops.add_rms_norm(x.double(), None, torch.randn(8), 1e-5)
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 40])
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (9, 3)])
+def test_rope_write_kv_matches_rope_and_cache_write(tokens, heads, kv_heads):
+    torch.manual_seed(tokens * 10 + heads)
+    head_dim, num_blocks, block_size = 64, 12, 8
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim)
+    angles = torch.rand(tokens, head_dim // 2) * 6
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()  # [tokens, head_dim]
+    slots = torch.randperm(num_blocks * block_size)[:tokens]
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim)
+    v_cache = torch.randn_like(k_cache)
+    heads_view = qkv.view(tokens, -1, head_dim)
+    expected_qk = apply_rope(heads_view[:, : heads + kv_heads], cos, sin)
+    expected_k_cache, expected_v_cache = k_cache.clone(), v_cache.clone()
+    write_kv(expected_k_cache, expected_v_cache, expected_qk[:, heads:], heads_view[:, heads + kv_heads :], slots)
+    expected_v = heads_view[:, heads + kv_heads :].clone()
+
+    ops.rope_write_kv(qkv, cos, sin, k_cache, v_cache, slots, heads, kv_heads)
+
+    torch.testing.assert_close(heads_view[:, : heads + kv_heads], expected_qk, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(heads_view[:, heads + kv_heads :], expected_v, atol=0, rtol=0)  # v untouched
+    torch.testing.assert_close(k_cache, expected_k_cache, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(v_cache, expected_v_cache, atol=0, rtol=0)
+
+
+def test_rope_write_kv_checks_its_inputs():
+    qkv, cos = torch.randn(2, 3 * 16), torch.randn(2, 16)
+    cache = torch.randn(4, 4, 1, 16)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        ops.rope_write_kv(qkv, cos, cos, cache, cache.clone(), torch.tensor([0, 16]), 1, 1)
+    with pytest.raises(RuntimeError, match="qkv width"):
+        ops.rope_write_kv(qkv, cos, cos, cache, cache.clone(), torch.tensor([0, 1]), 2, 1)
+    with pytest.raises(RuntimeError, match="slots: contiguous int64"):
+        ops.rope_write_kv(qkv, cos, cos, cache, cache.clone(), torch.tensor([0, 1], dtype=torch.int32), 1, 1)
