@@ -153,7 +153,9 @@ class LLMEngine:
         )
 
     def close(self) -> None:
-        """Give the GPU clock back (power_mode apply); called on every engine exit."""
+        """Finish checkpoint writes and give the GPU clock back (power_mode apply); called
+        on every engine exit."""
+        self.finetune_runs.close()
         if self.power is not None:
             self.power.close()
 

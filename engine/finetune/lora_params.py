@@ -87,12 +87,9 @@ class TrainableLoRA(nn.Module):
             state[f"{prefix}.lora_B.weight"] = self.b[key].detach().clone().contiguous()
         return state
 
-    def save_peft(self, path: Path, base_model: str) -> None:
-        """Write a PEFT adapter directory atomically (a temp dir renamed into place)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
-        config = {
+    def peft_config(self, base_model: str) -> dict:
+        """adapter_config.json of this adapter, as PEFT writes it."""
+        return {
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
             "base_model_name_or_path": base_model,
@@ -104,9 +101,19 @@ class TrainableLoRA(nn.Module):
             "bias": "none",
             "inference_mode": True,
         }
-        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-        save_file(self.peft_state_dict(), staging / WEIGHTS_FILE)
-        for name in (CONFIG_FILE, WEIGHTS_FILE):
-            with open(staging / name, "rb") as f:
-                os.fsync(f.fileno())
-        os.replace(staging, path)
+
+    def save_peft(self, path: Path, base_model: str) -> None:
+        write_peft(path, self.peft_state_dict(), self.peft_config(base_model))
+
+
+def write_peft(path: Path, state: dict[str, torch.Tensor], config: dict) -> None:
+    """Write a PEFT adapter directory atomically (a temp dir renamed into place)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
+    (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    save_file(state, staging / WEIGHTS_FILE)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        with open(staging / name, "rb") as f:
+            os.fsync(f.fileno())
+    os.replace(staging, path)

@@ -10,10 +10,17 @@ and the other jobs go on.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.finetune.checkpoint import TRAINER_STATE, load_checkpoint, save_checkpoint
+from engine.finetune.checkpoint import (
+    TRAINER_STATE,
+    CheckpointSnapshot,
+    load_checkpoint,
+    take_snapshot,
+    write_checkpoint,
+)
 from engine.finetune.coordinator import FinetuneCoordinator
 from engine.finetune.job import FinetuneJob, Hyperparameters, TrainingExample
 from engine.finetune.lora_params import LoRAConfig
@@ -31,6 +38,8 @@ class _Run:
     reported_steps: int = 0  # events already sent
     checked_step: int = 0  # last step considered for a checkpoint
     unreported_checkpoints: list[tuple[int, str]] = field(default_factory=list)
+    writing: list[tuple[int, str, Future]] = field(default_factory=list)  # checkpoints being written
+    snapshot: CheckpointSnapshot | None = None  # the latest one, refilled by the next
     status: str = "running"
     status_reported: bool = False
     final_path: str | None = None
@@ -48,6 +57,8 @@ class FinetuneRuns:
         self.model = model
         self.layout = layout
         self.runs: dict[str, _Run] = {}
+        # Checkpoints are written off the engine loop (see checkpoint.py), one at a time.
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
 
     def start(self, msg: StartFinetune) -> None:
         s = msg.settings
@@ -92,22 +103,26 @@ class FinetuneRuns:
             self._set_status(run, "running")
 
     def after_iteration(self) -> None:
-        """Checkpoints for jobs that stepped, the final adapter for jobs that finished."""
+        """Checkpoints for jobs that stepped, the final adapter for jobs that finished;
+        checkpoints written since are reported (a paused job's too)."""
         for job_id, run in list(self.runs.items()):
-            if run.status != "running":
+            if run.status not in ("running", "paused"):
                 continue
-            job = run.job
+            job, running = run.job, run.status == "running"
             try:
                 # A job steps at most once per iteration, right at a batch boundary, and
                 # stays there while it validates: once validated, its state is a clean
                 # checkpoint and the step's event has been emitted.
-                if job.step > run.checked_step and not job.validating:
+                if running and job.step > run.checked_step and not job.validating:
                     run.checked_step = job.step
                     if job.step % run.checkpoint_every == 0 or job.done:
                         path = run.output_dir / "checkpoints" / f"step-{job.step}"
-                        save_checkpoint(job, path, run.base_model)
-                        run.unreported_checkpoints.append((job.step, str(path)))
-                if job.done:
+                        self._collect_written(run, wait=True)  # the snapshot's buffers are free again
+                        run.snapshot = take_snapshot(job, run.base_model, reuse=run.snapshot)
+                        write = self._writer.submit(write_checkpoint, run.snapshot, path)
+                        run.writing.append((job.step, str(path), write))
+                self._collect_written(run, wait=running and job.done)
+                if running and job.done:
                     final = run.output_dir / "final"
                     job.lora.save_peft(final, run.base_model)
                     run.final_path = str(final)
@@ -116,6 +131,19 @@ class FinetuneRuns:
             except (OSError, RuntimeError) as exc:
                 self.coordinator.remove_job(job_id)
                 self._fail(job_id, run, exc)
+
+    @staticmethod
+    def _collect_written(run: _Run, wait: bool) -> None:
+        """Checkpoints whose write has finished become reportable, in step order (with
+        `wait`: all of them, once written); a failed write raises its error."""
+        while run.writing and (wait or run.writing[0][2].done()):
+            step, path, future = run.writing.pop(0)
+            future.result()
+            run.unreported_checkpoints.append((step, path))
+
+    def close(self) -> None:
+        """Let checkpoints being written finish (the engine is exiting)."""
+        self._writer.shutdown(wait=True)
 
     def _set_status(self, run: _Run, status: str) -> None:
         run.status = status

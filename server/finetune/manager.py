@@ -81,6 +81,9 @@ class JobManager:
         # reported since start-up.
         self.progress: dict[str, tuple[float, float, float | None]] = {}
         self.steps_reported = 0
+        # Per job, the steps reported since its last checkpoint: a checkpoint is reported
+        # once written, which may be a few steps after its own step's event.
+        self._uncheckpointed: dict[str, dict[int, FinetuneStep]] = {}
 
     # -- start-up ----------------------------------------------------------------------
 
@@ -140,6 +143,7 @@ class JobManager:
         self.store.jobs.add_event(record.id, "info", message)
         if status == "cancelled":
             self.progress.pop(record.id, None)
+            self._uncheckpointed.pop(record.id, None)
         return updated
 
     # -- the pipeline ------------------------------------------------------------------
@@ -238,15 +242,19 @@ class JobManager:
             self.store.jobs.update(record.id, trained_tokens=step.tokens_trained)
             self.progress[record.id] = (step.loss, step.step / step.total_steps, step.energy_joules)
             self.steps_reported += 1
-        # A checkpoint comes in the report of its step's event (the engine validates first).
-        events = {s.step: s for s in report.steps}
+        # A checkpoint comes with or after its step's event (the engine validates first).
+        events = self._uncheckpointed.setdefault(record.id, {})
+        events.update((s.step, s) for s in report.steps)
         for step, path in report.checkpoints:
             name = checkpoint_name(record, step)
             await self.adapters.register_own(name, Path(path))
             self.store.jobs.add_checkpoint(record.id, step, name, _checkpoint_metrics(step, events.get(step)), path)
             self.store.jobs.add_event(record.id, "info", f"Checkpoint created at step {step}: {name}")
+            for done in [s for s in events if s <= step]:
+                del events[done]
         if report.status in ("succeeded", "failed", "cancelled"):
             self.progress.pop(record.id, None)
+            self._uncheckpointed.pop(record.id, None)
         if report.status == "succeeded" and report.final_path:
             name = model_name(record)
             await self.adapters.register_own(name, Path(report.final_path))

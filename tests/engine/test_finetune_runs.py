@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import torch
@@ -10,9 +11,15 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from engine.config import EngineConfig
+from engine.finetune import runs
 from engine.finetune.checkpoint import TRAINER_STATE
 from engine.llm_engine import LLMEngine
-from engine.messages import ControlFinetune, FinetuneExample, FinetuneSettings, StartFinetune
+from engine.messages import (
+    ControlFinetune,
+    FinetuneExample,
+    FinetuneSettings,
+    StartFinetune,
+)
 from tests.engine.test_finetune_equivalence import make_examples
 from tests.engine.tiny_models import tiny_llama_config, write_tiny_model
 
@@ -126,3 +133,35 @@ def test_concurrent_jobs_share_the_finetuning_budget(tmp_path):
     # Same data and seed: separate adapters trained to the same weights, not into one another.
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+
+
+def test_checkpoints_are_written_off_the_engine_loop(tmp_path, monkeypatch):
+    """The loop only snapshots; a checkpoint is reported once its write has finished, and
+    holds the state of its step even though training went on meanwhile."""
+    release = threading.Event()
+    written = []
+    write = runs.write_checkpoint
+
+    def slow_write(snapshot, path):
+        release.wait(timeout=10)
+        write(snapshot, path)
+        written.append(path)
+
+    monkeypatch.setattr(runs, "write_checkpoint", slow_write)
+    model_dir = tmp_path / "model"
+    write_tiny_model(model_dir, tiny_llama_config())
+    engine = _engine(model_dir)
+    _start(engine, model_dir, tmp_path / "job")
+    job = engine.finetune.jobs["ftjob-1"]
+    reports = []
+    while job.step < 3:  # past the step-2 checkpoint, while its write is held back
+        engine.step()
+        reports += engine.finetune_reports()
+    assert not written and not [c for r in reports for c in r.checkpoints]
+    at_step_3 = job.lora.peft_state_dict()
+    release.set()
+    reports += _run(engine)
+    checkpoints = [c for r in reports for c in r.checkpoints]
+    assert [step for step, _ in checkpoints] == [2, 4, 6] and reports[-1].status == "succeeded"
+    step_2 = load_file(Path(checkpoints[0][1]) / "adapter_model.safetensors")
+    assert any(not torch.equal(step_2[key], at_step_3[key]) for key in at_step_3)  # step 2's weights, not later ones
