@@ -76,15 +76,18 @@ class TrainableLoRA(nn.Module):
             modules[(int(layer), module)] = (a.detach().to(dtype).clone(), (b.detach() * scale).to(dtype))
         return LoRAWeights(path=None, rank=self.config.rank, modules=modules)
 
-    def peft_state_dict(self) -> dict[str, torch.Tensor]:
+    def peft_state_dict(self, copy: bool = True) -> dict[str, torch.Tensor]:
+        """PEFT key -> A [r, in] / B [out, r]; copies, or (copy=False) detached views of
+        the live parameters for a caller that copies them itself."""
         groups = {t.name: t.group for t in self.layout.targets}
         state = {}
         for key, a in self.a.items():
             layer, module = key.split("_", 1)
             target, _ = self.layout.locate(module)
             prefix = f"base_model.model.model.layers.{layer}.{groups[target.name]}.{module}"
-            state[f"{prefix}.lora_A.weight"] = a.detach().clone().contiguous()
-            state[f"{prefix}.lora_B.weight"] = self.b[key].detach().clone().contiguous()
+            b = self.b[key].detach()
+            state[f"{prefix}.lora_A.weight"] = a.detach().clone().contiguous() if copy else a.detach()
+            state[f"{prefix}.lora_B.weight"] = b.clone().contiguous() if copy else b
         return state
 
     def peft_config(self, base_model: str) -> dict:
