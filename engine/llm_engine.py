@@ -241,7 +241,7 @@ class LLMEngine:
 
     def _decoding_tpot_slos(self) -> dict[str, float]:
         """The TPOT SLO of each request this iteration decodes for."""
-        return {s.request_id: s.tpot_slo_s for s in self.scheduler.running if s.num_uncomputed_tokens == 1}
+        return {s.request_id: s.tpot_slo_s for s in self.scheduler.decoding()}
 
     def _backward_allowance(self, plan: IterationPlan, elapsed_s: float) -> BackwardAllowance:
         """Backward this iteration: whole backwards when no inference waits, else at most
@@ -307,6 +307,7 @@ class LLMEngine:
             decode_tokens=shape.decode_tokens,
             prefill_tokens=shape.prefill_tokens,
             predicted_seconds=predicted,
+            budget_seconds=self._tpot_budget_s(plan) if plan.chunks else None,
             latency_model_error=self.latency.mean_error,
             **energy,
         )

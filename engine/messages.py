@@ -155,6 +155,9 @@ class IterationStats(msgspec.Struct, frozen=True):
     finetune_backward_layer_tokens: int = 0
     finetune_loss_tokens: int = 0  # target tokens through the loss head
     predicted_seconds: float = 0.0
+    # The time budget of an iteration that runs inference (the TPOT SLO paced per
+    # request, see tpot_pacer.py); finetuning fills it. None without inference.
+    budget_seconds: float | None = None
     latency_model_error: float | None = None  # mean relative error, recent iterations
     # The iteration's inference tokens, and its backward work in whole-model tokens
     # (layer-tokens / layers).

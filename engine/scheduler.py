@@ -101,6 +101,10 @@ class Scheduler:
 
     # -- planning ---------------------------------------------------------
 
+    def decoding(self) -> list[Sequence]:
+        """Running sequences with one token left to compute: the next plan decodes for them."""
+        return [s for s in self.running if s.num_uncomputed_tokens == 1]
+
     def schedule(self, finetune_budget: Callable[[IterationPlan, int], int] | None = None) -> IterationPlan:
         """finetune_budget(plan with its inference chunks, tokens left) -> finetuning tokens
         this iteration may add (the engine asks its latency model); None = no finetuning."""
@@ -108,7 +112,7 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         scheduled: dict[str, ScheduledChunk] = {}
 
-        decodes = [s for s in self.running if s.num_uncomputed_tokens == 1]
+        decodes = self.decoding()
         prefills = [s for s in self.running if s.num_uncomputed_tokens > 1]
         for seq in decodes + prefills:
             if budget == 0:

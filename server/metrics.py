@@ -106,6 +106,11 @@ class ServerMetrics:
             "coserve:iteration_predicted_time_seconds", "The latency model's prediction for each iteration",
             ITERATION_BUCKETS,
         )
+        self.iteration_budget = histogram(
+            "coserve:iteration_budget_seconds",
+            "Time budget of iterations that run inference: the TPOT SLO paced per request, filled by finetuning",
+            ITERATION_BUCKETS,
+        )
         self.finetune_share = histogram(
             "coserve:iteration_finetune_share", "Finetuning tokens / all tokens, per iteration", SHARE_BUCKETS
         )
@@ -181,6 +186,8 @@ class ServerMetrics:
         name = self.model_name
         self.iteration_time.labels(name).observe(stats.iteration_seconds)
         self.iteration_predicted.labels(name).observe(stats.predicted_seconds)
+        if stats.budget_seconds is not None:
+            self.iteration_budget.labels(name).observe(stats.budget_seconds)
         self.iteration_tokens.labels(name, "decode").inc(stats.decode_tokens)
         self.iteration_tokens.labels(name, "prefill").inc(stats.prefill_tokens)
         self.iteration_tokens.labels(name, "finetune").inc(stats.finetune_forward_tokens)

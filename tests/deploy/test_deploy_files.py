@@ -60,6 +60,7 @@ HISTOGRAMS = {
     "coserve:request_generation_tokens",
     "coserve:iteration_time_seconds",
     "coserve:iteration_predicted_time_seconds",
+    "coserve:iteration_budget_seconds",
     "coserve:iteration_finetune_share",
     "coserve:request_energy_joules",
 }

@@ -52,6 +52,11 @@ def test_finetuning_fills_iterations_next_to_inference_within_a_loose_slo(tmp_pa
     assert shared, "finetuning should share iterations with running inference"
     assert any(s.finetune_backward_layer_tokens for s in history)
     assert history[-1].latency_model_error is not None
+    # Iterations that run inference carry their time budget (SLO 10 s, at most 1.25x it).
+    for stats in history:
+        runs_inference = stats.decode_tokens + stats.prefill_tokens > 0
+        assert (stats.budget_seconds is not None) == runs_inference
+        assert not runs_inference or 0 < stats.budget_seconds <= 12.5
     # The backward's layers and loss passes were timed: their prices are measured ones.
     assert 0 < engine.finetune.backward_costs.per_layer_token(prior=-1.0) < 1.0
     assert 0 < engine.finetune.backward_costs.per_loss_token(prior=-1.0) < 1.0
@@ -69,4 +74,5 @@ def test_finetuning_yields_to_inference_under_a_tight_slo(tmp_path):
     with_inference = [s for s in warm if s.num_running]
     assert with_inference and all(s.finetune_forward_tokens == 0 for s in with_inference)
     assert all(s.finetune_backward_layer_tokens == 0 for s in with_inference)
+    assert all(s.budget_seconds == 0.0 for s in with_inference), "every request is behind its SLO: no budget"
     assert any(s.finetune_forward_tokens > 0 for s in history), "finetuning ran when inference was idle"

@@ -142,6 +142,11 @@ def test_iteration_and_finetuning_series(traffic):
     assert iterations > 0
     assert value(s, "coserve:iteration_predicted_time_seconds_count") == iterations
     assert value(s, "coserve:iteration_time_seconds_sum") > 0
+    # Only iterations that run inference have a budget; the job also ran alone.
+    budgeted = value(s, "coserve:iteration_budget_seconds_count")
+    assert 0 < budgeted < iterations
+    # Each budget is at most 1.25x the strictest TPOT SLO in its iteration (<= 600 s here).
+    assert 0 < value(s, "coserve:iteration_budget_seconds_sum") <= budgeted * 1.25 * 600
     assert 0 <= value(s, "coserve:latency_model_relative_error") < 10
     assert value(s, "coserve:iteration_tokens_total", kind="decode") >= 7 + 7 + 5
     finetune_forward = value(s, "coserve:finetune_tokens_total", phase="forward")
