@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from engine.finetune.job import FinetuneJob
-from engine.finetune.lora_params import write_peft
+from engine.finetune.lora_params import write_peft_files
 from engine.finetune.state_file import load_state, save_state
 
 TRAINER_STATE = "trainer_state.safetensors"
@@ -73,10 +73,7 @@ def write_checkpoint(snapshot: CheckpointSnapshot, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
-    write_peft(staging / "adapter", snapshot.adapter, snapshot.adapter_config)
-    for name in os.listdir(staging / "adapter"):
-        os.replace(staging / "adapter" / name, staging / name)
-    os.rmdir(staging / "adapter")
+    write_peft_files(staging, snapshot.adapter, snapshot.adapter_config)
     save_state(snapshot.trainer_state, staging / TRAINER_STATE)
     with open(staging / TRAINER_STATE, "rb") as f:
         os.fsync(f.fileno())

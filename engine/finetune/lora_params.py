@@ -114,9 +114,15 @@ def write_peft(path: Path, state: dict[str, torch.Tensor], config: dict) -> None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
-    (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-    save_file(state, staging / WEIGHTS_FILE)
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        with open(staging / name, "rb") as f:
-            os.fsync(f.fileno())
+    write_peft_files(staging, state, config)
     os.replace(staging, path)
+
+
+def write_peft_files(directory: Path, state: dict[str, torch.Tensor], config: dict) -> None:
+    """The adapter's config and weights into `directory` (which the caller renames into
+    place), flushed to disk."""
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    save_file(state, directory / WEIGHTS_FILE)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        with open(directory / name, "rb") as f:
+            os.fsync(f.fileno())
