@@ -223,6 +223,14 @@ class LLMEngine:
     def finetune_reports(self) -> list[FinetuneReport]:
         return self.finetune_runs.reports()
 
+    def writing_checkpoints(self) -> bool:
+        return self.finetune_runs.writing()
+
+    def idle_finetune_reports(self) -> list[FinetuneReport]:
+        """With no iteration to run: the checkpoints written since the last report."""
+        self.finetune_runs.collect_written()
+        return self.finetune_runs.reports()
+
     def _finetune_budget(self, plan: IterationPlan, tokens_left: int) -> int:
         """Finetuning forward tokens this iteration: all that is left when no inference
         runs, else what keeps the predicted iteration time within the TPOT SLO."""

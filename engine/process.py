@@ -6,7 +6,8 @@ The server binds two sockets and starts this process, which connects to them:
   output (engine PUSH -> server PULL): EngineReady | EngineFailed first, then one
                                        EngineOutputs per iteration, and an
                                        AdapterOpDone for each adapter operation
-When idle the loop blocks on the input socket, so an idle engine costs no CPU.
+When idle the loop blocks on the input socket, so an idle engine costs no CPU (while a
+checkpoint is being written it wakes every few ms to report it once written).
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ from engine.messages import (
 )
 
 log = logging.getLogger(__name__)
+
+# How often an idle engine looks for checkpoint writes that have finished.
+_CHECKPOINT_POLL_MS = 20
 
 
 def run_engine_process(config: EngineConfig, input_addr: str, output_addr: str) -> None:
@@ -73,7 +77,10 @@ def _serve(engine, inbox, outbox, encoder, decoder) -> None:
     poller = zmq.Poller()
     poller.register(inbox, zmq.POLLIN)
     while True:
-        timeout = 0 if engine.has_work() else None
+        if engine.has_work():
+            timeout = 0
+        else:  # idle: block, or wake up to report checkpoints as their writes finish
+            timeout = _CHECKPOINT_POLL_MS if engine.writing_checkpoints() else None
         while poller.poll(timeout):
             msg = decoder.decode(inbox.recv())
             if isinstance(msg, EngineRequest):
@@ -104,6 +111,8 @@ def _serve(engine, inbox, outbox, encoder, decoder) -> None:
         if engine.has_work():
             outputs, stats = engine.step()
             outbox.send(encoder.encode(EngineOutputs(outputs=outputs, stats=stats, finetune=engine.finetune_reports())))
+        elif reports := engine.idle_finetune_reports():
+            outbox.send(encoder.encode(EngineOutputs(outputs=[], finetune=reports)))
 
 
 def _adapter_op(engine, msg: LoadAdapter | UnloadAdapter) -> AdapterOpDone:

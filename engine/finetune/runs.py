@@ -132,6 +132,20 @@ class FinetuneRuns:
                 self.coordinator.remove_job(job_id)
                 self._fail(job_id, run, exc)
 
+    def writing(self) -> bool:
+        """Some checkpoint is still being written."""
+        return any(run.writing for run in self.runs.values())
+
+    def collect_written(self) -> None:
+        """Checkpoints whose write has finished become reportable, for an engine with no
+        iteration to run (a job paused right after a checkpoint step)."""
+        for job_id, run in list(self.runs.items()):
+            try:
+                self._collect_written(run, wait=False)
+            except (OSError, RuntimeError) as exc:
+                self.coordinator.remove_job(job_id)
+                self._fail(job_id, run, exc)
+
     @staticmethod
     def _collect_written(run: _Run, wait: bool) -> None:
         """Checkpoints whose write has finished become reportable, in step order (with
