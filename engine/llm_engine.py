@@ -228,7 +228,7 @@ class LLMEngine:
 
     def idle_finetune_reports(self) -> list[FinetuneReport]:
         """With no iteration to run: the checkpoints written since the last report."""
-        self.finetune_runs.collect_written()
+        self.finetune_runs.after_iteration()
         return self.finetune_runs.reports()
 
     def _finetune_budget(self, plan: IterationPlan, tokens_left: int) -> int:

@@ -104,7 +104,8 @@ class FinetuneRuns:
 
     def after_iteration(self) -> None:
         """Checkpoints for jobs that stepped, the final adapter for jobs that finished;
-        checkpoints written since are reported (a paused job's too)."""
+        checkpoints written since are reported (a paused job's too). An idle engine calls
+        it too, for the checkpoints that finish writing while no iteration runs."""
         for job_id, run in list(self.runs.items()):
             if run.status not in ("running", "paused"):
                 continue
@@ -135,16 +136,6 @@ class FinetuneRuns:
     def writing(self) -> bool:
         """Some checkpoint is still being written."""
         return any(run.writing for run in self.runs.values())
-
-    def collect_written(self) -> None:
-        """Checkpoints whose write has finished become reportable, for an engine with no
-        iteration to run (a job paused right after a checkpoint step)."""
-        for job_id, run in list(self.runs.items()):
-            try:
-                self._collect_written(run, wait=False)
-            except (OSError, RuntimeError) as exc:
-                self.coordinator.remove_job(job_id)
-                self._fail(job_id, run, exc)
 
     @staticmethod
     def _collect_written(run: _Run, wait: bool) -> None:
