@@ -50,6 +50,54 @@ def test_sampling_follows_the_distribution():
     assert torch.allclose(freq, probs, atol=0.03)
 
 
+# Upper 0.1% points of the chi-square distribution, by degrees of freedom.
+_CHI2_999 = {2: 13.82, 5: 20.52}
+
+
+def _chi_square(tokens: list[int], probs: torch.Tensor) -> float:
+    counts = torch.bincount(torch.tensor(tokens), minlength=len(probs)).double()
+    expected = probs.double() * len(tokens)
+    kept = expected > 0
+    assert counts[~kept].sum() == 0, "a token of probability zero was drawn"
+    return float(((counts[kept] - expected[kept]) ** 2 / expected[kept]).sum())
+
+
+def test_draws_pass_a_chi_square_test_at_each_setting():
+    """20,000 draws per setting over a 6-token vocabulary, against the distribution the
+    setting defines (temperature, then truncation), in one mixed batch."""
+    torch.manual_seed(0)
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, -1.0])
+    settings = {
+        "plain": (dict(temperature=1.0), torch.softmax(logits, -1)),
+        "hot": (dict(temperature=2.0), torch.softmax(logits / 2, -1)),
+        "top_k=3": (dict(temperature=1.0, top_k=3), torch.softmax(logits[:3], -1)),
+        "top_p=0.75": (dict(temperature=1.0, top_p=0.75), None),
+    }
+    base = torch.softmax(logits, -1)
+    # top_p keeps the smallest prefix whose mass reaches 0.75: here the first three.
+    assert base[:2].sum() < 0.75 <= base[:3].sum()
+    settings["top_p=0.75"] = (settings["top_p=0.75"][0], base[:3] / base[:3].sum())
+    n = 20_000
+    seqs = [seq_with([], **params) for params, _ in settings.values() for _ in range(n)]
+    seqs.insert(0, seq_with([], temperature=0.0))  # a greedy row in the same batch
+    tokens = sample(logits.expand(len(seqs), 6).clone(), seqs)
+    assert tokens[0] == 0
+    for k, (name, (_, probs)) in enumerate(settings.items()):
+        probs = torch.cat([probs, torch.zeros(6 - len(probs))])
+        drawn = tokens[1 + k * n : 1 + (k + 1) * n]
+        df = int((probs > 0).sum()) - 1
+        assert _chi_square(drawn, probs) < _CHI2_999[df], name
+
+
+def test_masked_tokens_are_never_drawn():
+    # Mass concentrated on the last token: the CDF's flat run before it must not be hit.
+    logits = torch.tensor([[float("-inf")] * 7 + [0.0]]).expand(500, 8).clone()
+    logits[:250, 3] = 0.0
+    tokens = sample(logits, [seq_with([], temperature=1.0) for _ in range(500)])
+    assert set(tokens[250:]) == {7}
+    assert set(tokens[:250]) == {3, 7}
+
+
 def test_seeded_rows_do_not_depend_on_the_batch():
     logits = torch.randn(1, 50)
     alone = sample(logits.clone(), [seq_with([], temperature=1.0, seed=7)])[0]
