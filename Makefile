@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed-stamp
 # Converted models are cached here across test runs (the server's own default is ~/.cache/coserve).
 TEST_CACHE := $(CURDIR)/.data/cache
 
-.PHONY: serve test bench clean
+.PHONY: serve test bench bench-load clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -26,6 +26,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.bench_serving
+
+# Concurrency and request-rate sweeps of both servers with vLLM's `vllm bench serve`.
+bench-load: $(STAMP)
+	$(PY) bench/bench_load.py
 
 clean:
 	rm -rf $(VENV) .data

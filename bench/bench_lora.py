@@ -30,7 +30,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.bench_serving import BENCH, VLLM_ENV, VLLM_VENV, WORK, offline, online, result_header  # noqa: E402
+from bench.bench_serving import (  # noqa: E402
+    BENCH, VLLM_ENV, VLLM_VENV, WORK, bind_vllm_threads_to_all_cores, offline, online, result_header,
+)
 from bench.prompts import make_prompts  # noqa: E402
 
 RANK = 16
@@ -80,9 +82,7 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8331)
     ap.add_argument("--quiet-wait", type=float, default=10)
     args = ap.parse_args()
-    import os
-
-    VLLM_ENV.update({"VLLM_CPU_OMP_THREADS_BIND": f"0-{os.cpu_count() - 1}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"})
+    bind_vllm_threads_to_all_cores()
     backends = ["coserve"] + ([] if args.skip_vllm else ["vllm"])
     if "vllm" in backends and not (VLLM_VENV / "bin/vllm").exists():
         sys.exit("vLLM is not installed: run `bash bench/setup_vllm.sh` first, or pass --skip-vllm")
