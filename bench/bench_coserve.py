@@ -1,15 +1,22 @@
 """Co-serving benchmark: LoRA finetuning in the serving engine, against separate systems.
 
-One command, from the repository root:
+One command, from the repository root (vLLM's venv first, for its load generator:
+`bash bench/setup_vllm.sh`):
 
-    .venv/bin/python bench/bench_coserve.py            # ~25 min on 2 cores
+    .venv/bin/python bench/bench_coserve.py            # ~30 min on 2 cores
     .venv/bin/python bench/bench_coserve.py --smoke    # end to end in a few minutes
 
-On the default model (SmolLM2-135M-Instruct), with one `coserve serve` at a time
-started with the TPOT/TTFT SLOs given here, it measures:
-  1. inference alone: at each Poisson rate (--rates), --num-requests streaming
-     /v1/completions of --input-len prompt x --output-len output tokens, ignore_eos
-     (the online workload of bench_serving.py);
+Every inference load is sent by vLLM's own load generator, `vllm bench serve` (run from
+bench/.vllm-venv, built and read by bench/bench_load.py's bench_cmd, run_bench and
+summarize): --num-requests streaming /v1/completions of --input-len random prompt tokens
+x --output-len output tokens, ignore_eos, --temperature (1.0), Poisson arrivals
+at the rate, one fixed seed (so every scenario at a rate gets the same prompts and the
+same arrival times). On the default model (SmolLM2-135M-Instruct), with one
+`coserve serve` started with the TPOT/TTFT SLOs given here, it measures:
+  1. inference alone: first every request at once (rate inf), whose request
+     throughput is the inference-alone capacity; then at each rate: --capacity-fractions
+     of that capacity (0.25, 0.5, 0.75 by default, rounded to 0.01 req/s) and any
+     --rates given in req/s;
   2. finetuning alone: a finetuning job (a chat JSONL made up here, 64 examples of
      ~120-200 tokens, LoRA rank 16 on all projections, batch size 1) on the otherwise
      idle server, for --finetune-seconds (longer until 3 steps fell inside);
@@ -22,17 +29,21 @@ Finetuning throughput is trained (loss-bearing) tokens per second over the optim
 steps that began and ended inside the measurement window, from each step's own timing:
 the job's `metrics` events (`tokens_trained`, `tokens_per_second`), the trainer's JSON
 lines. A job or trainer is started first and the window opens after its first step,
-so start-up costs stay out. Inference: TTFT and TPOT p50/p99 (bench/loadgen.py), and SLO
-attainment, the share of requests with TTFT <= --ttft-slo-ms and TPOT <= --tpot-slo-ms
-(a failed request misses both).
+so start-up costs stay out; under load the window is the load's own span, from the
+first request sent to the last token received (vLLM's per-request start times, on the
+same monotonic clock), so the client's start-up stays out too. Inference: vLLM's TTFT,
+TPOT and ITL p50/p99, and SLO attainment from its per-request lists (--save-detailed):
+the share of requests with TTFT <= --ttft-slo-ms and TPOT <= --tpot-slo-ms, a request's
+TPOT being the sum of its inter-token latencies over its output tokens less one, as vLLM
+computes it (a failed request misses both).
 
 Each phase first waits (--quiet-wait s) for other processes to leave the CPU and records
 the share they took anyway ("foreign CPU %"). The issue's targets are checked at the
-rate closest to half the inference-alone capacity (its highest request throughput):
-finetuning keeps >= 60% of its standalone throughput with >= 99% of requests inside
-the TPOT SLO, and has >= 2x the separate trainer's throughput at equal or better SLO
-attainment. Writes bench/results/<date>-<time>-coserve.json, .md and .png.
-Needs matplotlib in the venv (.venv/bin/python -m pip install matplotlib).
+rate closest to half the inference-alone capacity (the highest request throughput
+measured, normally at rate inf): finetuning keeps >= 60% of its standalone throughput
+with >= 99% of requests inside the TPOT SLO, and has >= 2x the separate trainer's
+throughput at equal or better SLO attainment. Writes bench/results/<date>-<time>-coserve.json,
+.md and .png. Needs matplotlib in the venv (.venv/bin/python -m pip install matplotlib).
 """
 
 from __future__ import annotations
@@ -41,9 +52,8 @@ import argparse
 import asyncio
 import datetime as dt
 import io
-import itertools
 import json
-import random
+import math
 import shlex
 import shutil
 import subprocess
@@ -52,14 +62,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.bench_load import SEED, VLLM_CLI, WARMUP_PROMPT, bench_cmd, run_bench, summarize  # noqa: E402
 from bench.bench_serving import BENCH, WORK, result_header, stop, wait_healthy  # noqa: E402
 from bench.cpu_monitor import ForeignCpu, wait_for_quiet  # noqa: E402
-from bench.loadgen import RequestResult, _one_request, summarize, warmup  # noqa: E402
+from bench.loadgen import warmup  # noqa: E402
 from bench.prompts import make_prompts  # noqa: E402
 
 PYTHON = str(REPO / ".venv/bin/python")
@@ -71,8 +80,7 @@ POLL_S = 0.5
 # A standalone window is extended (by at most MAX_EXTENSION_S) until it holds this many steps.
 MIN_STANDALONE_STEPS = 3
 MAX_EXTENSION_S = 600
-# Output tok/s growing by less than this factor from one rate to the next means saturation.
-GROWTH = 1.1
+RAW = WORK / "coserve-raw"  # vllm bench serve's own result files, one per phase (overwritten per run)
 TARGET_KEEP = 0.6
 TARGET_TPOT_ATTAINMENT = 0.99
 TARGET_SPEEDUP = 2.0
@@ -220,50 +228,71 @@ def tail(path: Path, n: int = 10) -> str:
 # ---------------------------------------------------------------- load
 
 
-async def poisson_load(base_url: str, model: str, prompts: list[str], rate: float, output_len: int,
-                       seed: int = 0) -> tuple[dict, list[RequestResult]]:
-    """bench.loadgen.run_load's seeded schedule and summary, keeping each request's result.
-
-    run_load returns only aggregates, and SLO attainment needs every request's TTFT and TPOT."""
-    rng = random.Random(seed)
-    limits = httpx.Limits(max_connections=len(prompts), max_keepalive_connections=len(prompts))
-    async with httpx.AsyncClient(base_url=base_url, timeout=300.0, limits=limits) as client:
-        tasks = []
-        start = time.perf_counter()
-        for i, prompt in enumerate(prompts):
-            if i:
-                await asyncio.sleep(rng.expovariate(rate))
-            tasks.append(asyncio.create_task(_one_request(client, model, prompt, output_len)))
-        results = await asyncio.gather(*tasks)
-        duration = time.perf_counter() - start
-    return summarize(results, duration), results
-
-
-def slo_attainment(results: list[RequestResult], ttft_slo_ms: float, tpot_slo_ms: float) -> dict:
-    def tpot_ok(r: RequestResult) -> bool:
-        # One token has no time per output token; it cannot miss the TPOT SLO.
-        return r.output_tokens < 2 or (r.e2e - r.ttft) / (r.output_tokens - 1) * 1000 <= tpot_slo_ms
-
-    ok = [r for r in results if r.ok]
-    return {
-        "slo_attainment": sum(r.ttft * 1000 <= ttft_slo_ms and tpot_ok(r) for r in ok) / len(results),
-        "tpot_slo_attainment": sum(tpot_ok(r) for r in ok) / len(results),
-        "ttft_slo_attainment": sum(r.ttft * 1000 <= ttft_slo_ms for r in ok) / len(results),
-    }
-
-
 @dataclass(frozen=True)
 class Load:
-    base_url: str
-    model: str
-    prompts: list[str]
+    """What `vllm bench serve` sends, and the SLOs its requests are held to."""
+
+    name: str
+    model_dir: Path
+    port: int
+    num_requests: int
+    input_len: int
     output_len: int
+    temperature: float
     ttft_slo_ms: float
     tpot_slo_ms: float
 
+    def run(self, tag: str, rate: str) -> tuple[list[str], dict]:
+        """One `vllm bench serve` at `rate` (req/s, or inf: all at once): its command and whole result."""
+        result_file = RAW / f"{tag}.json"
+        # One seed for all: each scenario at a rate gets the same prompts and arrival times
+        # (coserve has no prefix cache for repeated prompts to hit).
+        cmd = bench_cmd(self.name, self.model_dir, self.port, self.num_requests, rate, None, self.input_len,
+                        self.output_len, SEED, self.temperature, result_file)
+        print(f"[coserve-bench] {shlex.join(cmd)}", flush=True)
+        raw = run_bench(cmd, result_file, WORK / "logs" / f"coserve-bench-{tag}.log")
+        if "error" in raw:
+            raise RuntimeError(raw["error"])
+        return cmd, raw
 
-async def measure(load: Load, rate: float | None, trainer: CoserveJob | BaselineTrainer | None,
-                  window_s: float) -> dict:
+
+@dataclass(frozen=True)
+class Request:
+    start: float  # when it was sent: vLLM's time.perf_counter(), time.monotonic()'s clock on Linux
+    ok: bool
+    ttft: float = 0.0  # s
+    tpot: float = 0.0  # s; 0 for one token, which has no time per output token and cannot miss a TPOT SLO
+    end: float = 0.0  # when its last token came
+
+
+def requests(raw: dict) -> list[Request]:
+    """The requests of a `vllm bench serve --save-detailed` result. TPOT as vLLM computes it: the
+    time from the first token to the last (the summed inter-token latencies) over the tokens after
+    the first."""
+    out = []
+    for start, ttft, itls, tokens, error in zip(raw["start_times"], raw["ttfts"], raw["itls"], raw["output_lens"],
+                                                raw["errors"], strict=True):
+        if not tokens or error:  # vLLM counts a failed request's output as 0 tokens
+            out.append(Request(start, False))
+            continue
+        decode = sum(itls)
+        out.append(Request(start, True, ttft, decode / (tokens - 1) if tokens > 1 else 0.0, start + ttft + decode))
+    return out
+
+
+def slo_attainment(reqs: list[Request], ttft_slo_ms: float, tpot_slo_ms: float) -> dict:
+    """Shares of all requests inside the SLOs; a failed request misses both."""
+    ttft_ok = [r.ok and r.ttft * 1000 <= ttft_slo_ms for r in reqs]
+    tpot_ok = [r.ok and r.tpot * 1000 <= tpot_slo_ms for r in reqs]
+    return {
+        "slo_attainment": sum(a and b for a, b in zip(ttft_ok, tpot_ok, strict=True)) / len(reqs),
+        "tpot_slo_attainment": sum(tpot_ok) / len(reqs),
+        "ttft_slo_attainment": sum(ttft_ok) / len(reqs),
+    }
+
+
+async def measure(load: Load, rate: str | None, trainer: CoserveJob | BaselineTrainer | None,
+                  window_s: float, tag: str = "") -> dict:
     """Run the trainer (if any) and the load at `rate` (if any, else train alone for `window_s`) together."""
     if trainer:
         await trainer.start()
@@ -272,15 +301,22 @@ async def measure(load: Load, rate: float | None, trainer: CoserveJob | Baseline
             start = time.monotonic()
             result: dict = {}
             if rate is not None:
-                result, requests = await poisson_load(load.base_url, load.model, load.prompts, rate, load.output_len)
-                result.update(slo_attainment(requests, load.ttft_slo_ms, load.tpot_slo_ms))
+                # In a thread: this event loop reads the trainer's steps meanwhile.
+                cmd, raw = await asyncio.to_thread(load.run, tag, rate)
+                reqs = requests(raw)
+                result = {**summarize(raw), **slo_attainment(reqs, load.ttft_slo_ms, load.tpot_slo_ms),
+                          "bench_command": shlex.join(cmd)}
+                # The window is the load's span, from the first request sent to the last token
+                # received: the client's start-up (importing vLLM, loading a tokenizer) stays out.
+                start = min(r.start for r in reqs)
+                end = max((r.end for r in reqs if r.ok), default=time.monotonic())
             else:
                 await asyncio.sleep(window_s)
                 # Under foreign load one step can outlast the window, and a rate needs whole steps.
                 while (window_throughput(trainer.steps, start, time.monotonic())["steps"] < MIN_STANDALONE_STEPS
                        and time.monotonic() < start + window_s + MAX_EXTENSION_S):
                     await asyncio.sleep(POLL_S)
-            end = time.monotonic()
+                end = time.monotonic()
     finally:
         if trainer:
             await trainer.stop()
@@ -303,15 +339,22 @@ def phase(label: str, quiet_wait: float, run) -> dict:
 
 
 def brief(result: dict) -> dict:
-    keys = ("finetune", "ttft_ms_p99", "tpot_ms_p99", "slo_attainment", "foreign_cpu_share", "error")
+    keys = ("finetune", "request_throughput", "p99_ttft_ms", "p99_tpot_ms", "slo_attainment", "tpot_slo_attainment",
+            "foreign_cpu_share", "error")
     return {k: result[k] for k in keys if k in result}
+
+
+def rates_to_run(args: argparse.Namespace, capacity_rps: float | None) -> list[float]:
+    """--capacity-fractions of the measured capacity (to 0.01 req/s) and the --rates given, ascending."""
+    derived = [max(0.01, round(f * capacity_rps, 2)) for f in args.capacity_fractions] if capacity_rps else []
+    return sorted(set(args.rates) | set(derived))
 
 
 # ---------------------------------------------------------------- runs
 
 
-def run_all(args: argparse.Namespace, model_dir: Path, name: str, prompts: list[str], training_file: Path,
-            data_dir: Path, results: dict) -> None:
+def run_all(args: argparse.Namespace, model_dir: Path, name: str, training_file: Path, data_dir: Path,
+            results: dict) -> None:
     """Every phase against one server (jobs come after the inference-only phases)."""
     import openai
 
@@ -322,13 +365,15 @@ def run_all(args: argparse.Namespace, model_dir: Path, name: str, prompts: list[
     server_log = WORK / "logs" / "server-coserve-bench.log"
     print(f"[coserve-bench] {shlex.join(cmd)}  (log: {server_log})", flush=True)
     base_url = f"http://127.0.0.1:{args.port}"
-    load = Load(base_url, name, prompts, args.output_len, args.ttft_slo_ms, args.tpot_slo_ms)
+    load = Load(name, model_dir, args.port, args.num_requests, args.input_len, args.output_len, args.temperature,
+                args.ttft_slo_ms, args.tpot_slo_ms)
     phases = results["phases"] = {"inference_alone": {}, "separate": {}, "coserved": {}}
+    results["rates"] = []
     with open(server_log, "w") as logf:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_healthy(base_url, proc)
-        asyncio.run(warmup(base_url, name, prompts[0], output_len=16))
+        asyncio.run(warmup(base_url, name, WARMUP_PROMPT, output_len=16))
         file_id = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused").files.create(
             file=("train.jsonl", io.BytesIO(training_file.read_bytes())), purpose="fine-tune").id
 
@@ -339,19 +384,22 @@ def run_all(args: argparse.Namespace, model_dir: Path, name: str, prompts: list[
         def trainer() -> BaselineTrainer:
             return BaselineTrainer(model_dir, training_file, args.batch_size, WORK / "logs" / "trainer-baseline.log")
 
-        for rate in args.rates:
-            phases["inference_alone"][str(rate)] = phase(
-                f"inference alone @ {rate} req/s", args.quiet_wait, lambda rate=rate: measure(load, rate, None, 0))
+        def per_rate(key: str, label: str, make_trainer) -> None:
+            for rate in rates:
+                phases[key][str(rate)] = phase(f"{label} @ {rate} req/s", args.quiet_wait, lambda rate=rate: measure(
+                    load, str(rate), make_trainer() if make_trainer else None, 0, tag=f"{key}-{rate}"))
+
+        phases["inference_alone"]["inf"] = phase("inference alone @ inf req/s (capacity)", args.quiet_wait,
+                                                 lambda: measure(load, "inf", None, 0, tag="inference_alone-inf"))
+        rates = results["rates"] = rates_to_run(args, phases["inference_alone"]["inf"].get("request_throughput"))
+        print(f"[coserve-bench] rates: {rates} req/s", flush=True)
+        per_rate("inference_alone", "inference alone", None)
         phases["trainer_alone"] = phase("PEFT trainer alone", args.quiet_wait,
                                         lambda: measure(load, None, trainer(), args.finetune_seconds))
-        for rate in args.rates:
-            phases["separate"][str(rate)] = phase(
-                f"separate systems @ {rate} req/s", args.quiet_wait, lambda rate=rate: measure(load, rate, trainer(), 0))
+        per_rate("separate", "separate systems", trainer)
         phases["finetune_alone"] = phase("coserve finetuning alone", args.quiet_wait,
                                          lambda: measure(load, None, job(), args.finetune_seconds))
-        for rate in args.rates:
-            phases["coserved"][str(rate)] = phase(
-                f"co-served @ {rate} req/s", args.quiet_wait, lambda rate=rate: measure(load, rate, job(), 0))
+        per_rate("coserved", "co-served", job)
     except Exception as e:  # noqa: BLE001 - keep what was measured before the server failed
         results["error"] = f"{type(e).__name__}: {e}\n{tail(server_log)}"
     finally:
@@ -365,17 +413,16 @@ def finetune_rate(result: dict | None) -> float | None:
     return ((result or {}).get("finetune") or {}).get("tokens_per_s")
 
 
-def capacity(inference_alone: dict, output_len: int) -> dict:
-    """Inference-alone capacity (its highest throughput) and whether the rates reached saturation."""
-    measured = sorted((float(r), m["output_tokens_per_s"]) for r, m in inference_alone.items()
-                      if "output_tokens_per_s" in m)
+def capacity(inference_alone: dict, rates: list[float]) -> dict:
+    """Inference-alone capacity, the highest request throughput measured alone (normally with every
+    request at once, rate inf), and the per-rate phases' rate closest to half of it."""
+    measured = {r: m for r, m in inference_alone.items() if "request_throughput" in m}
     if not measured:
         return {}
-    saturated_at = next((r for (_, prev), (r, tok) in itertools.pairwise(measured) if tok < prev * GROWTH), None)
-    peak = max(tok for _, tok in measured)
-    half = peak / output_len / 2
-    return {"output_tokens_per_s": peak, "requests_per_s": peak / output_len, "saturated_at_rate": saturated_at,
-            "half_capacity_rate": min((r for r, _ in measured), key=lambda r: abs(r - half))}
+    at = max(measured, key=lambda r: measured[r]["request_throughput"])
+    peak = measured[at]["request_throughput"]
+    return {"requests_per_s": peak, "output_tokens_per_s": measured[at]["output_throughput"], "measured_at_rate": at,
+            "half_capacity_rate": min(rates, key=lambda r: abs(r - peak / 2), default=None)}
 
 
 def targets(results: dict) -> dict:
@@ -417,21 +464,22 @@ def fmt(value, scale: float = 1, digits: int = 1, unit: str = "") -> str:
 
 def table(results: dict) -> list[str]:
     phases = results["phases"]
-    lines = ["| scenario | rate req/s | finetune tok/s | x standalone | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms "
-             "| TPOT p99 ms | SLO attainment % | TPOT SLO % | foreign CPU % |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| scenario | rate req/s | served req/s | finetune tok/s | x standalone | TTFT p50 ms | TTFT p99 ms "
+             "| TPOT p50 ms | TPOT p99 ms | SLO attainment % | TPOT SLO % | foreign CPU % |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label, key, per_rate, standalone in SCENARIOS:
         entry = phases.get(key, {})
         for rate, m in (entry.items() if per_rate else [("-", entry)]):
             ft, base = finetune_rate(m), finetune_rate(phases.get(standalone)) if standalone else None
             keep = f"{ft / base:.2f}" if ft is not None and base else "-"
             if "error" in m:
-                lines.append(f"| {label} | {rate} | error: `{m['error'].splitlines()[0]}` |" + " |" * 8)
+                lines.append(f"| {label} | {rate} | error: `{m['error'].splitlines()[0]}` |" + " |" * 9)
                 continue
             finetune = fmt(ft) if standalone else "-"
-            lines.append(f"| {label} | {rate} | {finetune} | {keep} | {fmt(m.get('ttft_ms_p50'), digits=0)} "
-                         f"| {fmt(m.get('ttft_ms_p99'), digits=0)} | {fmt(m.get('tpot_ms_p50'), digits=0)} "
-                         f"| {fmt(m.get('tpot_ms_p99'), digits=0)} | {fmt(m.get('slo_attainment'), 100)} "
+            lines.append(f"| {label} | {rate} | {fmt(m.get('request_throughput'), digits=2)} | {finetune} | {keep} "
+                         f"| {fmt(m.get('p50_ttft_ms'), digits=0)} | {fmt(m.get('p99_ttft_ms'), digits=0)} "
+                         f"| {fmt(m.get('p50_tpot_ms'), digits=0)} | {fmt(m.get('p99_tpot_ms'), digits=0)} "
+                         f"| {fmt(m.get('slo_attainment'), 100)} "
                          f"| {fmt(m.get('tpot_slo_attainment'), 100)} | {fmt(m.get('foreign_cpu_share'), 100)} |")
     return lines
 
@@ -444,12 +492,14 @@ def target_lines(results: dict) -> list[str]:
     cap, t, s = results["capacity"], results["targets"], results["settings"]
     if not cap:
         return ["Inference alone was not measured, so the targets cannot be checked."]
-    saturation = (f"saturated from {cap['saturated_at_rate']} req/s on" if cap["saturated_at_rate"] is not None
-                  else "no saturation seen among the measured rates, so capacity is at least this")
+    where = ("every request at once" if cap["measured_at_rate"] == "inf"
+             else f"at {cap['measured_at_rate']} req/s, above what every request at once gave")
+    checked = (f"Targets are checked at {t['rate']} req/s, the measured rate closest to half of it."
+               if t["rate"] is not None else "No per-rate phase ran, so the targets cannot be checked.")
     keep, sep = t["keep"], t["vs_separate"]
     return [
         f"Inference-alone capacity: {cap['requests_per_s']:.2f} req/s ({cap['output_tokens_per_s']:.1f} output "
-        f"tok/s; {saturation}). Targets are checked at {t['rate']} req/s, the measured rate closest to half of it.",
+        f"tok/s), the highest request throughput measured alone ({where}). {checked}",
         "",
         f"- Finetuning keeps >= {TARGET_KEEP:.0%} of its standalone throughput with >= {TARGET_TPOT_ATTAINMENT:.0%} "
         f"of requests inside the TPOT SLO ({s['tpot_slo_ms']:g} ms): {fmt(keep['fraction_of_standalone'], 100, unit='%')} "
@@ -458,6 +508,13 @@ def target_lines(results: dict) -> list[str]:
         f"attainment: {fmt(sep['speedup'], digits=2, unit='x')}, SLO attainment {fmt(sep['slo_attainment'], 100, unit='%')} "
         f"against {fmt(sep['separate_slo_attainment'], 100, unit='%')}: {verdict(sep['met'])}.",
     ]
+
+
+def rate_note(results: dict) -> str:
+    s, rates = results["settings"], results.get("rates", [])
+    parts = [f"{', '.join(f'{f:g}' for f in s['capacity_fractions'])} x the capacity"] if s["capacity_fractions"] else []
+    parts += [f"{', '.join(f'{r:g}' for r in s['rates'])} req/s (--rates)"] if s["rates"] else []
+    return f"{' and '.join(parts) or 'no rate'}: {', '.join(f'{r:g}' for r in rates) or 'none'} req/s"
 
 
 def markdown(results: dict, plot_name: str) -> str:
@@ -469,9 +526,11 @@ def markdown(results: dict, plot_name: str) -> str:
         f"transformers {m['transformers']}, coserve {m['coserve_commit']}. Model {results['model']}, dtype `auto` "
         f"(float32 on a CPU without AMX); the PEFT trainer in float32.",
         "",
-        f"Inference: {s['num_requests']} streaming completions per rate, {s['input_len']} prompt x "
-        f"{s['output_len']} output tokens, Poisson arrivals. SLOs (server flags): TTFT {s['ttft_slo_ms']:g} ms, "
-        f"TPOT {s['tpot_slo_ms']:g} ms. Finetuning: {d['examples']} chat examples ({d['min_len']}-{d['max_len']} "
+        f"Inference: `vllm bench serve` (vLLM {m['vllm']}), {s['num_requests']} streaming /v1/completions per "
+        f"level, {s['input_len']} random prompt x {s['output_len']} output tokens, ignore_eos, temperature "
+        f"{s['temperature']:g}, seed {SEED} (the same prompts and arrival times in every scenario at a rate); first "
+        f"all at once (rate inf: the capacity), then Poisson arrivals at {rate_note(results)}. SLOs (server flags): "
+        f"TTFT {s['ttft_slo_ms']:g} ms, TPOT {s['tpot_slo_ms']:g} ms. Finetuning: {d['examples']} chat examples ({d['min_len']}-{d['max_len']} "
         f"tokens, {d['target_tokens']} trained of {d['tokens']}), LoRA rank 16 / alpha 32 on all seven projections, "
         f"batch size {s['batch_size']}, AdamW at 1e-3; the coserve job also writes a checkpoint every 10 steps, the "
         f"PEFT trainer none. Standalone windows: at least {s['finetune_seconds']:g} s and "
@@ -483,8 +542,9 @@ def markdown(results: dict, plot_name: str) -> str:
         "",
         *table(results),
         "",
-        "finetune tok/s: trained tokens per second over the optimizer steps that began and ended inside the "
-        "window (n/a: none did); x standalone: "
+        "served req/s: completed requests per second of the load's run; finetune tok/s: trained tokens per second "
+        "over the optimizer steps that began and ended inside the window (under load: from the first request sent "
+        "to the last token received; n/a: none did); x standalone: "
         "against the same trainer alone (the coserve job, or the PEFT trainer). SLO attainment: requests with "
         "TTFT and TPOT inside their SLOs; TPOT SLO: inside the TPOT SLO. Numbers with a high foreign CPU share "
         "are skewed by other processes.",
@@ -509,7 +569,8 @@ def plot(results: dict, path: Path) -> None:
     phases, s = results["phases"], results["settings"]
 
     def series(key: str, value) -> tuple[list[float], list[float]]:
-        points = sorted((float(r), value(m)) for r, m in phases.get(key, {}).items() if value(m) is not None)
+        points = sorted((float(r), value(m)) for r, m in phases.get(key, {}).items()
+                        if r != "inf" and value(m) is not None)
         return [r for r, _ in points], [v for _, v in points]
 
     colors = {"inference_alone": "tab:green", "coserved": "tab:blue", "separate": "tab:orange"}
@@ -522,11 +583,14 @@ def plot(results: dict, path: Path) -> None:
     ft.set(xlabel="request rate (req/s)", ylabel="finetuning tokens/s", title="Finetuning throughput under load")
     ft.set_ylim(bottom=0)
     for label, key in (("inference alone", "inference_alone"), ("co-served", "coserved"), ("separate systems", "separate")):
-        tpot.plot(*series(key, lambda m: m.get("tpot_ms_p99")), marker="o", color=colors[key], label=label)
+        tpot.plot(*series(key, lambda m: m.get("p99_tpot_ms")), marker="o", color=colors[key], label=label)
     tpot.axhline(s["tpot_slo_ms"], color="red", linestyle="--", label="TPOT SLO")
     tpot.set(xlabel="request rate (req/s)", ylabel="TPOT p99 (ms)", title="Inference TPOT p99")
     tpot.set_ylim(bottom=0)
     for ax in (ft, tpot):
+        if results["capacity"]:
+            ax.axvline(results["capacity"]["requests_per_s"] / 2, color="grey", linestyle="-.", linewidth=1,
+                       label="half of inference-alone capacity")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.suptitle(f"{results['model']} on {results['machine']['cores']} cores, {results['date']}")
@@ -540,10 +604,15 @@ def plot(results: dict, path: Path) -> None:
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rates", default="0.25,0.5,1", help="comma-separated request rates (req/s)")
-    ap.add_argument("--num-requests", type=int, default=32, help="requests per rate")
+    floats = lambda text: sorted({float(x) for x in text.split(",") if x.strip()})  # noqa: E731
+    ap.add_argument("--capacity-fractions", type=floats, default=[0.25, 0.5, 0.75],
+                    help="request rates as comma-separated fractions of the measured inference-alone capacity "
+                         "(empty: none)")
+    ap.add_argument("--rates", type=floats, default=[], help="further comma-separated request rates (req/s)")
+    ap.add_argument("--num-requests", type=int, default=64, help="requests per load (the capacity's and each rate's)")
     ap.add_argument("--input-len", type=int, default=128, help="prompt length (tokens)")
     ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of every request")
     ap.add_argument("--ttft-slo-ms", type=float, default=2000.0, help="passed to the server; SLO attainment uses it")
     ap.add_argument("--tpot-slo-ms", type=float, default=200.0, help="passed to the server; SLO attainment uses it")
     ap.add_argument("--finetune-seconds", type=float, default=120.0,
@@ -556,18 +625,24 @@ def parse_args() -> argparse.Namespace:
                     help="seconds to wait, before each phase, for other processes to leave the CPU")
     ap.add_argument("--out-dir", type=Path, default=BENCH / "results")
     ap.add_argument("--smoke", action="store_true",
-                    help="check the script end to end: the highest rate only, 8 requests, 20 s standalone windows")
+                    help="check the script end to end: 8 requests of 32 output tokens per load, the rate of half "
+                         "the capacity only, 20 s standalone windows")
     args = ap.parse_args()
-    args.rates = sorted(float(r) for r in args.rates.split(","))
+    if any(r <= 0 or not math.isfinite(r) for r in args.rates + args.capacity_fractions):
+        ap.error("--rates and --capacity-fractions take positive numbers (capacity: rate inf, measured first)")
     if args.smoke:
-        args.rates, args.num_requests, args.finetune_seconds = args.rates[-1:], 8, 20.0
+        args.capacity_fractions, args.rates, args.num_requests, args.finetune_seconds = [0.5], [], 8, 20.0
+        args.output_len = min(args.output_len, 32)
         args.quiet_wait = min(args.quiet_wait, 10)
     return args
 
 
 def main() -> None:
     args = parse_args()
+    if not VLLM_CLI.exists():
+        sys.exit("vLLM is not installed, and its `vllm bench serve` sends the load: run `bash bench/setup_vllm.sh` first")
     (WORK / "logs").mkdir(parents=True, exist_ok=True)
+    RAW.mkdir(parents=True, exist_ok=True)
     from transformers import AutoTokenizer
 
     from engine.model_files import resolve_model
@@ -578,8 +653,6 @@ def main() -> None:
     stamp = started.strftime("%Y-%m-%d-%H%M%S")
     training_file = WORK / "coserve-train.jsonl"
     training_file.write_bytes(training_jsonl(tokenizer, NUM_EXAMPLES))
-    prompts = [tokenizer.decode(p) for p in make_prompts(tokenizer, args.num_requests, args.input_len,
-                                                         args.input_len, seed=1)]
     results: dict = {
         **result_header(started, name),
         "settings": {k: v for k, v in vars(args).items() if k != "out_dir"},
@@ -589,10 +662,10 @@ def main() -> None:
     # because every job leaves its checkpoints there.
     data_dir = WORK / f"coserve-data-{stamp}"
     try:
-        run_all(args, model_dir, name, prompts, training_file, data_dir, results)
+        run_all(args, model_dir, name, training_file, data_dir, results)
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
-    results["capacity"] = capacity(results["phases"]["inference_alone"], args.output_len)
+    results["capacity"] = capacity(results["phases"]["inference_alone"], results["rates"])
     results["targets"] = targets(results)
     results["wall_s"] = (dt.datetime.now() - started).total_seconds()
 

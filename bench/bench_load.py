@@ -200,6 +200,20 @@ def summarize(raw: dict) -> dict:
             **({"error_samples": errors[:3]} if errors else {})}
 
 
+def run_bench(cmd: list[str], result_file: Path, log: Path) -> dict:
+    """Runs `vllm bench serve` (`cmd` from bench_cmd) and returns its whole result, per-request
+    lists included, or {"error": ...} where it failed or wrote none."""
+    result_file.unlink(missing_ok=True)  # never read a previous run's numbers
+    try:
+        with open(log, "w") as logf:
+            done = subprocess.run(cmd, cwd=REPO, stdout=logf, stderr=subprocess.STDOUT, timeout=LEVEL_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"error": f"vllm bench serve ran past {LEVEL_TIMEOUT_S} s\n{_tail(log)}"}
+    if done.returncode != 0 or not result_file.exists():
+        return {"error": f"vllm bench serve exit {done.returncode}\n{_tail(log)}"}
+    return json.loads(result_file.read_text())
+
+
 def run_level(label: str, proc: subprocess.Popen, cmd: list[str], result_file: Path, log: Path,
               quiet_wait: float) -> dict:
     """One `vllm bench serve` run; a failure is recorded for this level and the sweep goes on."""
@@ -207,15 +221,11 @@ def run_level(label: str, proc: subprocess.Popen, cmd: list[str], result_file: P
         raise RuntimeError(f"server exited with code {proc.returncode}")
     print(f"[load] {label}: {shlex.join(cmd)}  (log: {log})", flush=True)
     wait_for_quiet(quiet_wait)
-    result_file.unlink(missing_ok=True)  # never read a previous run's numbers
-    try:
-        with open(log, "w") as logf, ForeignCpu() as foreign, PeakRss(proc.pid) as rss:
-            done = subprocess.run(cmd, cwd=REPO, stdout=logf, stderr=subprocess.STDOUT, timeout=LEVEL_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        return {"error": f"vllm bench serve ran past {LEVEL_TIMEOUT_S} s\n{_tail(log)}"}
-    if done.returncode != 0 or not result_file.exists():
-        return {"error": f"vllm bench serve exit {done.returncode}\n{_tail(log)}"}
-    level = {**summarize(json.loads(result_file.read_text())), "foreign_cpu_share": foreign.share,
+    with ForeignCpu() as foreign, PeakRss(proc.pid) as rss:
+        raw = run_bench(cmd, result_file, log)
+    if "error" in raw:
+        return raw
+    level = {**summarize(raw), "foreign_cpu_share": foreign.share,
              "peak_rss_mib": rss.peak_mib, "bench_command": shlex.join(cmd)}
     print(f"[load] {label}: {level['output_throughput']:.1f} output tok/s, p99 TPOT {level['p99_tpot_ms']:.1f} ms, "
           f"{level['completed']} completed, {level['failed']} failed, foreign CPU {foreign.share:.0%}", flush=True)
