@@ -7,7 +7,7 @@ One command, from the repository root (vLLM's venv first: `bash bench/setup_vllm
 Each server in turn (coserve, then vLLM-CPU; one at a time, both serving the same
 converted default model under the same name) gets `vllm bench serve` (vLLM's
 benchmark client, run from bench/.vllm-venv) sending streaming /v1/completions of 128
-random prompt tokens x 128 output tokens, ignore_eos, greedy, a fixed seed per level
+random prompt tokens x 128 output tokens, ignore_eos, temperature 1 (--temperature), a fixed seed per level
 (the same prompts for both servers):
   * a concurrency sweep: --max-concurrency 1, 8, 32, 64, 128, every request sent at
     once (--request-rate inf), max(16, 2 x concurrency) requests per level;
@@ -26,7 +26,7 @@ as the server, the same for both. Writes bench/results/<date>-<time>-load.json a
 
 Options: --concurrency 1,8,32,64,128, --prompts-per-level 2 and --min-prompts 16
 (requests per concurrency level), --rates 1,2,4,inf, --rate-prompts 64,
---input-len/--output-len 128, --order coserve,vllm, --skip-coserve, --skip-vllm,
+--input-len/--output-len 128, --temperature 1.0, --order coserve,vllm, --skip-coserve, --skip-vllm,
 --port 8321, --quiet-wait 20, --out-dir, --coserve-arg ARG (repeatable: extra
 `coserve serve` arguments), --vllm-own-binding.
 """
@@ -175,16 +175,17 @@ def running_server(backend: str, cmd: list[str], port: int, log: Path):
 
 
 def bench_cmd(name: str, model_dir: Path, port: int, num_prompts: int, rate: str, concurrency: int | None,
-              input_len: int, output_len: int, seed: int, result_file: Path) -> list[str]:
+              input_len: int, output_len: int, seed: int, temperature: float, result_file: Path) -> list[str]:
     cmd = [str(VLLM_CLI), "bench", "serve", "--backend", "openai", "--endpoint", "/v1/completions",
            "--host", "127.0.0.1", "--port", str(port), "--model", name, "--tokenizer", str(model_dir),
            "--dataset-name", "random", "--random-input-len", str(input_len),
            "--random-output-len", str(output_len), "--ignore-eos", "--num-prompts", str(num_prompts),
            "--request-rate", rate, "--seed", str(seed),
            "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
-           # Greedy, as bench_serving.py: left unset, each server picks its own sampling defaults
-           # (vLLM the model's generation_config.json), and top-p/top-k cost differently.
-           "--extra-body", json.dumps({"temperature": 0.0}),
+           # Set explicitly, so neither server falls back to defaults of its own (vLLM reads
+           # the model's generation_config.json). Default 1.0: what an OpenAI client gets
+           # when it sets nothing, and the costlier case for a sampler.
+           "--extra-body", json.dumps({"temperature": temperature}),
            # --save-detailed: per-request errors, so a failed request's cause reaches the results.
            "--disable-tqdm", "--save-result", "--save-detailed",
            "--result-dir", str(result_file.parent), "--result-filename", result_file.name]
@@ -258,7 +259,7 @@ def bench_backend(backend: str, model_dir: Path, name: str, args: argparse.Names
                 # A seed per level: the same prompts for both servers, new ones at each level, so
                 # no level finds the previous one's prompts in a prefix cache (vLLM's is on).
                 cmd_ = bench_cmd(name, model_dir, args.port, n, rate, concurrency, args.input_len,
-                                 args.output_len, SEED + i, RAW / f"{tag}.json")
+                                 args.output_len, SEED + i, args.temperature, RAW / f"{tag}.json")
                 result[sweep][key] = {"num_prompts": n, **run_level(
                     f"{backend} {sweep} {key}", proc, cmd_, RAW / f"{tag}.json",
                     WORK / "logs" / f"load-{tag}.log", args.quiet_wait)}
@@ -378,7 +379,7 @@ def header(results: dict) -> str:
             f"Machine: {m['cpu_model']}, {m['cores']} cores, {m['ram_gib']} GiB RAM. coserve commit "
             f"{m['coserve_commit']}, torch {m['torch']}; vLLM {m['vllm']} (torch {m['vllm_torch']}).\n\n"
             f"Model {results['model']} ({results['model_dir']}), served by both under that name. Requests: "
-            f"{s['input_len']} random prompt tokens x {s['output_len']} output tokens, ignore_eos, greedy, "
+            f"{s['input_len']} random prompt tokens x {s['output_len']} output tokens, ignore_eos, temperature {s['temperature']}, "
             f"seed {SEED} + level index, streaming /v1/completions; the client runs on the same cores.\n\n"
             f"KV cache: {results['kv_cache']}.\n\n{servers}"
             f"Command: `{results['command']}`\n")
@@ -424,6 +425,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--rate-prompts", type=int, default=64, help="requests per rate level")
     ap.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
     ap.add_argument("--output-len", type=int, default=128, help="output tokens per request")
+    ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of every request")
     ap.add_argument("--port", type=int, default=8321)
     ap.add_argument("--quiet-wait", type=float, default=20,
                     help="seconds to wait, before each level, for other processes to leave the CPU")
