@@ -76,6 +76,12 @@ def _uniforms(seqs: list[Sequence]) -> torch.Tensor:
     return u
 
 
+# Rows sampled together: [8, vocab] float32 stays in a core's L2 cache (1.5 MB for a
+# 49k vocabulary) through the four passes below, where [128, vocab] (25 MB) went to
+# memory and back on every pass.
+_ROWS_PER_CHUNK = 8
+
+
 def _draw(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF sampling from softmax(logits), [n, vocab] -> [n], with u: [n, 1] in [0, 1).
 
@@ -85,10 +91,13 @@ def _draw(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     scaled by its total instead; the target (1 - u) * total lies in (0, total], so the
     first index whose CDF reaches it always has a non-zero probability (tokens masked
     to -inf add nothing to the CDF and can never be the first to reach it)."""
-    weights = (logits - logits.amax(dim=-1, keepdim=True)).exp_()  # [n, vocab]
-    cdf = weights.cumsum_(dim=-1)
-    target = (1.0 - u) * cdf[:, -1:]  # [n, 1]
-    return torch.searchsorted(cdf, target).squeeze(1).clamp_(max=logits.shape[-1] - 1)
+    tokens = []
+    for start in range(0, logits.shape[0], _ROWS_PER_CHUNK):
+        rows = logits[start : start + _ROWS_PER_CHUNK]
+        cdf = (rows - rows.amax(dim=-1, keepdim=True)).exp_().cumsum_(dim=-1)  # [chunk, vocab]
+        target = (1.0 - u[start : start + _ROWS_PER_CHUNK]) * cdf[:, -1:]  # [chunk, 1]
+        tokens.append(torch.searchsorted(cdf, target).squeeze(1))
+    return torch.cat(tokens).clamp_(max=logits.shape[-1] - 1)
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
@@ -104,9 +113,10 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
             tokens[i] = token
     if random_rows:
         params = [seqs[i].params for i in random_rows]
-        temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype).unsqueeze(1)
-        rows = logits if len(random_rows) == len(seqs) else logits[random_rows]
-        tempered = truncate(rows.div_(temps), params)  # [r, vocab]
+        rows = logits if len(random_rows) == len(seqs) else logits[random_rows]  # [r, vocab]
+        if any(p.temperature != 1.0 for p in params):  # a pass over [r, vocab] saved in the common case
+            rows.div_(torch.tensor([p.temperature for p in params], dtype=logits.dtype).unsqueeze(1))
+        tempered = truncate(rows, params)
         drawn = _draw(tempered, _uniforms([seqs[i] for i in random_rows]))
         for i, token in zip(random_rows, drawn.tolist()):
             tokens[i] = token
