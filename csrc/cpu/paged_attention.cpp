@@ -9,7 +9,13 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <type_traits>
+#include <utility>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -27,6 +33,85 @@ inline void axpy(float a, const T* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * static_cast<float>(x[i]);
 }
 
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  // 16 bfloat16 -> 16 float32: zero-extend to 32 bits, shift into the high half.
+  __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+
+// The G query heads that share one kv head, over that head's cached rows, with
+// head_dim = 16 * CH. G and CH are compile-time so that the query vectors and the
+// output accumulators stay in registers, and each cached row is widened to float32
+// once for all G heads. The generic loop below re-read and re-converted a row per
+// query head and kept its accumulators in memory: at 128 sequences of 192 tokens it
+// ran at 11 GB/s in bfloat16 (compute-bound) against 20 GB/s from memory in float32.
+// Dispatched for G * CH <= 16: the accumulators, a row and the weight fit 32 registers.
+template <typename T, int G, int CH>
+struct HeadGroup {
+
+  // scores[h * ctx + t] = q_h . K_t for t < ctx; query: [G, 16 CH] float32, pre-scaled.
+  static void scores(const float* query, const T* base, const int64_t* offsets, int64_t ctx, float* out) {
+    __m512 q[G][CH];
+    for (int h = 0; h < G; ++h)
+      for (int c = 0; c < CH; ++c) q[h][c] = _mm512_loadu_ps(query + (h * CH + c) * 16);
+    for (int64_t t = 0; t < ctx; ++t) {
+      const T* row = base + offsets[t];
+      __m512 k[CH];
+      for (int c = 0; c < CH; ++c) k[c] = load16(row + 16 * c);
+      for (int h = 0; h < G; ++h) {
+        __m512 acc = _mm512_mul_ps(q[h][0], k[0]);
+        for (int c = 1; c < CH; ++c) acc = _mm512_fmadd_ps(q[h][c], k[c], acc);
+        out[h * ctx + t] = _mm512_reduce_add_ps(acc);
+      }
+    }
+  }
+
+  // out[h] = sum_t p[h * ctx + t] V_t, [G, 16 CH] float32.
+  static void values(const float* p, const T* base, const int64_t* offsets, int64_t ctx, float* out) {
+    __m512 acc[G][CH];
+    for (int h = 0; h < G; ++h)
+      for (int c = 0; c < CH; ++c) acc[h][c] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < ctx; ++t) {
+      const T* row = base + offsets[t];
+      __m512 v[CH];
+      for (int c = 0; c < CH; ++c) v[c] = load16(row + 16 * c);
+      for (int h = 0; h < G; ++h) {
+        const __m512 w = _mm512_set1_ps(p[h * ctx + t]);
+        for (int c = 0; c < CH; ++c) acc[h][c] = _mm512_fmadd_ps(w, v[c], acc[h][c]);
+      }
+    }
+    for (int h = 0; h < G; ++h)
+      for (int c = 0; c < CH; ++c) _mm512_storeu_ps(out + (h * CH + c) * 16, acc[h][c]);
+  }
+};
+
+using GroupFn = void (*)(const float*, const void*, const int64_t*, int64_t, float*);
+
+template <typename T, int G, int CH>
+void group_scores(const float* q, const void* base, const int64_t* offsets, int64_t ctx, float* out) {
+  HeadGroup<T, G, CH>::scores(q, static_cast<const T*>(base), offsets, ctx, out);
+}
+template <typename T, int G, int CH>
+void group_values(const float* p, const void* base, const int64_t* offsets, int64_t ctx, float* out) {
+  HeadGroup<T, G, CH>::values(p, static_cast<const T*>(base), offsets, ctx, out);
+}
+
+// The register-resident kernels for this (type, group, head_dim), or null for the generic loop.
+template <typename T>
+std::pair<GroupFn, GroupFn> group_kernels(int64_t group, int64_t head_dim) {
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
+#define COSERVE_GROUP(G, CH) \
+    if (group == G && head_dim == 16 * CH) return {&group_scores<T, G, CH>, &group_values<T, G, CH>};
+    COSERVE_GROUP(1, 4) COSERVE_GROUP(2, 4) COSERVE_GROUP(3, 4) COSERVE_GROUP(4, 4)
+    COSERVE_GROUP(1, 8) COSERVE_GROUP(2, 8)
+#undef COSERVE_GROUP
+  }
+  return {nullptr, nullptr};
+}
+#endif
+
 template <typename T>
 void decode_kernel(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
@@ -43,25 +128,39 @@ void decode_kernel(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cac
   // Strides of q/out rows may differ from a packed layout (q is a view of qkv).
   const int64_t q_seq_stride = q.stride(0), q_head_stride = q.stride(1);
   const int64_t token_stride = kv_heads * head_dim;  // between consecutive slots of the cache
+#if defined(__AVX512F__)
+  const auto [group_scores_fn, group_values_fn] = group_kernels<T>(group, head_dim);
+#else
+  constexpr void* group_scores_fn = nullptr;
+#endif
 
-  // One work item per sequence, all heads together: each cached token's row (all kv
-  // heads, contiguous) is read once, front to back, which the hardware prefetcher
-  // streams well; per-(sequence, head) items read strided slices and ran ~3x slower.
+  // One work item per sequence, all heads together.
   at::parallel_for(0, num_seqs, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores, query(num_heads * head_dim), acc(num_heads * head_dim);
+    std::vector<int64_t> offsets;  // [ctx]: each cached token's row in the cache, through the block table
     for (int64_t seq = begin; seq < end; ++seq) {
       const int64_t ctx = lens[seq];
       scores.resize(num_heads * ctx);
+      offsets.resize(ctx);
+      for (int64_t t = 0; t < ctx; ++t)
+        offsets[t] = (tables[seq * max_blocks + t / block_size] * block_size + t % block_size) * token_stride;
       for (int64_t h = 0; h < num_heads; ++h) {
         const T* src = q_ptr + seq * q_seq_stride + h * q_head_stride;
         for (int64_t d = 0; d < head_dim; ++d) query[h * head_dim + d] = static_cast<float>(src[d]) * float(scale);
       }
-      // Pass 1: scores for every cached token, through the block table. scores: [heads, ctx]
-      for (int64_t t = 0; t < ctx; ++t) {
-        const int64_t block = tables[seq * max_blocks + t / block_size];
-        const T* row = k_ptr + (block * block_size + t % block_size) * token_stride;
-        for (int64_t h = 0; h < num_heads; ++h)
-          scores[h * ctx + t] = dot(&query[h * head_dim], row + (h / group) * head_dim, head_dim);
+      // Pass 1: scores for every cached token. scores: [heads, ctx]
+      if (group_scores_fn != nullptr) {
+#if defined(__AVX512F__)
+        for (int64_t g = 0; g < kv_heads; ++g)
+          group_scores_fn(&query[g * group * head_dim], k_ptr + g * head_dim, offsets.data(), ctx,
+                          &scores[g * group * ctx]);
+#endif
+      } else {
+        for (int64_t t = 0; t < ctx; ++t) {
+          const T* row = k_ptr + offsets[t];
+          for (int64_t h = 0; h < num_heads; ++h)
+            scores[h * ctx + t] = dot(&query[h * head_dim], row + (h / group) * head_dim, head_dim);
+        }
       }
       // Softmax per head; the exp loop vectorises (libmvec) under -ffast-math.
       for (int64_t h = 0; h < num_heads; ++h) {
@@ -79,13 +178,20 @@ void decode_kernel(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cac
 #pragma omp simd
         for (int64_t t = 0; t < ctx; ++t) s[t] *= inv;
       }
-      // Pass 2: weighted sum of values, again one row per token.
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = 0; t < ctx; ++t) {
-        const int64_t block = tables[seq * max_blocks + t / block_size];
-        const T* row = v_ptr + (block * block_size + t % block_size) * token_stride;
-        for (int64_t h = 0; h < num_heads; ++h)
-          axpy(scores[h * ctx + t], row + (h / group) * head_dim, &acc[h * head_dim], head_dim);
+      // Pass 2: weighted sum of values.
+      if (group_scores_fn != nullptr) {
+#if defined(__AVX512F__)
+        for (int64_t g = 0; g < kv_heads; ++g)
+          group_values_fn(&scores[g * group * ctx], v_ptr + g * head_dim, offsets.data(), ctx,
+                          &acc[g * group * head_dim]);
+#endif
+      } else {
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t t = 0; t < ctx; ++t) {
+          const T* row = v_ptr + offsets[t];
+          for (int64_t h = 0; h < num_heads; ++h)
+            axpy(scores[h * ctx + t], row + (h / group) * head_dim, &acc[h * head_dim], head_dim);
+        }
       }
       T* dst = out_ptr + seq * num_heads * head_dim;
       for (int64_t i = 0; i < num_heads * head_dim; ++i) dst[i] = static_cast<T>(acc[i]);
