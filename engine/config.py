@@ -17,30 +17,20 @@ from engine.power.monitor import DEVICES as POWER_DEVICES
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def cpu_computes_bf16_natively() -> bool:
-    """True when the CPU has AMX-BF16 tiles, where oneDNN's bf16 GEMMs beat fp32.
-
-    AVX512-BF16 alone is not enough: on such a CPU (Xeon, 2 cores, torch 2.13,
-    quiet machine) a [32, 576] x [576, 3072] linear took 0.93 ms in bf16 against
-    0.60 ms in fp32, and SmolLM2-135M ran offline at 184 tok/s in bf16 against
-    228 in fp32, so float32 is the faster correct choice there.
-    """
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags
+def check_dtype(name: str) -> None:
+    if name != "auto" and name not in _DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {name!r}")
 
 
-def resolve_dtype(name: str, device: str) -> torch.dtype:
-    """`auto` picks the fastest type the device computes natively and correctly."""
+def explicit_dtype(name: str, device: str) -> torch.dtype | None:
+    """The compute type `name` stands for; None where the CPU probe decides (`auto` on a CPU,
+    engine/model/gemm_probe.py)."""
+    check_dtype(name)
     if name != "auto":
-        if name not in _DTYPES:
-            raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {name!r}")
         return _DTYPES[name]
     if device.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_computes_bf16_natively() else torch.float32
+    return None
 
 
 DECODE_WEIGHTS = ("auto", "float32", "bfloat16")
@@ -51,29 +41,25 @@ def _check_decode_weights(name: str) -> None:
         raise ValueError(f"decode_weights must be one of {', '.join(DECODE_WEIGHTS)}; got {name!r}")
 
 
-def resolve_decode_weights(name: str, dtype: str, device: str) -> bool:
-    """Whether decode-sized batches read bfloat16 copies of float32 weights.
+def resolve_panel_rows(decode_weights: str, dtype: str, device: str, probed_rows: int) -> int:
+    """Up to how many rows a linear reads bfloat16 panels with float32 arithmetic (0 = never).
 
-    `auto` turns them on where the CPU kernel runs (AVX-512) and `dtype` is `auto` and
-    resolved to float32: a decode step of a few sequences is bound by reading weights,
-    and bfloat16 halves those bytes while the arithmetic stays float32. An explicit
-    `dtype: float32` keeps every matmul in float32 (the tests that compare with
-    transformers rely on that). A finetuning chunk in a batch of at most 16 rows is
-    forwarded with the bfloat16 weights too; its backward recomputes in float32 from
-    the saved layer inputs.
+    `auto` takes what the CPU probe measured (`probed_rows`) when `dtype` is `auto` too;
+    an explicit dtype keeps every matmul in that type (the tests that compare with
+    transformers rely on that). `bfloat16` forces panels up to 16 rows, `float32` turns
+    them off. A finetuning chunk in a batch that small is forwarded with the panels too;
+    its backward recomputes from the saved layer inputs with the plain weights.
     """
-    _check_decode_weights(name)
-    if name == "float32" or device != "cpu" or resolve_dtype(dtype, device) != torch.float32:
-        return False
-    if name == "auto" and dtype != "auto":
-        return False
+    _check_decode_weights(decode_weights)
+    if decode_weights == "float32" or device != "cpu":
+        return 0
+    if decode_weights == "auto":
+        return probed_rows if dtype == "auto" else 0
     from engine import ops
 
     if not ops.bf16_linear_available():
-        if name == "bfloat16":
-            raise ValueError("decode_weights bfloat16 needs the CPU kernels on a CPU with AVX-512")
-        return False
-    return True
+        raise ValueError("decode_weights bfloat16 needs the CPU kernels on a CPU with AVX-512")
+    return ops.BF16_LINEAR_MAX_ROWS
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -83,9 +69,12 @@ def dtype_name(dtype: torch.dtype) -> str:
 @dataclass(frozen=True)
 class EngineConfig:
     model_dir: Path
+    # Where measured, machine-specific choices are kept (the CPU GEMM probe); None =
+    # measure at every start.
+    cache_dir: Path | None = None
     dtype: str = "auto"
     # Weights read by batches of up to 16 rows on the CPU: auto, float32 or bfloat16
-    # (see resolve_decode_weights).
+    # (see resolve_panel_rows).
     decode_weights: str = "auto"
     device: str = "cpu"
     # Tokens per KV-cache block.
@@ -95,7 +84,7 @@ class EngineConfig:
     # Token budget of one iteration (decodes + prefill chunks).
     max_num_batched_tokens: int = 2048
     # Sequences in one iteration.
-    max_num_seqs: int = 64
+    max_num_seqs: int = 128
     # Cap on prompt + output length; None = the model's max_position_embeddings.
     max_model_len: int | None = None
     # Intra-op threads for the CPU; None = torch's default (one per core).
@@ -141,5 +130,5 @@ class EngineConfig:
             raise ValueError(f"power_device must be one of {', '.join(POWER_DEVICES)}; got {self.power_device!r}")
         if self.power_mode not in POWER_MODES:
             raise ValueError(f"power_mode must be one of {', '.join(POWER_MODES)}; got {self.power_mode!r}")
-        resolve_dtype(self.dtype, self.device)  # fails early on a bad name
+        check_dtype(self.dtype)
         _check_decode_weights(self.decode_weights)  # resolved (and the kernels built) by the engine

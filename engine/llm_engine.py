@@ -13,12 +13,7 @@ import msgspec
 import torch
 
 from engine.block_manager import BlockManager
-from engine.config import (
-    EngineConfig,
-    dtype_name,
-    resolve_decode_weights,
-    resolve_dtype,
-)
+from engine.config import EngineConfig, dtype_name, explicit_dtype, resolve_panel_rows
 from engine.energy import split_energy
 from engine.finetune.backward_work import BackwardAllowance
 from engine.finetune.coordinator import FinetuneCoordinator
@@ -42,7 +37,8 @@ from engine.messages import (
     RequestOutput,
     StartFinetune,
 )
-from engine.model.loader import load_model
+from engine.model import gemm_probe
+from engine.model.loader import load_config, load_model
 from engine.plan import IterationPlan, iteration_shape
 from engine.power.governor import LoadState
 from engine.power.load_projection import ArrivalTracker, project_load
@@ -76,14 +72,26 @@ def _eos_token_ids(config, model_dir) -> set[int]:
     return ids
 
 
+def _compute_types(config: EngineConfig) -> tuple[torch.dtype, int]:
+    """The compute type, and up to how many rows linears read bfloat16 panels; on a CPU
+    with `dtype: auto` both as measured (engine/model/gemm_probe.py)."""
+    dtype = explicit_dtype(config.dtype, config.device)
+    probed_rows = 0
+    if dtype is None:
+        choice = gemm_probe.choose(load_config(config.model_dir), config.cache_dir)
+        dtype, probed_rows = getattr(torch, choice.dtype), choice.panel_max_rows
+        log.info("CPU GEMM probe: %s, bfloat16 panels up to %d rows (ms: %s)", choice.dtype, probed_rows,
+                 choice.timings_ms)
+    return dtype, resolve_panel_rows(config.decode_weights, config.dtype, config.device, probed_rows)
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        self.dtype = resolve_dtype(config.dtype, config.device)
-        self.decode_bf16 = resolve_decode_weights(config.decode_weights, config.dtype, config.device)
-        self.model = load_model(config.model_dir, self.dtype, config.device, decode_bf16=self.decode_bf16)
+        self.dtype, self.panel_rows = _compute_types(config)
+        self.model = load_model(config.model_dir, self.dtype, config.device, self.panel_rows)
         model_config = self.model.config
 
         block_bytes = ModelRunner.kv_bytes_per_block(self.model, config.block_size, self.dtype)
@@ -128,7 +136,8 @@ class LLMEngine:
         self.finetune_runs = FinetuneRuns(self.finetune, self.model, self.loras.layout)
         log.info(
             "engine ready: %s, dtype=%s%s, %d KV blocks of %d tokens, max_model_len=%d",
-            config.model_dir, dtype_name(self.dtype), " (bfloat16 decode weights)" if self.decode_bf16 else "",
+            config.model_dir, dtype_name(self.dtype),
+            f" (bfloat16 panels up to {self.panel_rows} rows)" if self.panel_rows else "",
             num_blocks, config.block_size, self.max_model_len,
         )
 

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
 
-def _cpu_signature() -> str:
+def cpu_signature() -> str:
     """A short hash of this CPU's model and instruction-set flags.
 
     The kernels are built with -march=native, and torch's extension cache keys a build
@@ -52,7 +52,7 @@ def cpu_kernels_available() -> bool:
         from torch.utils.cpp_extension import load
 
         load(
-            name=f"coserve_cpu_ops_{_cpu_signature()}",
+            name=f"coserve_cpu_ops_{cpu_signature()}",
             sources=[str(source) for source in sources],
             extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"],
             is_python_module=False,
@@ -126,14 +126,15 @@ def bf16_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x += delta (in place, when given), then returns RMSNorm(x) * weight, in one pass.
 
-    Semantics: x = x + delta; weight * F.rms_norm(x, (hidden,), eps=eps), up to float32
-    summation order.
+    Semantics: x = x + delta; weight * F.rms_norm(x, (hidden,), eps=eps).to(weight.dtype),
+    up to float32 summation order.
 
     Shape:
-        x, delta: [rows, hidden] float32 (x contiguous; delta made so)
-        weight: [hidden] float32; returns [rows, hidden] float32
+        x: [rows, hidden] float32, contiguous (the residual stream)
+        delta: [rows, hidden] (made contiguous), weight: [hidden], both float32 or both
+        bfloat16; returns [rows, hidden] in the weight's type
     """
-    out = torch.empty_like(x)
+    out = torch.empty(x.shape, dtype=weight.dtype)
     torch.ops.coserve.add_rms_norm(out, x, None if delta is None else delta.contiguous(), weight, eps)
     return out
 
@@ -153,9 +154,9 @@ def rope_write_kv(
     Semantics: q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin) (engine/model/rope.py),
     then attention.write_kv(k_cache, v_cache, k, v, slots).
 
-    Shape:
-        qkv: [tokens, (num_heads + 2 num_kv_heads) * head_dim] float32, contiguous
-        cos, sin: [tokens, head_dim] float32; slots: [tokens] int64
-        k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim] float32
+    Shape (tensors all float32 or all bfloat16, rotated in float32):
+        qkv: [tokens, (num_heads + 2 num_kv_heads) * head_dim], contiguous
+        cos, sin: [tokens, head_dim]; slots: [tokens] int64
+        k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
     """
     torch.ops.coserve.rope_write_kv(qkv, cos, sin, k_cache, v_cache, slots, num_heads, num_kv_heads)

@@ -74,18 +74,20 @@ class Settings(BaseSettings):
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
-        description="Weight and activation type; auto = bfloat16 where the device computes it natively, else float32",
+        description="Weight and activation type; auto = on a GPU bfloat16 where supported, on a CPU whichever "
+        "of float32 and bfloat16 its GEMMs run faster, measured once per CPU at start-up",
     )
     decode_weights: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",
-        description="Weights read by batches of up to 16 rows on the CPU: bfloat16 halves the bytes of a decode "
-        "step, arithmetic stays float32; auto = bfloat16 where the CPU has AVX-512 and dtype is auto (float32)",
+        description="Weights read by batches of up to 16 rows on the CPU: bfloat16 panels halve the bytes of a "
+        "float32 decode step, arithmetic stays float32; auto = panels up to the row count where they measured "
+        "faster (with dtype auto), float32 = never",
     )
     device: str = Field("cpu", description="Torch device for the engine (cpu, cuda, cuda:1, ...)")
     block_size: int = Field(16, gt=0, description="Tokens per KV-cache block (a power of two)")
     kv_cache_memory_gb: float = Field(2.0, gt=0, description="Memory reserved for the KV cache, in GiB")
     max_num_batched_tokens: int = Field(2048, gt=0, description="Token budget of one engine iteration")
-    max_num_seqs: int = Field(64, gt=0, description="Most sequences running in one engine iteration")
+    max_num_seqs: int = Field(128, gt=0, description="Most sequences running in one engine iteration")
     max_model_len: int | None = Field(
         None, gt=0, description="Cap on prompt + completion tokens; unset = the model's context length"
     )
@@ -171,6 +173,7 @@ class Settings(BaseSettings):
     def engine_config(self, model_dir: Path) -> EngineConfig:
         return EngineConfig(
             model_dir=model_dir,
+            cache_dir=self.cache_dir,
             dtype=self.dtype,
             decode_weights=self.decode_weights,
             device=self.device,

@@ -1,4 +1,5 @@
-// Residual add and RMSNorm in one pass, float32, on the CPU.
+// Residual add and RMSNorm in one pass, on the CPU: a float32 residual stream, a
+// float32 or bfloat16 compute type.
 //
 // Each decoder layer adds its attention output to the residual stream, normalises the
 // sum for the MLP, then adds the MLP output and normalises again for the next layer.
@@ -19,43 +20,51 @@ namespace {
 // one thread before a second one could start; long prefill batches split.
 constexpr int64_t kRowsPerTask = 32;
 
-// residual: [rows, hidden] float32, becomes residual + delta when delta is given.
-// out: [rows, hidden] float32 = weight * residual / sqrt(mean(residual^2) + eps).
-void add_rms_norm(at::Tensor& out, at::Tensor& residual, const c10::optional<at::Tensor>& delta,
-                  const at::Tensor& weight, double eps) {
-  TORCH_CHECK(residual.dim() == 2 && residual.scalar_type() == at::kFloat && residual.is_contiguous(),
-              "residual: contiguous float32 [rows, hidden]");
-  TORCH_CHECK(out.sizes() == residual.sizes() && out.scalar_type() == at::kFloat && out.is_contiguous(),
-              "out: contiguous float32, the shape of residual");
-  const int64_t rows = residual.size(0), hidden = residual.size(1);
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == hidden && weight.scalar_type() == at::kFloat &&
-                  weight.is_contiguous(),
-              "weight: contiguous float32 [hidden]");
-  const float* d = nullptr;
-  if (delta.has_value()) {
-    TORCH_CHECK(delta->sizes() == residual.sizes() && delta->scalar_type() == at::kFloat && delta->is_contiguous(),
-                "delta: contiguous float32, the shape of residual");
-    d = delta->data_ptr<float>();
-  }
-  float* r = residual.data_ptr<float>();
-  float* y = out.data_ptr<float>();
-  const float* w = weight.data_ptr<float>();
+template <typename T>
+void run(float* r, const T* d, const T* w, T* y, int64_t rows, int64_t hidden, float eps) {
   at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       float* x = r + row * hidden;
       if (d != nullptr) {
-        const float* dx = d + row * hidden;
+        const T* dx = d + row * hidden;
 #pragma omp simd
-        for (int64_t i = 0; i < hidden; ++i) x[i] += dx[i];
+        for (int64_t i = 0; i < hidden; ++i) x[i] += static_cast<float>(dx[i]);
       }
       float squares = 0.f;
 #pragma omp simd reduction(+ : squares)
       for (int64_t i = 0; i < hidden; ++i) squares += x[i] * x[i];
-      const float inv = 1.f / std::sqrt(squares / static_cast<float>(hidden) + static_cast<float>(eps));
-      float* yr = y + row * hidden;
+      const float inv = 1.f / std::sqrt(squares / static_cast<float>(hidden) + eps);
+      T* yr = y + row * hidden;
+      // Rounded to T before the weight multiply, as the native RMSNorm does.
 #pragma omp simd
-      for (int64_t i = 0; i < hidden; ++i) yr[i] = w[i] * (x[i] * inv);
+      for (int64_t i = 0; i < hidden; ++i)
+        yr[i] = static_cast<T>(static_cast<float>(w[i]) * static_cast<float>(static_cast<T>(x[i] * inv)));
     }
+  });
+}
+
+// residual: [rows, hidden] float32, becomes residual + delta when delta is given.
+// out: [rows, hidden] = weight * residual / sqrt(mean(residual^2) + eps), in the compute
+// type T (float32 or bfloat16) that delta, weight and out share; the residual stream
+// stays float32 whatever T is.
+void add_rms_norm(at::Tensor& out, at::Tensor& residual, const c10::optional<at::Tensor>& delta,
+                  const at::Tensor& weight, double eps) {
+  TORCH_CHECK(residual.dim() == 2 && residual.scalar_type() == at::kFloat && residual.is_contiguous(),
+              "residual: contiguous float32 [rows, hidden]");
+  const auto type = weight.scalar_type();
+  TORCH_CHECK(type == at::kFloat || type == at::kBFloat16, "weight: float32 or bfloat16");
+  TORCH_CHECK(out.sizes() == residual.sizes() && out.scalar_type() == type && out.is_contiguous(),
+              "out: contiguous, the shape of residual, the type of weight");
+  const int64_t rows = residual.size(0), hidden = residual.size(1);
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == hidden && weight.is_contiguous(), "weight: contiguous [hidden]");
+  if (delta.has_value()) {
+    TORCH_CHECK(delta->sizes() == residual.sizes() && delta->scalar_type() == type && delta->is_contiguous(),
+                "delta: contiguous, the shape of residual, the type of weight");
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, type, "add_rms_norm", [&] {
+    const scalar_t* d = delta.has_value() ? delta->data_ptr<scalar_t>() : nullptr;
+    run<scalar_t>(residual.data_ptr<float>(), d, weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows,
+                  hidden, static_cast<float>(eps));
   });
 }
 

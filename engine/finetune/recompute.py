@@ -8,7 +8,9 @@ backpropagates the gradient that arrived from layer l + 1. So at any time autogr
 holds the graph of one layer of one sequence, never the whole model.
 
 The math mirrors engine/model/llama.py (native paths: F.linear, SDPA): the
-equivalence test against PEFT training checks that the two agree.
+equivalence test against PEFT training checks that the two agree. Everything but the
+frozen base matmuls runs in float32, whatever the model's compute type: the saved layer
+inputs (the residual stream) are float32, and so are the LoRA parameters and gradients.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from engine.model.rope import apply_rope
 
 
 def _projection(module, x: torch.Tensor, target: LoRATarget, layer: int, lora: TrainableLoRA) -> torch.Tensor:
-    """Base projection (frozen) plus the trainable LoRA delta of each adapted part."""
-    y = F.linear(x, module.weight, module.bias)  # [T, out]
+    """Base projection (frozen, in the model's compute type) plus the trainable LoRA delta
+    of each adapted part (float32, like its parameters); returns float32."""
+    y = F.linear(x.to(module.weight.dtype), module.weight, module.bias).float()  # [T, out]
+    x = x.float()
     deltas = []
     for name, size in target.parts:
         pair = lora.pair(layer, name)

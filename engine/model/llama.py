@@ -29,18 +29,20 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden), requires_grad=False)
         self.eps = eps
-        # add_forward through the csrc kernel (float32 on the CPU); set by the runner.
+        # add_forward through the csrc kernel (on the CPU); set by the runner.
         self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalised in float32, like the reference, so bf16 serving stays close to it.
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * normed.to(x.dtype)
+        return self.weight * normed.to(self.weight.dtype)
 
     def add_forward(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + delta), x + delta), both [num_tokens, hidden]; delta None adds nothing.
+        x is the float32 residual stream; delta and the result are in the compute type.
         The fused path updates x in place: callers pass a residual stream they own."""
-        if self.fused and x.dtype == torch.float32 and x.is_contiguous() and not torch.is_grad_enabled():
+        fusable = delta is None or delta.dtype == self.weight.dtype
+        if self.fused and fusable and x.dtype == torch.float32 and x.is_contiguous() and not torch.is_grad_enabled():
             return ops.add_rms_norm(x, delta, self.weight, self.eps), x
         if delta is not None:
             x = x + delta
@@ -59,7 +61,7 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=getattr(config, "attention_bias", False))
         self.scale = head_dim**-0.5
-        # Rotation and cache write through the csrc kernel (float32 on the CPU); set by the runner.
+        # Rotation and cache write through the csrc kernel (on the CPU); set by the runner.
         self.fused = False
 
     def forward(
@@ -74,7 +76,7 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x)  # [num_tokens, q_size + 2 * kv_size]
         if lora is not None:
             lora.apply(qkv, x, self.layer, "qkv_proj")
-        fused = self.fused and qkv.dtype == kv_cache[0].dtype == torch.float32 and qkv.is_contiguous()
+        fused = self.fused and qkv.dtype == kv_cache[0].dtype == cos.dtype and qkv.is_contiguous()
         if fused:  # rotated in place and cached in one pass
             ops.rope_write_kv(qkv, cos, sin, *kv_cache, meta.slot_mapping, self.num_heads, self.num_kv_heads)
         heads = qkv.view(-1, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
@@ -164,7 +166,9 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:  # [num_tokens, hidden]
         """With `capture_rows`, appends to `captured` each layer's input at those rows and
         the last layer's output, [n, hidden] each: what a finetuning backward recomputes from."""
-        x, delta = self.embed_tokens(input_ids), None  # the residual stream is x + delta
+        # The residual stream is x + delta, x in float32 whatever the compute type: a
+        # bfloat16 stream would round away the small updates of each layer.
+        x, delta = self.embed_tokens(input_ids).float(), None
         for layer, kv_cache in zip(self.layers, kv_caches):
             if capture_rows is not None:
                 captured.append(_rows_of_sum(x, delta, capture_rows))

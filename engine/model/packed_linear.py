@@ -1,4 +1,4 @@
-"""Linear layers with weights pre-packed for MKL's GEMM (CPU, float32).
+"""Linear layers with weights pre-packed for the CPU: MKL's GEMM (float32), bfloat16 panels.
 
 Packing a weight once into MKL's internal panel layout saves the re-layout that
 every plain `F.linear` call does: on the 2-core Xeon (quiet, 2026-11-21) the
@@ -17,12 +17,14 @@ compute), so larger calls (prefill chunks, training chunks) run plain. Measured 
 `python bench/packed_rows.py` (every linear of a decode step, LM head included) on the
 same machine: 4 to 24 rows 33-48 ms packed against 49-70 ms plain.
 
-With `decode_bf16`, each layer also keeps its weight as bfloat16 panels, and calls
-of up to 16 rows run csrc/cpu/bf16_linear.cpp on them: half the bytes of a decode
-step, float32 arithmetic (see engine/config.py, resolve_decode_weights).
+With `panel_max_rows` set, each layer also keeps its weight as bfloat16 panels, and
+calls of up to that many rows run csrc/cpu/bf16_linear.cpp on them: the weights
+streamed once per call at half the bytes of float32, float32 arithmetic. How many
+rows that pays for is measured per CPU (engine/model/gemm_probe.py); it applies to
+a bfloat16 model too, whose GEMM is no faster than the panels at a few rows.
 
-Used only where it applies: CPU, float32, a torch built with MKL. Everything
-else runs the layers as they are.
+Used only where it applies: the CPU, float32 (MKL packing, with a torch built with
+MKL) or panels. Everything else runs the layers as they are.
 """
 
 from __future__ import annotations
@@ -51,20 +53,27 @@ def mkl_packing_available(weight: torch.Tensor) -> bool:
 class PackedLinear(nn.Module):
     """y = x W^T + b with W packed once. x: [rows, in] -> [rows, out]."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, decode_bf16: bool = False):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, panel_max_rows: int = 0):
         super().__init__()
         # The plain weight stays: MKL reads its shape, and the native path, the
         # finetuning recompute and adapters (LoRA) use it.
         self.weight = weight
         self.bias = bias
-        self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, _PACKING_ROWS)
-        self.bf16_panels = ops.pack_bf16_weight(weight) if decode_bf16 else None  # [ceil(out / 16), in, 16]
+        self.packed = None
+        if mkl_packing_available(weight):
+            self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, _PACKING_ROWS)
+        self.panel_max_rows = min(panel_max_rows, ops.BF16_LINEAR_MAX_ROWS)
+        self.bf16_panels = self.panel_bias = None
+        if self.panel_max_rows:
+            self.bf16_panels = ops.pack_bf16_weight(weight)  # [ceil(out / 16), in, 16]
+            self.panel_bias = None if bias is None else bias.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if self.bf16_panels is not None and 0 < rows <= ops.BF16_LINEAR_MAX_ROWS and x.dim() == 2:
-            return ops.bf16_linear(x, self.bf16_panels, self.weight.shape[0], self.bias)
-        if rows > _PACKED_MAX_ROWS:
+        if 0 < rows <= self.panel_max_rows and x.dim() == 2:
+            y = ops.bf16_linear(x.float(), self.bf16_panels, self.weight.shape[0], self.panel_bias)
+            return y.to(x.dtype)
+        if self.packed is None or rows > _PACKED_MAX_ROWS:
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, rows)
 
@@ -72,9 +81,10 @@ class PackedLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-def pack_linears(model: nn.Module, decode_bf16: bool = False) -> None:
+def pack_linears(model: nn.Module, panel_max_rows: int = 0) -> None:
     """Replace every nn.Linear in `model` by a PackedLinear, where packing applies."""
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear) and mkl_packing_available(child.weight):
-                setattr(module, child_name, PackedLinear(child.weight, child.bias, decode_bf16))
+            weight = child.weight if isinstance(child, nn.Linear) else None
+            if weight is not None and (mkl_packing_available(weight) or (panel_max_rows and weight.device.type == "cpu")):
+                setattr(module, child_name, PackedLinear(weight, child.bias, panel_max_rows))

@@ -85,53 +85,65 @@ def test_bf16_linear_checks_its_inputs():
 
 @pytest.mark.parametrize("rows", [1, 7, 16, 33, 300])
 @pytest.mark.parametrize("with_delta", [False, True])
-def test_add_rms_norm_matches_the_native_norm(rows, with_delta):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_rms_norm_matches_the_native_norm(rows, with_delta, dtype):
+    """The residual stays float32; delta, weight and the result are in the compute type."""
     torch.manual_seed(rows)
     hidden, eps = 576, 1e-5
     x = torch.randn(rows, hidden) * 3
-    delta = torch.randn(rows, hidden) if with_delta else None
-    weight = torch.randn(hidden)
+    delta = torch.randn(rows, hidden).to(dtype) if with_delta else None
+    weight = torch.randn(hidden).to(dtype)
     expected_sum = x + delta if with_delta else x.clone()
-    expected = weight * torch.nn.functional.rms_norm(expected_sum, (hidden,), eps=eps)
+    # The native RMSNorm: normalised in float32, rounded to the compute type, then weighted.
+    expected = weight * torch.nn.functional.rms_norm(expected_sum, (hidden,), eps=eps).to(dtype)
 
     normed = ops.add_rms_norm(x, delta, weight, eps)
 
+    assert normed.dtype == dtype
     torch.testing.assert_close(x, expected_sum, atol=0, rtol=0)  # the residual, updated in place
-    torch.testing.assert_close(normed, expected, atol=1e-5, rtol=1e-5)
+    # bfloat16: one rounding step apart at most, where float32 summation order tips a tie.
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(normed, expected, atol=tolerance, rtol=tolerance)
 
 
 def test_add_rms_norm_checks_its_inputs():
     x = torch.randn(3, 8)
-    with pytest.raises(RuntimeError, match="weight: contiguous float32"):
+    with pytest.raises(RuntimeError, match="weight: contiguous"):
         ops.add_rms_norm(x, None, torch.randn(7), 1e-5)
-    with pytest.raises(RuntimeError, match="delta: contiguous float32"):
+    with pytest.raises(RuntimeError, match="delta: contiguous"):
         ops.add_rms_norm(x, torch.randn(2, 8), torch.randn(8), 1e-5)
+    with pytest.raises(RuntimeError, match="delta: contiguous"):
+        ops.add_rms_norm(x, torch.randn(3, 8).to(torch.bfloat16), torch.randn(8), 1e-5)
     with pytest.raises(RuntimeError, match="residual: contiguous float32"):
         ops.add_rms_norm(x.double(), None, torch.randn(8), 1e-5)
 
 
 @pytest.mark.parametrize("tokens", [1, 7, 40])
 @pytest.mark.parametrize("heads, kv_heads", [(4, 4), (9, 3)])
-def test_rope_write_kv_matches_rope_and_cache_write(tokens, heads, kv_heads):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_write_kv_matches_rope_and_cache_write(tokens, heads, kv_heads, dtype):
     torch.manual_seed(tokens * 10 + heads)
     head_dim, num_blocks, block_size = 64, 12, 8
-    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim).to(dtype)
     angles = torch.rand(tokens, head_dim // 2) * 6
     cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()  # [tokens, head_dim]
+    cos, sin = cos.to(dtype), sin.to(dtype)
     slots = torch.randperm(num_blocks * block_size)[:tokens]
-    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim)
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim).to(dtype)
     v_cache = torch.randn_like(k_cache)
     heads_view = qkv.view(tokens, -1, head_dim)
-    expected_qk = apply_rope(heads_view[:, : heads + kv_heads], cos, sin)
+    # Rotated in float32 and rounded once (the native bfloat16 rotation rounds each op).
+    expected_qk = apply_rope(heads_view[:, : heads + kv_heads].float(), cos.float(), sin.float()).to(dtype)
     expected_k_cache, expected_v_cache = k_cache.clone(), v_cache.clone()
     write_kv(expected_k_cache, expected_v_cache, expected_qk[:, heads:], heads_view[:, heads + kv_heads :], slots)
     expected_v = heads_view[:, heads + kv_heads :].clone()
 
     ops.rope_write_kv(qkv, cos, sin, k_cache, v_cache, slots, heads, kv_heads)
 
-    torch.testing.assert_close(heads_view[:, : heads + kv_heads], expected_qk, atol=1e-6, rtol=1e-6)
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2  # bfloat16: a rounding step where fma order tips it
+    torch.testing.assert_close(heads_view[:, : heads + kv_heads], expected_qk, atol=tolerance, rtol=tolerance)
     torch.testing.assert_close(heads_view[:, heads + kv_heads :], expected_v, atol=0, rtol=0)  # v untouched
-    torch.testing.assert_close(k_cache, expected_k_cache, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(k_cache, expected_k_cache, atol=tolerance, rtol=tolerance)
     torch.testing.assert_close(v_cache, expected_v_cache, atol=0, rtol=0)
 
 

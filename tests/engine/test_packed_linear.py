@@ -32,11 +32,31 @@ def test_pack_linears_replaces_float32_layers_only():
 
 
 @pytest.mark.skipif(not ops.bf16_linear_available(), reason="bf16_linear needs the C++ build on an AVX-512 CPU")
-def test_decode_bf16_reads_rounded_weights_up_to_16_rows_only():
+def test_panels_read_rounded_weights_up_to_their_row_count_only():
     torch.manual_seed(0)
     weight, bias = torch.randn(96, 48), torch.randn(96)
-    layer = PackedLinear(weight, bias, decode_bf16=True)
+    layer = PackedLinear(weight, bias, panel_max_rows=16)
     rounded = weight.to(torch.bfloat16).float()
     for rows, expected_weight in ((1, rounded), (16, rounded), (17, weight), (80, weight)):
         x = torch.randn(rows, 48)
         torch.testing.assert_close(layer(x), F.linear(x, expected_weight, bias), atol=1e-5, rtol=1e-5)
+    assert PackedLinear(weight, bias, panel_max_rows=4)(torch.randn(5, 48)).shape == (5, 96)
+
+
+@pytest.mark.skipif(not ops.bf16_linear_available(), reason="bf16_linear needs the C++ build on an AVX-512 CPU")
+def test_bfloat16_layer_with_panels_computes_in_float32_and_returns_bfloat16():
+    """A bfloat16 model's small calls: float32 arithmetic on the same (bfloat16) weights,
+    rounded once at the output; larger calls run the bfloat16 GEMM."""
+    torch.manual_seed(1)
+    weight, bias = torch.randn(40, 64).to(torch.bfloat16), torch.randn(40).to(torch.bfloat16)
+    model = nn.Sequential(nn.Linear(64, 40).to(torch.bfloat16))
+    model[0].weight.data, model[0].bias.data = weight, bias
+    pack_linears(model, panel_max_rows=8)
+    layer = model[0]
+    assert isinstance(layer, PackedLinear)
+    x = torch.randn(8, 64).to(torch.bfloat16)
+    exact = F.linear(x.float(), weight.float(), bias.float())
+    assert layer(x).dtype == torch.bfloat16
+    torch.testing.assert_close(layer(x), exact.to(torch.bfloat16), atol=0, rtol=0)
+    x = torch.randn(9, 64).to(torch.bfloat16)
+    torch.testing.assert_close(layer(x), F.linear(x, weight, bias), atol=0, rtol=0)

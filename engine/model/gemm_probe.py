@@ -1,0 +1,192 @@
+"""Which GEMM this CPU runs fastest for this model's linear layers, measured once.
+
+The answer differs by CPU, and no flag predicts it. On a 2-core Xeon with AMX
+(2026-12-06, torch 2.13), the linears of one SmolLM2-135M step took, in ms:
+
+    rows                      1      8     32    128
+    float32 (MKL packed)   22.2   33.3   52.7  161.6
+    bfloat16 (oneDNN)      23.6   25.3   28.7   48.3
+    bf16 panels, fp32 math 11.6   19.5      -      -
+
+while on a 2-core AMD EPYC with AVX512-BF16 but no AMX, bfloat16 GEMMs were about
+2.5x float32 at 32 rows and more, and slower below 16. So `dtype: auto` on a CPU
+times the candidates on this model's own layer shapes, at a few row counts:
+
+  * the compute type (weights and activations): float32 or bfloat16, whichever runs
+    the whole range faster (the sum over the row counts, the best kernel of each
+    type at each count);
+  * the largest call (up to 16 rows) that reads bfloat16 panels with float32
+    arithmetic (csrc/cpu/bf16_linear.cpp) instead: it streams the weights once per
+    call, which is all a decode step of a few rows does.
+
+The probe takes 1-3 s on 2 cores, so its result is kept in a small JSON file keyed
+by the CPU, torch, the thread count and the shapes; a CPU that differs probes anew.
+`python -m engine.model.gemm_probe` prints the measurement for the default model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import PretrainedConfig
+
+from engine import ops
+
+log = logging.getLogger(__name__)
+
+# Row counts timed for the compute type: one decode, a small batch, a busy one, a full one.
+DTYPE_ROWS = (1, 8, 32, 128)
+# Row counts at which the panel kernel is tried against the compute type's GEMM.
+PANEL_ROWS = (1, 2, 4, 8, 12, 16)
+# Layers timed: enough of them to stream weights from memory as a real step does
+# (the working set of a few layers would sit in cache), at most this many bytes.
+_MAX_PROBE_BYTES = 256 * 2**20
+_REPEATS = 3
+
+
+@dataclass(frozen=True)
+class GemmChoice:
+    dtype: str  # "float32" or "bfloat16": weights and activations
+    panel_max_rows: int  # calls of up to this many rows read bfloat16 panels; 0 = never
+    # Milliseconds for the timed layers, per candidate and row count (for logs and docs).
+    timings_ms: dict[str, dict[str, float]]
+
+
+def linear_shapes(config: PretrainedConfig) -> list[tuple[int, int]]:
+    """(out, in) of one decoder layer's fused linears (engine/model/llama.py), then the LM head's."""
+    hidden = config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    inter = config.intermediate_size
+    return [(q + 2 * kv, hidden), (hidden, q), (2 * inter, hidden), (hidden, inter), (config.vocab_size, hidden)]
+
+
+def _best_ms(step, repeats: int = _REPEATS) -> float:
+    step()  # warm-up: first-call costs (oneDNN primitive creation, page faults)
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        step()
+        best = min(best, time.perf_counter() - started)
+    return best * 1000
+
+
+class _Layers:
+    """Random weights of the model's shapes: `num_layers` copies of the layer's linears plus the LM head."""
+
+    def __init__(self, layer_shapes: list[tuple[int, int]], head_shape: tuple[int, int], num_layers: int):
+        shapes = layer_shapes * num_layers + [head_shape]
+        self.fp32 = [torch.randn(n, k) * 0.02 for n, k in shapes]
+        self.bf16 = [w.to(torch.bfloat16) for w in self.fp32]
+        self.mkl = None
+        if torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear"):
+            self.mkl = [torch.ops.mkl._mkl_reorder_linear_weight(w, 32) for w in self.fp32]
+        self.panels = None
+
+    def inputs(self, rows: int, dtype: torch.dtype) -> dict[int, torch.Tensor]:
+        return {k: torch.randn(rows, k, dtype=dtype) for k in {w.shape[1] for w in self.fp32}}
+
+    def float32_ms(self, rows: int) -> float:
+        x = self.inputs(rows, torch.float32)
+        plain = _best_ms(lambda: [F.linear(x[w.shape[1]], w) for w in self.fp32])
+        if self.mkl is None:
+            return plain
+        packed = _best_ms(
+            lambda: [torch.ops.mkl._mkl_linear(x[w.shape[1]], p, w, None, rows) for w, p in zip(self.fp32, self.mkl)]
+        )
+        return min(plain, packed)
+
+    def bfloat16_ms(self, rows: int) -> float:
+        x = self.inputs(rows, torch.bfloat16)
+        return _best_ms(lambda: [F.linear(x[w.shape[1]], w) for w in self.bf16])
+
+    def panels_ms(self, rows: int, dtype: torch.dtype) -> float:
+        """The panel kernel as PackedLinear runs it for a model of `dtype` (casts included)."""
+        if self.panels is None:
+            self.panels = [ops.pack_bf16_weight(w) for w in self.bf16]
+        x = self.inputs(rows, dtype)
+        return _best_ms(
+            lambda: [
+                ops.bf16_linear(x[w.shape[1]].float(), p, w.shape[0], None).to(dtype)
+                for w, p in zip(self.bf16, self.panels)
+            ]
+        )
+
+
+def measure(config: PretrainedConfig, panels_available: bool) -> GemmChoice:
+    """Time the candidates on this machine now (1-3 s) and pick."""
+    *layer_shapes, head_shape = linear_shapes(config)
+    layer_bytes = 4 * sum(n * k for n, k in layer_shapes)
+    num_layers = max(1, min(config.num_hidden_layers, _MAX_PROBE_BYTES // layer_bytes))
+    layers = _Layers(layer_shapes, head_shape, num_layers)
+    timings: dict[str, dict[str, float]] = {"float32": {}, "bfloat16": {}, "panels": {}}
+    for rows in sorted(set(DTYPE_ROWS) | set(PANEL_ROWS)):
+        timings["float32"][str(rows)] = layers.float32_ms(rows)
+        timings["bfloat16"][str(rows)] = layers.bfloat16_ms(rows)
+
+    def effective_ms(dtype: str, rows: int, panel_max_rows: int) -> float:
+        gemm = timings[dtype][str(rows)]
+        return min(gemm, timings["panels"][f"{dtype}/{rows}"]) if rows <= panel_max_rows else gemm
+
+    best: tuple[float, str, int] | None = None
+    for dtype in ("float32", "bfloat16"):
+        panel_max_rows = 0
+        if panels_available:
+            torch_dtype = getattr(torch, dtype)
+            for rows in PANEL_ROWS:
+                panels = layers.panels_ms(rows, torch_dtype)
+                timings["panels"][f"{dtype}/{rows}"] = panels
+                if panels >= timings[dtype][str(rows)]:
+                    break  # the GEMM wins from here on: it only gets better per row
+                panel_max_rows = rows
+        total = sum(effective_ms(dtype, rows, panel_max_rows) for rows in DTYPE_ROWS)
+        if best is None or total < best[0]:
+            best = (total, dtype, panel_max_rows)
+    _, dtype, panel_max_rows = best
+    return GemmChoice(dtype, panel_max_rows, timings)
+
+
+def _cache_key(config: PretrainedConfig, panels_available: bool) -> str:
+    facts = [ops.cpu_signature(), torch.__version__, torch.get_num_threads(), linear_shapes(config),
+             config.num_hidden_layers, panels_available]
+    return hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:16]
+
+
+def choose(config: PretrainedConfig, cache_dir: Path | None) -> GemmChoice:
+    """The measured choice for this CPU and model, from `cache_dir` when it was made before."""
+    panels_available = ops.bf16_linear_available()
+    path = None if cache_dir is None else cache_dir / "gemm-probe" / f"{_cache_key(config, panels_available)}.json"
+    if path is not None and path.is_file():
+        try:
+            return GemmChoice(**json.loads(path.read_text()))
+        except (ValueError, TypeError):
+            log.warning("ignoring unreadable GEMM probe cache %s", path)
+    choice = measure(config, panels_available)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(choice), indent=1))
+        tmp.replace(path)
+    return choice
+
+
+def main() -> None:
+    from engine.model.loader import load_config
+    from engine.model_files import resolve_model
+
+    model_dir, name = resolve_model(None, Path("~/.cache/coserve").expanduser())
+    choice = measure(load_config(model_dir), ops.bf16_linear_available())
+    print(f"{name}, {torch.get_num_threads()} threads: dtype {choice.dtype}, panels up to {choice.panel_max_rows} rows")
+    for candidate, by_rows in choice.timings_ms.items():
+        print(f"  {candidate:>8}: " + "  ".join(f"{rows}: {ms:.1f}" for rows, ms in by_rows.items()))
+
+
+if __name__ == "__main__":
+    main()
