@@ -41,6 +41,25 @@ inline __m512 load16(const c10::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 }
 
+// The sums of 16 vectors, as one vector: lane i = the sum of a[i]'s 16 lanes.
+// Pairs are folded within 128-bit blocks, then the blocks across vectors.
+inline __m512 sum16(const __m512* a) {
+  __m512 quads[4];  // quads[i] lane 4b + j: the sum of a[4i + j]'s block b
+  for (int i = 0; i < 4; ++i) {
+    const __m512* v = a + 4 * i;
+    // [v0_0 + v0_2, v1_0 + v1_2, v0_1 + v0_3, v1_1 + v1_3] in each block
+    const __m512 p01 = _mm512_add_ps(_mm512_unpacklo_ps(v[0], v[1]), _mm512_unpackhi_ps(v[0], v[1]));
+    const __m512 p23 = _mm512_add_ps(_mm512_unpacklo_ps(v[2], v[3]), _mm512_unpackhi_ps(v[2], v[3]));
+    quads[i] = _mm512_add_ps(_mm512_shuffle_ps(p01, p23, 0x44), _mm512_shuffle_ps(p01, p23, 0xEE));
+  }
+  // Sum the four blocks of each quad: blocks (0, 2) + (1, 3), twice.
+  const __m512 q01 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], 0x88),
+                                   _mm512_shuffle_f32x4(quads[0], quads[1], 0xDD));
+  const __m512 q23 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], 0x88),
+                                   _mm512_shuffle_f32x4(quads[2], quads[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(q01, q23, 0x88), _mm512_shuffle_f32x4(q01, q23, 0xDD));
+}
+
 // The G query heads that share one kv head, over that head's cached rows, with
 // head_dim = 16 * CH. G and CH are compile-time so that the query vectors and the
 // output accumulators stay in registers, and each cached row is widened to float32
@@ -52,11 +71,29 @@ template <typename T, int G, int CH>
 struct HeadGroup {
 
   // scores[h * ctx + t] = q_h . K_t for t < ctx; query: [G, 16 CH] float32, pre-scaled.
+  // Tokens go 16 at a time: each dot product is left as 16 partial sums, and the 16
+  // of a head are summed together by sum16 (~3 instructions a score instead of ~10
+  // for a horizontal sum each).
   static void scores(const float* query, const T* base, const int64_t* offsets, int64_t ctx, float* out) {
     __m512 q[G][CH];
     for (int h = 0; h < G; ++h)
       for (int c = 0; c < CH; ++c) q[h][c] = _mm512_loadu_ps(query + (h * CH + c) * 16);
-    for (int64_t t = 0; t < ctx; ++t) {
+    __m512 partial[G][16];
+    int64_t t = 0;
+    for (; t + 16 <= ctx; t += 16) {
+      for (int j = 0; j < 16; ++j) {
+        const T* row = base + offsets[t + j];
+        __m512 k[CH];
+        for (int c = 0; c < CH; ++c) k[c] = load16(row + 16 * c);
+        for (int h = 0; h < G; ++h) {
+          __m512 acc = _mm512_mul_ps(q[h][0], k[0]);
+          for (int c = 1; c < CH; ++c) acc = _mm512_fmadd_ps(q[h][c], k[c], acc);
+          partial[h][j] = acc;
+        }
+      }
+      for (int h = 0; h < G; ++h) _mm512_storeu_ps(out + h * ctx + t, sum16(partial[h]));
+    }
+    for (; t < ctx; ++t) {
       const T* row = base + offsets[t];
       __m512 k[CH];
       for (int c = 0; c < CH; ++c) k[c] = load16(row + 16 * c);
