@@ -130,23 +130,32 @@ def measure(config: PretrainedConfig, panels_available: bool) -> GemmChoice:
     for rows in sorted(set(DTYPE_ROWS) | set(PANEL_ROWS)):
         timings["float32"][str(rows)] = layers.float32_ms(rows)
         timings["bfloat16"][str(rows)] = layers.bfloat16_ms(rows)
-
-    def effective_ms(dtype: str, rows: int, panel_max_rows: int) -> float:
-        gemm = timings[dtype][str(rows)]
-        return min(gemm, timings["panels"][f"{dtype}/{rows}"]) if rows <= panel_max_rows else gemm
-
-    best: tuple[float, str, int] | None = None
-    for dtype in ("float32", "bfloat16"):
-        panel_max_rows = 0
-        if panels_available:
-            torch_dtype = getattr(torch, dtype)
+    if panels_available:
+        for dtype in ("float32", "bfloat16"):
             for rows in PANEL_ROWS:
-                panels = layers.panels_ms(rows, torch_dtype)
-                timings["panels"][f"{dtype}/{rows}"] = panels
+                panels = timings["panels"][f"{dtype}/{rows}"] = layers.panels_ms(rows, getattr(torch, dtype))
                 if panels >= timings[dtype][str(rows)]:
                     break  # the GEMM wins from here on: it only gets better per row
-                panel_max_rows = rows
-        total = sum(effective_ms(dtype, rows, panel_max_rows) for rows in DTYPE_ROWS)
+    return pick(timings)
+
+
+def pick(timings: dict[str, dict[str, float]]) -> GemmChoice:
+    """The choice the timings (ms, as `measure` records them) call for: per type, panels up
+    to the last row count where they beat its GEMM without a loss before; then the type
+    whose best kernels take the least time summed over DTYPE_ROWS."""
+    best: tuple[float, str, int] | None = None
+    for dtype in ("float32", "bfloat16"):
+        gemm = timings[dtype]
+        panel_max_rows = 0
+        for rows in PANEL_ROWS:
+            panels = timings["panels"].get(f"{dtype}/{rows}")
+            if panels is None or panels >= gemm[str(rows)]:
+                break
+            panel_max_rows = rows
+        total = sum(
+            min(gemm[str(rows)], timings["panels"][f"{dtype}/{rows}"]) if rows <= panel_max_rows else gemm[str(rows)]
+            for rows in DTYPE_ROWS
+        )
         if best is None or total < best[0]:
             best = (total, dtype, panel_max_rows)
     _, dtype, panel_max_rows = best

@@ -1,0 +1,67 @@
+"""The CPU GEMM probe: its decision rule on recorded timings, and a real measurement."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from engine.model import gemm_probe
+from engine.model.gemm_probe import DTYPE_ROWS, PANEL_ROWS, GemmChoice, pick
+from tests.engine.tiny_models import tiny_llama_config
+
+
+def _timings(float32, bfloat16, panels) -> dict[str, dict[str, float]]:
+    """ms per row count from functions of the row count; panels keyed as measure() keys them."""
+    rows = sorted(set(DTYPE_ROWS) | set(PANEL_ROWS))
+    return {
+        "float32": {str(r): float32(r) for r in rows},
+        "bfloat16": {str(r): bfloat16(r) for r in rows},
+        "panels": {f"{dtype}/{r}": panels(r) for dtype in ("float32", "bfloat16") for r in PANEL_ROWS},
+    }
+
+
+def test_amx_like_timings_pick_bfloat16_with_panels_for_small_calls():
+    # Shaped like the Xeon with AMX of the module docstring: bf16 GEMMs flat and fast,
+    # panels ahead while 11 + 1.1 r < 23 + 0.2 r, i.e. up to 13 rows.
+    choice = pick(_timings(lambda r: 20 + 1.1 * r, lambda r: 23 + 0.2 * r, lambda r: 11 + 1.1 * r))
+    assert (choice.dtype, choice.panel_max_rows) == ("bfloat16", 12)
+
+
+def test_timings_without_fast_bf16_keep_float32():
+    # A CPU without bf16 arithmetic: bf16 GEMMs emulated, 3x slower than float32.
+    choice = pick(_timings(lambda r: 20 + r, lambda r: 3 * (20 + r), lambda r: 12 + 2 * r))
+    assert choice.dtype == "float32" and choice.panel_max_rows == 4  # 12 + 2r < 20 + r up to r < 8
+
+
+def test_panels_stop_at_their_first_loss():
+    # Panels win at 1 and 4 rows but lose at 2: only 1 row is trusted to them.
+    panels = {1: 5.0, 2: 50.0, 4: 5.0, 8: 5.0, 12: 5.0, 16: 5.0}
+    choice = pick(_timings(lambda r: 30.0, lambda r: 10.0 + r / 100, lambda r: panels[r]))
+    assert choice.panel_max_rows == 1
+
+
+def test_missing_panel_timings_mean_no_panels():
+    timings = _timings(lambda r: 30.0, lambda r: 10.0, lambda r: 1.0)
+    timings["panels"] = {}
+    assert pick(timings).panel_max_rows == 0
+
+
+def test_choose_measures_once_then_reads_its_cache(tmp_path, monkeypatch):
+    config = tiny_llama_config()
+    first = gemm_probe.choose(config, tmp_path)
+    assert first.dtype in ("float32", "bfloat16") and first.panel_max_rows in (0, *PANEL_ROWS)
+    assert set(first.timings_ms["float32"]) == {str(r) for r in sorted(set(DTYPE_ROWS) | set(PANEL_ROWS))}
+    [cached] = (tmp_path / "gemm-probe").glob("*.json")
+    assert GemmChoice(**json.loads(cached.read_text())) == first
+
+    def fail(*args):
+        raise AssertionError("measured again despite the cache")
+
+    monkeypatch.setattr(gemm_probe, "measure", fail)
+    assert gemm_probe.choose(config, tmp_path) == first
+    # Another thread count is another machine as far as GEMM speed goes: measured anew.
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 97)
+    with pytest.raises(AssertionError, match="measured again"):
+        gemm_probe.choose(config, tmp_path)
