@@ -43,7 +43,7 @@ def cpu_kernels_available() -> bool:
     """Build (once per machine) and load the CPU kernels; False if that is impossible."""
     sources = [
         CSRC / "cpu" / name
-        for name in ("paged_attention.cpp", "bf16_linear.cpp", "add_rms_norm.cpp", "rope_write_kv.cpp")
+        for name in ("paged_attention.cpp", "bf16_linear.cpp", "add_rms_norm.cpp", "rope_write_kv.cpp", "silu_and_mul.cpp")
     ]
     if not all(source.is_file() for source in sources):
         log.info("csrc/ not found: native CPU attention and float32 weights")
@@ -160,3 +160,17 @@ def rope_write_kv(
         k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
     """
     torch.ops.coserve.rope_write_kv(qkv, cos, sin, k_cache, v_cache, slots, num_heads, num_kv_heads)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's activation in one pass.
+
+    Semantics: gate, up = x.chunk(2, dim=-1); F.silu(gate) * up, computed in float32 and
+    rounded once to x's type.
+
+    Shape:
+        x: [rows, 2 * intermediate] float32 or bfloat16, contiguous; returns [rows, intermediate]
+    """
+    out = x.new_empty(x.shape[0], x.shape[1] // 2)
+    torch.ops.coserve.silu_and_mul(out, x)
+    return out

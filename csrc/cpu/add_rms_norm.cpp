@@ -13,6 +13,10 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "float_rows.h"
 
 namespace {
 
@@ -23,22 +27,42 @@ constexpr int64_t kRowsPerTask = 32;
 template <typename T>
 void run(float* r, const T* d, const T* w, T* y, int64_t rows, int64_t hidden, float eps) {
   at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    // bfloat16 rows go through float32 buffers (float_rows.h); float32 ones are used in place.
+    std::vector<float> weight(hidden), buffer(hidden);
+    coserve::to_float(w, weight.data(), hidden);
+    const float* wf = weight.data();
+    float* b = buffer.data();
     for (int64_t row = begin; row < end; ++row) {
       float* x = r + row * hidden;
       if (d != nullptr) {
-        const T* dx = d + row * hidden;
+        const float* dx = b;
+        if constexpr (std::is_same_v<T, float>) {
+          dx = d + row * hidden;
+        } else {
+          coserve::to_float(d + row * hidden, b, hidden);
+        }
 #pragma omp simd
-        for (int64_t i = 0; i < hidden; ++i) x[i] += static_cast<float>(dx[i]);
+        for (int64_t i = 0; i < hidden; ++i) x[i] += dx[i];
       }
       float squares = 0.f;
 #pragma omp simd reduction(+ : squares)
       for (int64_t i = 0; i < hidden; ++i) squares += x[i] * x[i];
       const float inv = 1.f / std::sqrt(squares / static_cast<float>(hidden) + eps);
-      T* yr = y + row * hidden;
-      // Rounded to T before the weight multiply, as the native RMSNorm does.
 #pragma omp simd
-      for (int64_t i = 0; i < hidden; ++i)
-        yr[i] = static_cast<T>(static_cast<float>(w[i]) * static_cast<float>(static_cast<T>(x[i] * inv)));
+      for (int64_t i = 0; i < hidden; ++i) b[i] = x[i] * inv;
+      if constexpr (std::is_same_v<T, float>) {
+        float* yr = y + row * hidden;
+#pragma omp simd
+        for (int64_t i = 0; i < hidden; ++i) yr[i] = wf[i] * b[i];
+      } else {
+        // Rounded to T before the weight multiply, as the native RMSNorm does.
+        T* yr = y + row * hidden;
+        coserve::from_float(b, yr, hidden);
+        coserve::to_float(yr, b, hidden);
+#pragma omp simd
+        for (int64_t i = 0; i < hidden; ++i) b[i] *= wf[i];
+        coserve::from_float(b, yr, hidden);
+      }
     }
   });
 }
@@ -62,9 +86,11 @@ void add_rms_norm(at::Tensor& out, at::Tensor& residual, const c10::optional<at:
                 "delta: contiguous, the shape of residual, the type of weight");
   }
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, type, "add_rms_norm", [&] {
-    const scalar_t* d = delta.has_value() ? delta->data_ptr<scalar_t>() : nullptr;
-    run<scalar_t>(residual.data_ptr<float>(), d, weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows,
-                  hidden, static_cast<float>(eps));
+    if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
+      const scalar_t* d = delta.has_value() ? delta->data_ptr<scalar_t>() : nullptr;
+      run<scalar_t>(residual.data_ptr<float>(), d, weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows,
+                    hidden, static_cast<float>(eps));
+    }
   });
 }
 

@@ -10,6 +10,10 @@
 #include <ATen/Parallel.h>
 
 #include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "float_rows.h"
 
 namespace {
 
@@ -18,27 +22,37 @@ constexpr int64_t kTokensPerTask = 16;
 
 // x: one head, [head_dim]; c, s: that token's cos and sin rows, [head_dim].
 // x <- x * c + rotate_half(x) * s, rotate_half(x) = (-x[half:], x[:half]).
-template <typename T>
-inline void rotate(T* x, const T* c, const T* s, int64_t head_dim) {
+inline void rotate(float* x, const float* c, const float* s, int64_t head_dim) {
   const int64_t half = head_dim / 2;
 #pragma omp simd
   for (int64_t i = 0; i < half; ++i) {
     const float a = x[i], b = x[i + half];
-    x[i] = static_cast<T>(a * static_cast<float>(c[i]) - b * static_cast<float>(s[i]));
-    x[i + half] = static_cast<T>(b * static_cast<float>(c[i + half]) + a * static_cast<float>(s[i + half]));
+    x[i] = a * c[i] - b * s[i];
+    x[i + half] = b * c[i + half] + a * s[i + half];
   }
 }
 
 template <typename T>
 void run(T* base, const T* cos_ptr, const T* sin_ptr, T* k_out, T* v_out, const int64_t* slot_ptr, int64_t tokens,
          int64_t width, int64_t head_dim, int64_t num_heads, int64_t num_kv_heads) {
-  const int64_t kv_width = num_kv_heads * head_dim;
+  const int64_t kv_width = num_kv_heads * head_dim, qk_width = (num_heads + num_kv_heads) * head_dim;
   at::parallel_for(0, tokens, kTokensPerTask, [&](int64_t begin, int64_t end) {
+    // bfloat16 tokens are rotated in float32 buffers (float_rows.h); float32 ones in place.
+    std::vector<float> qk(std::is_same_v<T, float> ? 0 : qk_width), cs(std::is_same_v<T, float> ? 0 : 2 * head_dim);
     for (int64_t t = begin; t < end; ++t) {
       T* row = base + t * width;
-      const T* c = cos_ptr + t * head_dim;
-      const T* s = sin_ptr + t * head_dim;
-      for (int64_t h = 0; h < num_heads + num_kv_heads; ++h) rotate(row + h * head_dim, c, s, head_dim);
+      float* x;
+      const float *c, *s;
+      if constexpr (std::is_same_v<T, float>) {
+        x = row, c = cos_ptr + t * head_dim, s = sin_ptr + t * head_dim;
+      } else {
+        coserve::to_float(row, qk.data(), qk_width);
+        coserve::to_float(cos_ptr + t * head_dim, cs.data(), head_dim);
+        coserve::to_float(sin_ptr + t * head_dim, cs.data() + head_dim, head_dim);
+        x = qk.data(), c = cs.data(), s = cs.data() + head_dim;
+      }
+      for (int64_t h = 0; h < num_heads + num_kv_heads; ++h) rotate(x + h * head_dim, c, s, head_dim);
+      if constexpr (!std::is_same_v<T, float>) coserve::from_float(x, row, qk_width);
       const T* k = row + num_heads * head_dim;
       std::memcpy(k_out + slot_ptr[t] * kv_width, k, kv_width * sizeof(T));
       std::memcpy(v_out + slot_ptr[t] * kv_width, k + kv_width, kv_width * sizeof(T));
@@ -73,9 +87,11 @@ void rope_write_kv(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin
   for (int64_t t = 0; t < tokens; ++t)
     TORCH_CHECK(slot_ptr[t] >= 0 && slot_ptr[t] < num_slots, "slot ", slot_ptr[t], " is outside the cache");
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, type, "rope_write_kv", [&] {
-    run<scalar_t>(qkv.data_ptr<scalar_t>(), cos.data_ptr<scalar_t>(), sin.data_ptr<scalar_t>(),
-                  k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(), slot_ptr, tokens, qkv.size(1), head_dim,
-                  num_heads, num_kv_heads);
+    if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
+      run<scalar_t>(qkv.data_ptr<scalar_t>(), cos.data_ptr<scalar_t>(), sin.data_ptr<scalar_t>(),
+                    k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(), slot_ptr, tokens, qkv.size(1),
+                    head_dim, num_heads, num_kv_heads);
+    }
   });
 }
 

@@ -102,13 +102,18 @@ class MLP(nn.Module):
         self.intermediate = config.intermediate_size
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.intermediate, bias=bias)
         self.down_proj = nn.Linear(self.intermediate, config.hidden_size, bias=bias)
+        # silu(gate) * up through the csrc kernel (on the CPU); set by the runner.
+        self.fused = False
 
     def forward(self, x: torch.Tensor, lora: LoRAContext | None) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * intermediate]
         if lora is not None:
             lora.apply(gate_up, x, self.layer, "gate_up_proj")
-        gate, up = gate_up.split(self.intermediate, dim=-1)
-        act = F.silu(gate) * up  # [num_tokens, intermediate]
+        if self.fused and gate_up.is_contiguous() and not torch.is_grad_enabled():
+            act = ops.silu_and_mul(gate_up)  # [num_tokens, intermediate]
+        else:
+            gate, up = gate_up.split(self.intermediate, dim=-1)
+            act = F.silu(gate) * up
         y = self.down_proj(act)
         if lora is not None:
             lora.apply(y, act, self.layer, "down_proj")
@@ -178,10 +183,10 @@ class LlamaForCausalLM(nn.Module):
         return self.norm.add_forward(x, delta)[0]
 
     def set_fused_kernels(self, enabled: bool) -> None:
-        """Residual adds and norms, rotary embeddings and cache writes through the csrc
-        kernels (engine/ops.py), or natively."""
+        """Residual adds and norms, rotary embeddings and cache writes, SwiGLU activations
+        through the csrc kernels (engine/ops.py), or natively."""
         for module in self.modules():
-            if isinstance(module, (RMSNorm, Attention)):
+            if isinstance(module, (RMSNorm, Attention, MLP)):
                 module.fused = enabled
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -157,3 +157,25 @@ def test_rope_write_kv_checks_its_inputs():
         ops.rope_write_kv(qkv, cos, cos, cache, cache.clone(), torch.tensor([0, 1]), 2, 1)
     with pytest.raises(RuntimeError, match="slots: contiguous int64"):
         ops.rope_write_kv(qkv, cos, cos, cache, cache.clone(), torch.tensor([0, 1], dtype=torch.int32), 1, 1)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul_matches_native(rows, dtype):
+    torch.manual_seed(rows)
+    inter = 1536 + 7  # a tail past the 16-wide vectors
+    x = (torch.randn(rows, 2 * inter) * 4).to(dtype)
+    gate, up = x.float().chunk(2, dim=-1)
+    expected = (torch.nn.functional.silu(gate) * up).to(dtype)  # float32, rounded once
+    out = ops.silu_and_mul(x)
+    assert out.dtype == dtype and out.shape == (rows, inter)
+    # float32: libm's expf against torch's; bfloat16: the same rounding of the same float.
+    tolerance = 1e-5 if dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(out, expected, atol=tolerance, rtol=tolerance)
+
+
+def test_silu_and_mul_checks_its_inputs():
+    with pytest.raises(RuntimeError, match="2 \\* intermediate"):
+        ops.silu_and_mul(torch.randn(2, 7))
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        ops.silu_and_mul(torch.randn(2, 8, dtype=torch.float64))
