@@ -70,7 +70,7 @@ class Settings(BaseSettings):
         Path("~/.local/share/coserve"), description="Directory for uploaded files, jobs and adapters"
     )
     cache_dir: Path = Field(
-        Path("~/.cache/coserve"), description="Cache directory (models converted from GGUF live here)"
+        Path("~/.cache/coserve"), description="Cache directory (models converted from GGUF, CPU GEMM probe results)"
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
