@@ -51,10 +51,14 @@ def cpu_kernels_available() -> bool:
     try:
         from torch.utils.cpp_extension import load
 
+        # torch rebuilds when a source or a flag changes, but does not read headers: their
+        # digest goes into the flags so that a changed header rebuilds too.
+        headers = hashlib.sha256(b"".join(h.read_bytes() for h in sorted((CSRC / "cpu").glob("*.h"))))
         load(
             name=f"coserve_cpu_ops_{cpu_signature()}",
             sources=[str(source) for source in sources],
-            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"],
+            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math",
+                          f"-DCOSERVE_CPU_HEADERS={headers.hexdigest()[:12]}"],
             is_python_module=False,
         )
     except Exception as exc:  # noqa: BLE001 - any build failure means: use the native path

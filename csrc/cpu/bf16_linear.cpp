@@ -17,6 +17,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include "float_rows.h"
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -28,11 +30,7 @@ constexpr int64_t kMaxRows = 16;   // the largest batch the kernel takes
 
 #if defined(__AVX512F__)
 
-inline __m512 widen(const at::BFloat16* p) {
-  // 16 bfloat16 -> 16 float32: zero-extend to 32 bits, shift into the high half.
-  __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
-}
+using coserve::load16;
 
 // Rows [0, ROWS) of x times panels [p, p + PANELS), K deep; writes y's columns of those panels.
 template <int ROWS, int PANELS>
@@ -42,7 +40,7 @@ void tile(const float* x, int64_t K, const at::BFloat16* w, int64_t p, const flo
     for (int j = 0; j < PANELS; ++j) acc[r][j] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
     __m512 wk[PANELS];
-    for (int j = 0; j < PANELS; ++j) wk[j] = widen(w + ((p + j) * K + k) * kPanel);
+    for (int j = 0; j < PANELS; ++j) wk[j] = load16(w + ((p + j) * K + k) * kPanel);
     for (int r = 0; r < ROWS; ++r) {
       const __m512 xr = _mm512_set1_ps(x[r * K + k]);
       for (int j = 0; j < PANELS; ++j) acc[r][j] = _mm512_fmadd_ps(wk[j], xr, acc[r][j]);

@@ -19,6 +19,16 @@
 
 namespace coserve {
 
+#if defined(__AVX512F__)
+// 16 values as float32, exactly: a bfloat16 is the high half of a float32, so it is
+// zero-extended and shifted into place.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+#endif
+
 template <typename T>
 inline void to_float(const T* src, float* dst, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
@@ -26,11 +36,7 @@ inline void to_float(const T* src, float* dst, int64_t n) {
   } else {
     int64_t i = 0;
 #if defined(__AVX512F__)
-    for (; i + 16 <= n; i += 16) {
-      // bfloat16 is the high half of a float32: zero-extend and shift.
-      const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
-      _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16)));
-    }
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, load16(src + i));
 #endif
     for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
   }

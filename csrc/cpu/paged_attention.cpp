@@ -13,6 +13,8 @@
 #include <utility>
 #include <vector>
 
+#include "float_rows.h"
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -34,12 +36,7 @@ inline void axpy(float a, const T* x, float* y, int64_t n) {
 }
 
 #if defined(__AVX512F__)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {
-  // 16 bfloat16 -> 16 float32: zero-extend to 32 bits, shift into the high half.
-  __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
-}
+using coserve::load16;
 
 // The sums of 16 vectors, as one vector: lane i = the sum of a[i]'s 16 lanes.
 // Pairs are folded within 128-bit blocks, then the blocks across vectors.
