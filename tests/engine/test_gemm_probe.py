@@ -29,6 +29,14 @@ def test_amx_like_timings_pick_bfloat16_with_panels_for_small_calls():
     assert (choice.dtype, choice.panel_max_rows) == ("bfloat16", 12)
 
 
+def test_amd_like_timings_pick_bfloat16_with_panels_up_to_16_rows():
+    # Shaped like the 2-core AMD EPYC with AVX512-BF16 but no AMX that issue 13 measured:
+    # bf16 GEMMs slower than float32 below ~16 rows, ~2.5x faster from 32 up; the panel
+    # kernel, bound by the bytes it streams, ahead of both at small calls.
+    choice = pick(_timings(lambda r: 15 + 1.2 * r, lambda r: 25 + 0.35 * r, lambda r: 10 + 1.0 * r))
+    assert (choice.dtype, choice.panel_max_rows) == ("bfloat16", 16)
+
+
 def test_timings_without_fast_bf16_keep_float32():
     # A CPU without bf16 arithmetic: bf16 GEMMs emulated, 3x slower than float32.
     choice = pick(_timings(lambda r: 20 + r, lambda r: 3 * (20 + r), lambda r: 12 + 2 * r))
