@@ -524,7 +524,7 @@ def markdown(results: dict, plot_name: str) -> str:
         "",
         f"Machine: {m['cpu_model']}, {m['cores']} cores, {m['ram_gib']} GiB RAM. torch {m['torch']}, "
         f"transformers {m['transformers']}, coserve {m['coserve_commit']}. Model {results['model']}, dtype `auto` "
-        f"(float32 on a CPU without AMX); the PEFT trainer in float32.",
+        f"(the type the CPU GEMM probe measured fastest, in the server log); the PEFT trainer in float32.",
         "",
         f"Inference: `vllm bench serve` (vLLM {m['vllm']}), {s['num_requests']} streaming /v1/completions per "
         f"level, {s['input_len']} random prompt x {s['output_len']} output tokens, ignore_eos, temperature "

