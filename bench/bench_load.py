@@ -55,7 +55,7 @@ from bench.bench_serving import (  # noqa: E402
     BACKENDS, BENCH, VLLM_ENV, VLLM_VENV, WORK, _tail, backend_env, bind_vllm_threads_to_all_cores,
     result_header, server_cmd, stop, wait_healthy,
 )
-from bench.cpu_monitor import ForeignCpu, wait_for_quiet  # noqa: E402
+from bench.cpu_monitor import ForeignCpu, process_stats, wait_for_quiet  # noqa: E402
 from bench.loadgen import warmup  # noqa: E402
 
 VLLM_CLI = VLLM_VENV / "bin/vllm"
@@ -84,18 +84,9 @@ def port_free(port: int) -> bool:
 def _processes() -> dict[int, tuple[int, int, int]]:
     """pid -> (ppid, process group, resident pages), from /proc/<pid>/stat; zombies left out
     (they hold no memory, and an unreaped one would look like a server still running)."""
-    procs = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    # The command name may hold spaces; the fields after ')' are fixed.
-                    rest = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue  # exited while we looked
-            if rest[0] != "Z":
-                procs[int(entry)] = (int(rest[1]), int(rest[2]), int(rest[21]))
-    return procs
+    return {
+        pid: (int(rest[1]), int(rest[2]), int(rest[21])) for pid, rest in process_stats().items() if rest[0] != "Z"
+    }
 
 
 def server_tree(root: int, procs: dict[int, tuple[int, int, int]]) -> set[int]:

@@ -22,18 +22,23 @@ def _machine_busy_ticks() -> int:
     return sum(fields[:8]) - fields[3] - fields[4]
 
 
-def _own_tree_ticks() -> int:
-    """CPU ticks of this process and its live descendants, plus all they have reaped."""
+def process_stats() -> dict[int, list[str]]:
+    """pid -> the fields of /proc/<pid>/stat after the command name (state, ppid, pgrp, ...)."""
     stats = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/stat") as f:
                     # The command name may hold spaces; the fields after ')' are fixed.
-                    rest = f.read().rsplit(")", 1)[1].split()
+                    stats[int(entry)] = f.read().rsplit(")", 1)[1].split()
             except OSError:
                 continue  # exited while we looked
-            stats[int(entry)] = (int(rest[1]), sum(int(x) for x in rest[11:15]))  # ppid, u+s+cu+cs
+    return stats
+
+
+def _own_tree_ticks() -> int:
+    """CPU ticks of this process and its live descendants, plus all they have reaped."""
+    stats = {pid: (int(rest[1]), sum(int(x) for x in rest[11:15])) for pid, rest in process_stats().items()}  # ppid, u+s+cu+cs
     tree, frontier = {os.getpid()}, [os.getpid()]
     while frontier:
         parent = frontier.pop()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,21 +23,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def best_ms(step, repeats: int) -> float:
-    step()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        best = min(best, time.perf_counter() - start)
-    return best * 1000
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="1,2,4,6,8,12,16,24,32,64,128")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
+    from engine.model.gemm_probe import best_ms
     from engine.model.loader import load_model
     from engine.model.packed_linear import PackedLinear
     from engine.model_files import resolve_model

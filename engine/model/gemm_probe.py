@@ -68,7 +68,8 @@ def linear_shapes(config: PretrainedConfig) -> list[tuple[int, int]]:
     return [(q + 2 * kv, hidden), (hidden, q), (2 * inter, hidden), (hidden, inter), (config.vocab_size, hidden)]
 
 
-def _best_ms(step, repeats: int = _REPEATS) -> float:
+def best_ms(step, repeats: int = _REPEATS) -> float:
+    """The fastest of `repeats` timed calls of `step`, in ms, after one warm-up call."""
     step()  # warm-up: first-call costs (oneDNN primitive creation, page faults)
     best = float("inf")
     for _ in range(repeats):
@@ -95,24 +96,24 @@ class _Layers:
 
     def float32_ms(self, rows: int) -> float:
         x = self.inputs(rows, torch.float32)
-        plain = _best_ms(lambda: [F.linear(x[w.shape[1]], w) for w in self.fp32])
+        plain = best_ms(lambda: [F.linear(x[w.shape[1]], w) for w in self.fp32])
         if self.mkl is None:
             return plain
-        packed = _best_ms(
+        packed = best_ms(
             lambda: [torch.ops.mkl._mkl_linear(x[w.shape[1]], p, w, None, rows) for w, p in zip(self.fp32, self.mkl)]
         )
         return min(plain, packed)
 
     def bfloat16_ms(self, rows: int) -> float:
         x = self.inputs(rows, torch.bfloat16)
-        return _best_ms(lambda: [F.linear(x[w.shape[1]], w) for w in self.bf16])
+        return best_ms(lambda: [F.linear(x[w.shape[1]], w) for w in self.bf16])
 
     def panels_ms(self, rows: int, dtype: torch.dtype) -> float:
         """The panel kernel as PackedLinear runs it for a model of `dtype` (casts included)."""
         if self.panels is None:
             self.panels = [ops.pack_bf16_weight(w) for w in self.bf16]
         x = self.inputs(rows, dtype)
-        return _best_ms(
+        return best_ms(
             lambda: [
                 ops.bf16_linear(x[w.shape[1]].float(), p, w.shape[0], None).to(dtype)
                 for w, p in zip(self.bf16, self.panels)
