@@ -22,7 +22,7 @@ completed and failed requests, and the share of the CPU other processes took
 ("foreign CPU %"; each level first waits up to --quiet-wait s for the machine to go
 quiet): read numbers with a high share as skewed. The client runs on the same cores
 as the server, the same for both. Writes bench/results/<date>-<time>-load.json and
-.md (machine, versions, command, env). Roughly half an hour on 2 cores.
+.md (machine, versions, command, env). About 15 minutes on 2 cores (14 on 2026-12-06).
 
 Options: --concurrency 1,8,32,64,128, --prompts-per-level 2 and --min-prompts 16
 (requests per concurrency level), --rates 1,2,4,inf, --rate-prompts 64,
