@@ -20,6 +20,8 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
+# The types the CPU kernels compute in; a model of another (float16) runs natively.
+CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def cpu_signature() -> str:

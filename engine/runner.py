@@ -50,18 +50,19 @@ class ModelRunner:
         use_kernels: bool | None = None,
         lora_backend: Callable[[], LoRABackend | None] = lambda: None,
     ):
-        """use_kernels: None = use the csrc/ kernels where they build, False = native PyTorch only.
+        """use_kernels: None = use the csrc/ kernels where they build and take the model's
+        type, False = native PyTorch only.
         lora_backend: returns the current LoRA backend (None until an adapter is loaded)."""
         self.model = model
         self.lora_backend = lora_backend
         self.block_size = block_size
         self.device = device
+        dtype = model.embed_tokens.weight.dtype
         if use_kernels is None:
-            use_kernels = device == "cpu" and ops.cpu_kernels_available()
+            use_kernels = device == "cpu" and dtype in ops.CPU_KERNEL_DTYPES and ops.cpu_kernels_available()
         self.use_kernels = use_kernels
         model.set_fused_kernels(use_kernels)
         config = model.config
-        dtype = model.embed_tokens.weight.dtype
         # Per layer (k, v), each [num_blocks, block_size, kv_heads, head_dim].
         shape = (num_blocks, block_size, config.num_key_value_heads, model.head_dim)
         self.kv_caches = [

@@ -133,3 +133,14 @@ def test_unsupported_architecture_fails_clearly(tmp_path):
     (tmp_path / "config.json").write_text(config.to_json_string())
     with pytest.raises(ValueError, match="unsupported architecture"):
         load_model(tmp_path, torch.float32)
+
+
+def test_float16_model_runs_natively_and_matches_transformers(tmp_path):
+    """The CPU kernels take float32 and bfloat16 only; a float16 model must fall back to
+    the native path (it raised inside the kernels before), and stay close to the reference."""
+    reference = write_tiny_model(tmp_path, tiny_llama_config())
+    with torch.no_grad():
+        for parameter in reference.parameters():
+            parameter.copy_(parameter.to(torch.float16).float())
+    _run_and_compare(tmp_path, reference, prompt_lens=[5, 13], decode_steps=4, budget=16, use_kernels=None,
+                     dtype=torch.float16, atol=0.01)
