@@ -94,11 +94,14 @@ def main() -> None:
 
     trained_per_s = (job.tokens_trained - baseline[0]) / (time.time() - baseline[1])
     table = np.array(rows)
+    costs = engine.finetune.backward_costs
     print(json.dumps(result_header(started, model_name)))
     print(f"\nrate {args.rate} req/s, TPOT SLO {args.tpot_slo_ms:g} ms, batch size {args.batch_size}, "
           f"backward slice {args.backward_layers} layers: "
           f"finetuning {trained_per_s:.1f} trained tok/s; {len(table)} iterations, mean {table[:, 0].mean() * 1e3:.0f} "
-          f"ms measured, {table[:, 1].mean() * 1e3:.0f} ms predicted\n")
+          f"ms measured, {table[:, 1].mean() * 1e3:.0f} ms predicted; backward units as timed: "
+          f"{costs.per_layer_token(prior=float('nan')) * 1e6:.0f} us per layer-token, "
+          f"{costs.per_loss_token(prior=float('nan')) * 1e6:.0f} us per loss-head token\n")
     groups = defaultdict(list)
     for row in table:
         kind = "".join(letter for letter, amount in zip("DPFBL", row[2:]) if amount) or "-"

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from engine.lora.adapter import CONFIG_FILE, WEIGHTS_FILE, LoRAWeights
-from engine.lora.layout import LoRALayout
+from engine.lora.layout import LoRALayout, LoRATarget
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,21 @@ class TrainableLoRA(nn.Module):
     def pair(self, layer: int, module: str) -> tuple[nn.Parameter, nn.Parameter] | None:
         key = self.key(layer, module)
         return (self.a[key], self.b[key]) if key in self.a else None
+
+    def stacked(self, layer: int, target: LoRATarget) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The target's adapted parts as one adapter, differentiable in the parameters:
+        A of every adapted part stacked, [parts x r, in], and B block diagonal, [out,
+        parts x r], with no columns for a part that is not adapted (its rows stay zero).
+        None when no part is adapted."""
+        pairs = [(self.pair(layer, name), size) for name, size in target.parts]
+        if all(pair is None for pair, _ in pairs):
+            return None
+        a = torch.cat([pair[0] for pair, _ in pairs if pair is not None])
+        b = torch.block_diag(*(pair[1] if pair is not None else self._no_columns(size) for pair, size in pairs))
+        return a, b
+
+    def _no_columns(self, rows: int) -> torch.Tensor:
+        return torch.zeros(rows, 0)
 
     def serving_weights(self, dtype: torch.dtype) -> LoRAWeights:
         """Detached copy in the serving layout (scaling folded into B) for a compute slot."""

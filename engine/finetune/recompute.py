@@ -26,18 +26,17 @@ from engine.model.rope import apply_rope
 
 def _projection(module, x: torch.Tensor, target: LoRATarget, layer: int, lora: TrainableLoRA) -> torch.Tensor:
     """Base projection (frozen, in the model's compute type) plus the trainable LoRA delta
-    of each adapted part (float32, like its parameters); returns float32."""
+    of the adapted parts (float32, like its parameters); returns float32 [T, out].
+
+    All parts in two matmuls, the second accumulating into the base output: per-part
+    matmuls and a concatenation of their deltas cost more in calls and passes over
+    [T, out] than the arithmetic of a rank-16 adapter."""
     y = F.linear(x.to(module.weight.dtype), module.weight, module.bias).float()  # [T, out]
-    x = x.float()
-    deltas = []
-    for name, size in target.parts:
-        pair = lora.pair(layer, name)
-        if pair is None:
-            deltas.append(x.new_zeros(x.shape[0], size))
-        else:
-            a, b = pair
-            deltas.append((x @ a.T) @ b.T * lora.config.scaling)
-    return y + torch.cat(deltas, dim=1)
+    stacked = lora.stacked(layer, target)
+    if stacked is None:
+        return y
+    a, b = stacked  # [parts x r, in], block diagonal [out, parts x r]
+    return torch.addmm(y, x.float() @ a.T, b.T, alpha=lora.config.scaling)
 
 
 def layer_forward(
@@ -56,10 +55,12 @@ def layer_forward(
     qk = qkv[:, : attn.q_size + attn.kv_size].view(-1, attn.num_heads + attn.num_kv_heads, attn.head_dim)
     q, k = apply_rope(qk, cos, sin).split([attn.num_heads, attn.num_kv_heads], dim=1)
     v = qkv[:, attn.q_size + attn.kv_size :].view(-1, attn.num_kv_heads, attn.head_dim)
+    # As [1, heads, T, head_dim]: with a batch dimension SDPA takes its fused CPU kernel
+    # (forward and backward); without one, the unfused math path.
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, scale=attn.scale, enable_gqa=True
-    )  # [heads, T, head_dim]
-    out = out.transpose(0, 1).reshape(-1, attn.q_size)
+        *(t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)), is_causal=True, scale=attn.scale, enable_gqa=True
+    )  # [1, heads, T, head_dim]
+    out = out[0].transpose(0, 1).reshape(-1, attn.q_size)
     x = x + _projection(attn.o_proj, out, targets["o_proj"], index, lora)
     mlp = layer.mlp
     h = layer.post_attention_layernorm(x)
