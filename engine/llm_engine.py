@@ -72,17 +72,20 @@ def _eos_token_ids(config, model_dir) -> set[int]:
     return ids
 
 
-def _compute_types(config: EngineConfig) -> tuple[torch.dtype, int]:
-    """The compute type, and up to how many rows linears read bfloat16 panels; on a CPU
-    with `dtype: auto` both as measured (engine/model/gemm_probe.py)."""
+def _compute_types(config: EngineConfig) -> tuple[torch.dtype, int, int]:
+    """The compute type, up to how many rows linears read bfloat16 panels, and up to how
+    many they run on oneDNN-packed bfloat16 weights; on a CPU with `dtype: auto` all
+    three as measured (engine/model/gemm_probe.py)."""
     dtype = explicit_dtype(config.dtype, config.device)
-    probed_rows = 0
+    probed_rows = packed_rows = 0
     if dtype is None:
         choice = gemm_probe.choose(load_config(config.model_dir), config.cache_dir)
         dtype, probed_rows = getattr(torch, choice.dtype), choice.panel_max_rows
-        log.info("CPU GEMM probe: %s, bfloat16 panels up to %d rows (ms: %s)", choice.dtype, probed_rows,
-                 choice.timings_ms)
-    return dtype, resolve_panel_rows(config.decode_weights, config.dtype, config.device, probed_rows)
+        packed_rows = choice.packed_max_rows if dtype == torch.bfloat16 else 0
+        log.info("CPU GEMM probe: %s, bfloat16 panels up to %d rows, oneDNN-packed up to %d (ms: %s)",
+                 choice.dtype, probed_rows, packed_rows, choice.timings_ms)
+    panel_rows = resolve_panel_rows(config.decode_weights, config.dtype, config.device, probed_rows)
+    return dtype, panel_rows, packed_rows
 
 
 class LLMEngine:
@@ -90,8 +93,8 @@ class LLMEngine:
         self.config = config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        self.dtype, self.panel_rows = _compute_types(config)
-        self.model = load_model(config.model_dir, self.dtype, config.device, self.panel_rows)
+        self.dtype, self.panel_rows, self.packed_rows = _compute_types(config)
+        self.model = load_model(config.model_dir, self.dtype, config.device, self.panel_rows, self.packed_rows)
         model_config = self.model.config
 
         block_bytes = ModelRunner.kv_bytes_per_block(self.model, config.block_size, self.dtype)
@@ -135,9 +138,10 @@ class LLMEngine:
         )
         self.finetune_runs = FinetuneRuns(self.finetune, self.model, self.loras.layout)
         log.info(
-            "engine ready: %s, dtype=%s%s, %d KV blocks of %d tokens, max_model_len=%d",
+            "engine ready: %s, dtype=%s%s%s, %d KV blocks of %d tokens, max_model_len=%d",
             config.model_dir, dtype_name(self.dtype),
             f" (bfloat16 panels up to {self.panel_rows} rows)" if self.panel_rows else "",
+            f" (oneDNN-packed weights up to {self.packed_rows} rows)" if self.packed_rows else "",
             num_blocks, config.block_size, self.max_model_len,
         )
 

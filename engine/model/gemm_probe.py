@@ -17,7 +17,10 @@ times the candidates on this model's own layer shapes, at a few row counts:
     type at each count);
   * the largest call (up to 16 rows) that reads bfloat16 panels with float32
     arithmetic (csrc/cpu/bf16_linear.cpp) instead: it streams the weights once per
-    call, which is all a decode step of a few rows does.
+    call, which is all a decode step of a few rows does;
+  * for bfloat16, the largest call that runs oneDNN on weights packed once rather
+    than re-laid out per call (engine/model/packed_linear.py): on the Xeon above, 30-40%
+    faster from 1 to 128 rows.
 
 The probe takes 1-3 s on 2 cores, so its result is kept in a small JSON file keyed
 by the CPU, torch, the thread count and the shapes; a CPU that differs probes anew.
@@ -38,6 +41,7 @@ import torch.nn.functional as F
 from transformers import PretrainedConfig
 
 from engine import ops
+from engine.model.packed_linear import onednn_linear, onednn_pack, onednn_packing_available
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +53,16 @@ PANEL_ROWS = (1, 2, 4, 8, 12, 16)
 # (the working set of a few layers would sit in cache), at most this many bytes.
 _MAX_PROBE_BYTES = 256 * 2**20
 _REPEATS = 3
+# Part of the cache key: a probe that measures other candidates decides anew.
+_CANDIDATES = "float32, bfloat16, bfloat16-packed, panels"
 
 
 @dataclass(frozen=True)
 class GemmChoice:
     dtype: str  # "float32" or "bfloat16": weights and activations
     panel_max_rows: int  # calls of up to this many rows read bfloat16 panels; 0 = never
+    # bfloat16 calls of up to this many rows (past the panels') run on oneDNN-packed weights; 0 = never.
+    packed_max_rows: int
     # Milliseconds for the timed layers, per candidate and row count (for logs and docs).
     timings_ms: dict[str, dict[str, float]]
 
@@ -89,6 +97,7 @@ class _Layers:
         self.mkl = None
         if torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear"):
             self.mkl = [torch.ops.mkl._mkl_reorder_linear_weight(w, 32) for w in self.fp32]
+        self.onednn = [onednn_pack(w) for w in self.bf16] if onednn_packing_available(self.bf16[0]) else None
         self.panels = None
 
     def inputs(self, rows: int, dtype: torch.dtype) -> dict[int, torch.Tensor]:
@@ -107,6 +116,12 @@ class _Layers:
     def bfloat16_ms(self, rows: int) -> float:
         x = self.inputs(rows, torch.bfloat16)
         return best_ms(lambda: [F.linear(x[w.shape[1]], w) for w in self.bf16])
+
+    def bfloat16_packed_ms(self, rows: int) -> float | None:
+        if self.onednn is None:
+            return None
+        x = self.inputs(rows, torch.bfloat16)
+        return best_ms(lambda: [onednn_linear(x[w.shape[1]], p, None) for w, p in zip(self.bf16, self.onednn)])
 
     def panels_ms(self, rows: int, dtype: torch.dtype) -> float:
         """The panel kernel as PackedLinear runs it for a model of `dtype` (casts included)."""
@@ -127,26 +142,42 @@ def measure(config: PretrainedConfig, panels_available: bool) -> GemmChoice:
     layer_bytes = 4 * sum(n * k for n, k in layer_shapes)
     num_layers = max(1, min(config.num_hidden_layers, _MAX_PROBE_BYTES // layer_bytes))
     layers = _Layers(layer_shapes, head_shape, num_layers)
-    timings: dict[str, dict[str, float]] = {"float32": {}, "bfloat16": {}, "panels": {}}
+    timings: dict[str, dict[str, float]] = {"float32": {}, "bfloat16": {}, "bfloat16-packed": {}, "panels": {}}
     for rows in sorted(set(DTYPE_ROWS) | set(PANEL_ROWS)):
         timings["float32"][str(rows)] = layers.float32_ms(rows)
         timings["bfloat16"][str(rows)] = layers.bfloat16_ms(rows)
+        packed = layers.bfloat16_packed_ms(rows)
+        if packed is not None:
+            timings["bfloat16-packed"][str(rows)] = packed
     if panels_available:
         for dtype in ("float32", "bfloat16"):
+            gemm = _gemm(timings, dtype)[1]
             for rows in PANEL_ROWS:
                 panels = timings["panels"][f"{dtype}/{rows}"] = layers.panels_ms(rows, getattr(torch, dtype))
-                if panels >= timings[dtype][str(rows)]:
+                if panels >= gemm[str(rows)]:
                     break  # the GEMM wins from here on: it only gets better per row
     return pick(timings)
 
 
+def _gemm(timings: dict[str, dict[str, float]], dtype: str) -> tuple[int, dict[str, float]]:
+    """(packed_max_rows, ms per row count) of the type's GEMM as the engine would run it:
+    for bfloat16, oneDNN-packed weights up to the largest row count where they beat the
+    plain call, plain above."""
+    plain = timings[dtype]
+    packed = timings.get("bfloat16-packed", {}) if dtype == "bfloat16" else {}
+    wins = [int(rows) for rows, ms in packed.items() if ms < plain[rows]]
+    packed_max_rows = max(wins, default=0)
+    return packed_max_rows, {rows: packed[rows] if int(rows) <= packed_max_rows else ms for rows, ms in plain.items()}
+
+
 def pick(timings: dict[str, dict[str, float]]) -> GemmChoice:
-    """The choice the timings (ms, as `measure` records them) call for: per type, panels up
-    to the last row count where they beat its GEMM without a loss before; then the type
-    whose best kernels take the least time summed over DTYPE_ROWS."""
-    best: tuple[float, str, int] | None = None
+    """The choice the timings (ms, as `measure` records them) call for: per type, its GEMM
+    (for bfloat16 packed or plain, see _gemm), panels up to the last row count where they
+    beat that GEMM without a loss before; then the type whose kernels take the least
+    time summed over DTYPE_ROWS."""
+    best: tuple[float, str, int, int] | None = None
     for dtype in ("float32", "bfloat16"):
-        gemm = timings[dtype]
+        packed_max_rows, gemm = _gemm(timings, dtype)
         panel_max_rows = 0
         for rows in PANEL_ROWS:
             panels = timings["panels"].get(f"{dtype}/{rows}")
@@ -158,14 +189,14 @@ def pick(timings: dict[str, dict[str, float]]) -> GemmChoice:
             for rows in DTYPE_ROWS
         )
         if best is None or total < best[0]:
-            best = (total, dtype, panel_max_rows)
-    _, dtype, panel_max_rows = best
-    return GemmChoice(dtype, panel_max_rows, timings)
+            best = (total, dtype, panel_max_rows, packed_max_rows)
+    _, dtype, panel_max_rows, packed_max_rows = best
+    return GemmChoice(dtype, panel_max_rows, packed_max_rows, timings)
 
 
 def _cache_key(config: PretrainedConfig, panels_available: bool) -> str:
     facts = [ops.cpu_signature(), torch.__version__, torch.get_num_threads(), linear_shapes(config),
-             config.num_hidden_layers, panels_available]
+             config.num_hidden_layers, panels_available, _CANDIDATES]
     return hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:16]
 
 
@@ -193,7 +224,8 @@ def main() -> None:
 
     model_dir, name = resolve_model(None, Path("~/.cache/coserve").expanduser())
     choice = measure(load_config(model_dir), ops.bf16_linear_available())
-    print(f"{name}, {torch.get_num_threads()} threads: dtype {choice.dtype}, panels up to {choice.panel_max_rows} rows")
+    print(f"{name}, {torch.get_num_threads()} threads: dtype {choice.dtype}, panels up to {choice.panel_max_rows} "
+          f"rows, bfloat16 packed for oneDNN up to {choice.packed_max_rows} rows")
     for candidate, by_rows in choice.timings_ms.items():
         print(f"  {candidate:>8}: " + "  ".join(f"{rows}: {ms:.1f}" for rows, ms in by_rows.items()))
 

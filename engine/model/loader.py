@@ -59,9 +59,12 @@ def load_config(model_dir: Path) -> PretrainedConfig:
     return AutoConfig.from_pretrained(model_dir)
 
 
-def load_model(model_dir: Path, dtype: torch.dtype, device: str = "cpu", panel_max_rows: int = 0) -> LlamaForCausalLM:
+def load_model(
+    model_dir: Path, dtype: torch.dtype, device: str = "cpu", panel_max_rows: int = 0, onednn_max_rows: int = 0
+) -> LlamaForCausalLM:
     """The model with its linears packed where that applies; `panel_max_rows` adds the
-    bfloat16 panels that calls of up to that many rows read (engine/model/packed_linear.py)."""
+    bfloat16 panels that calls of up to that many rows read, `onednn_max_rows` the
+    bfloat16 weights packed for oneDNN up to that many (engine/model/packed_linear.py)."""
     config = load_config(model_dir)
     ckpt = _Checkpoint(model_dir)
     tied = bool(getattr(config, "tie_word_embeddings", False)) or "lm_head.weight" not in ckpt
@@ -73,5 +76,5 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: str = "cpu", panel_m
     if tied:
         state["lm_head.weight"] = state["embed_tokens.weight"]  # one tensor, not a copy
     model.load_state_dict(state, strict=True, assign=True)
-    pack_linears(model, panel_max_rows)
+    pack_linears(model, panel_max_rows, onednn_max_rows)
     return model.requires_grad_(False).eval()

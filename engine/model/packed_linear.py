@@ -1,4 +1,5 @@
-"""Linear layers with weights pre-packed for the CPU: MKL's GEMM (float32), bfloat16 panels.
+"""Linear layers with weights pre-packed for the CPU: MKL's GEMM (float32), oneDNN's
+(bfloat16), bfloat16 panels.
 
 Packing a weight once into MKL's internal panel layout saves the re-layout that
 every plain `F.linear` call does: on the 2-core Xeon (quiet, 2026-11-21) the
@@ -23,8 +24,16 @@ streamed once per call at half the bytes of float32, float32 arithmetic. How man
 rows that pays for is measured per CPU (engine/model/gemm_probe.py); it applies to
 a bfloat16 model too, whose GEMM is no faster than the panels at a few rows.
 
+A bfloat16 weight is packed the same way for oneDNN, once, into the blocked layout its
+kernels read (AMX tiles, where the CPU has them): `F.linear` re-lays the weight out on
+every call. On the 2-core Xeon with AMX (2026-12-06) 30 layers' linears of SmolLM2-135M
+took, in ms at 1/8/32/64/128 rows, 20.1/19.7/21.9/29.5/45.1 plain against
+13.0/13.0/16.4/17.9/27.3 packed; at prefill sizes (1024-2048 rows) the two were even.
+Up to how many rows the packed weight is used is measured per CPU
+(engine/model/gemm_probe.py). Outputs are those of `F.linear` to bfloat16 rounding.
+
 Used only where it applies: the CPU, float32 (MKL packing, with a torch built with
-MKL) or panels. Everything else runs the layers as they are.
+MKL), bfloat16 (oneDNN packing) or panels. Everything else runs the layers as they are.
 """
 
 from __future__ import annotations
@@ -39,6 +48,9 @@ from engine import ops
 _PACKING_ROWS = 32
 # Largest call that takes the packed path (see the module docstring).
 _PACKED_MAX_ROWS = 64
+# Row count handed to oneDNN's packing call (its hint for the kernel to prepare): the
+# packed weight serves any row count; timed alike for hints 16-128.
+_ONEDNN_PACKING_ROWS = 64
 
 
 def mkl_packing_available(weight: torch.Tensor) -> bool:
@@ -50,10 +62,30 @@ def mkl_packing_available(weight: torch.Tensor) -> bool:
     )
 
 
+def onednn_packing_available(weight: torch.Tensor) -> bool:
+    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight  # noqa: B018 (resolved on access: absent in some builds)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def onednn_pack(weight: torch.Tensor) -> torch.Tensor:
+    """A bfloat16 [out, in] weight in oneDNN's layout, for onednn_linear."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, _ONEDNN_PACKING_ROWS)
+
+
+def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
 class PackedLinear(nn.Module):
     """y = x W^T + b with W packed once. x: [rows, in] -> [rows, out]."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, panel_max_rows: int = 0):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, panel_max_rows: int = 0,
+                 onednn_max_rows: int = 0):
         super().__init__()
         # The plain weight stays: MKL reads its shape, and the native path, the
         # finetuning recompute and adapters (LoRA) use it.
@@ -67,12 +99,16 @@ class PackedLinear(nn.Module):
         if self.panel_max_rows:
             self.bf16_panels = ops.pack_bf16_weight(weight)  # [ceil(out / 16), in, 16]
             self.panel_bias = None if bias is None else bias.float()
+        self.onednn = onednn_pack(weight) if onednn_max_rows and onednn_packing_available(weight) else None
+        self.onednn_max_rows = onednn_max_rows if self.onednn is not None else 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         if 0 < rows <= self.panel_max_rows and x.dim() == 2:
             y = ops.bf16_linear(x.float(), self.bf16_panels, self.weight.shape[0], self.panel_bias)
             return y.to(x.dtype)
+        if 0 < rows <= self.onednn_max_rows:
+            return onednn_linear(x, self.onednn, self.bias)
         if self.packed is None or rows > _PACKED_MAX_ROWS:
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, rows)
@@ -81,10 +117,15 @@ class PackedLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-def pack_linears(model: nn.Module, panel_max_rows: int = 0) -> None:
-    """Replace every nn.Linear in `model` by a PackedLinear, where packing applies."""
+def pack_linears(model: nn.Module, panel_max_rows: int = 0, onednn_max_rows: int = 0) -> None:
+    """Replace every nn.Linear in `model` by a PackedLinear, where packing applies:
+    float32 weights (MKL), panels for calls of up to `panel_max_rows` rows, bfloat16
+    weights packed for oneDNN for calls of up to `onednn_max_rows`."""
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             weight = child.weight if isinstance(child, nn.Linear) else None
-            if weight is not None and (mkl_packing_available(weight) or (panel_max_rows and weight.device.type == "cpu")):
-                setattr(module, child_name, PackedLinear(weight, child.bias, panel_max_rows))
+            if weight is None:
+                continue
+            if (mkl_packing_available(weight) or (panel_max_rows and weight.device.type == "cpu")
+                    or (onednn_max_rows and onednn_packing_available(weight))):
+                setattr(module, child_name, PackedLinear(weight, child.bias, panel_max_rows, onednn_max_rows))

@@ -12,12 +12,13 @@ from engine.model.gemm_probe import DTYPE_ROWS, PANEL_ROWS, GemmChoice, pick
 from tests.engine.tiny_models import tiny_llama_config
 
 
-def _timings(float32, bfloat16, panels) -> dict[str, dict[str, float]]:
+def _timings(float32, bfloat16, panels, bfloat16_packed=None) -> dict[str, dict[str, float]]:
     """ms per row count from functions of the row count; panels keyed as measure() keys them."""
     rows = sorted(set(DTYPE_ROWS) | set(PANEL_ROWS))
     return {
         "float32": {str(r): float32(r) for r in rows},
         "bfloat16": {str(r): bfloat16(r) for r in rows},
+        "bfloat16-packed": {} if bfloat16_packed is None else {str(r): bfloat16_packed(r) for r in rows},
         "panels": {f"{dtype}/{r}": panels(r) for dtype in ("float32", "bfloat16") for r in PANEL_ROWS},
     }
 
@@ -43,6 +44,23 @@ def test_timings_without_fast_bf16_keep_float32():
     assert choice.dtype == "float32" and choice.panel_max_rows == 4  # 12 + 2r < 20 + r up to r < 8
 
 
+def test_packed_bfloat16_weights_where_they_beat_the_plain_call():
+    # As measured on the Xeon with AMX (gemm_probe's docstring): packed ~12 + 0.1 r against
+    # plain ~18 + 0.14 r, both ahead of float32; the panels (10 + 1.0 r) beat the packed
+    # GEMM below 2.2 rows, so they take up to 2 rows and the packed weights every call above.
+    choice = pick(_timings(lambda r: 15 + 0.8 * r, lambda r: 18 + 0.14 * r, lambda r: 10 + 1.0 * r,
+                           bfloat16_packed=lambda r: 12 + 0.1 * r))
+    assert (choice.dtype, choice.panel_max_rows, choice.packed_max_rows) == ("bfloat16", 2, 128)
+    # Packed weights that lose from 32 rows up serve the calls below that only.
+    choice = pick(_timings(lambda r: 40.0, lambda r: 20.0, lambda r: 50.0, bfloat16_packed=lambda r: 10 + r / 2))
+    assert (choice.dtype, choice.panel_max_rows, choice.packed_max_rows) == ("bfloat16", 0, 16)
+
+
+def test_float32_choice_packs_no_bfloat16_weights():
+    choice = pick(_timings(lambda r: 20 + r, lambda r: 3 * (20 + r), lambda r: 50.0, bfloat16_packed=lambda r: 40 + r))
+    assert (choice.dtype, choice.packed_max_rows) == ("float32", 0)
+
+
 def test_panels_stop_at_their_first_loss():
     # Panels win at 1 and 4 rows but lose at 2: only 1 row is trusted to them.
     panels = {1: 5.0, 2: 50.0, 4: 5.0, 8: 5.0, 12: 5.0, 16: 5.0}
@@ -60,6 +78,7 @@ def test_choose_measures_once_then_reads_its_cache(tmp_path, monkeypatch):
     config = tiny_llama_config()
     first = gemm_probe.choose(config, tmp_path)
     assert first.dtype in ("float32", "bfloat16") and first.panel_max_rows in (0, *PANEL_ROWS)
+    assert first.packed_max_rows in (0, *DTYPE_ROWS, *PANEL_ROWS)
     assert set(first.timings_ms["float32"]) == {str(r) for r in sorted(set(DTYPE_ROWS) | set(PANEL_ROWS))}
     [cached] = (tmp_path / "gemm-probe").glob("*.json")
     assert GemmChoice(**json.loads(cached.read_text())) == first

@@ -37,8 +37,8 @@ def _reference_logits(reference, token_ids: list[int]) -> torch.Tensor:
 
 
 def _run_and_compare(model_dir, reference, prompt_lens, decode_steps, budget, use_kernels, block_size=4,
-                     panel_max_rows=0, dtype=torch.float32, atol=ATOL):
-    model = load_model(model_dir, dtype, panel_max_rows=panel_max_rows)
+                     panel_max_rows=0, dtype=torch.float32, atol=ATOL, onednn_max_rows=0):
+    model = load_model(model_dir, dtype, panel_max_rows=panel_max_rows, onednn_max_rows=onednn_max_rows)
     blocks = BlockManager(num_blocks=64, block_size=block_size)
     runner = ModelRunner(model, blocks.num_blocks, block_size, max_model_len=256, device="cpu", use_kernels=use_kernels)
     scheduler = Scheduler(blocks, max_num_batched_tokens=budget, max_num_seqs=8, max_model_len=256, eos_token_ids=[])
@@ -112,8 +112,10 @@ def test_bfloat16_decode_weights_match_transformers_with_rounded_weights(tmp_pat
 
 
 @pytest.mark.parametrize("use_kernels", KERNEL_CHOICES)
-@pytest.mark.parametrize("panel_max_rows", [0, 8], ids=["bf16-gemm", "panels-to-8-rows"])
-def test_bfloat16_compute_matches_transformers_with_rounded_parameters(tmp_path, use_kernels, panel_max_rows):
+@pytest.mark.parametrize(("panel_max_rows", "onednn_max_rows"), [(0, 0), (8, 0), (2, 16)],
+                         ids=["bf16-gemm", "panels-to-8-rows", "panels-to-2-onednn-packed-to-16"])
+def test_bfloat16_compute_matches_transformers_with_rounded_parameters(tmp_path, use_kernels, panel_max_rows,
+                                                                       onednn_max_rows):
     """bfloat16 weights and activations (float32 residual stream and softmax), against the
     float32 reference holding the same bfloat16-rounded parameters: within bfloat16's
     rounding of the activations (measured 0.003 at most, logits of std 0.17)."""
@@ -124,7 +126,7 @@ def test_bfloat16_compute_matches_transformers_with_rounded_parameters(tmp_path,
         for parameter in reference.parameters():
             parameter.copy_(parameter.to(torch.bfloat16).float())
     _run_and_compare(tmp_path, reference, prompt_lens=[5, 13, 37], decode_steps=6, budget=24, use_kernels=use_kernels,
-                     panel_max_rows=panel_max_rows, dtype=torch.bfloat16, atol=0.01)
+                     panel_max_rows=panel_max_rows, dtype=torch.bfloat16, atol=0.01, onednn_max_rows=onednn_max_rows)
 
 
 def test_unsupported_architecture_fails_clearly(tmp_path):

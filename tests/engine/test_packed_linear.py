@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import ops
-from engine.model.packed_linear import PackedLinear, mkl_packing_available, pack_linears
+from engine.model.packed_linear import PackedLinear, mkl_packing_available, onednn_packing_available, pack_linears
 
 pytestmark = pytest.mark.skipif(
     not mkl_packing_available(torch.empty(1)), reason="torch built without MKL: layers run unpacked"
@@ -60,3 +60,26 @@ def test_bfloat16_layer_with_panels_computes_in_float32_and_returns_bfloat16():
     torch.testing.assert_close(layer(x), exact.to(torch.bfloat16), atol=0, rtol=0)
     x = torch.randn(9, 64).to(torch.bfloat16)
     torch.testing.assert_close(layer(x), F.linear(x, weight, bias), atol=0, rtol=0)
+
+
+@pytest.mark.skipif(not onednn_packing_available(torch.empty(1, dtype=torch.bfloat16)), reason="torch without oneDNN")
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_onednn_packed_bfloat16_matches_plain_call_up_to_its_row_count(with_bias):
+    torch.manual_seed(2)
+    weight = torch.randn(96, 48).to(torch.bfloat16)
+    bias = torch.randn(96).to(torch.bfloat16) if with_bias else None
+    layer = PackedLinear(weight, bias, onednn_max_rows=32)
+    assert layer.onednn is not None
+    for rows in (1, 7, 32, 33, 300):
+        x = torch.randn(rows, 48).to(torch.bfloat16)
+        y = layer(x)
+        assert y.dtype == torch.bfloat16 and y.shape == (rows, 96)
+        torch.testing.assert_close(y, F.linear(x, weight, bias))
+
+
+def test_pack_linears_packs_bfloat16_for_onednn_only_when_asked():
+    model = nn.Sequential(nn.Linear(8, 8).to(torch.bfloat16))
+    pack_linears(model)
+    assert isinstance(model[0], nn.Linear)
+    pack_linears(model, onednn_max_rows=64)
+    assert isinstance(model[0], PackedLinear) == onednn_packing_available(model[0].weight)
