@@ -152,9 +152,7 @@ class Scheduler:
         """Forward chunks of training sequences, jobs taking turns, within `budget` tokens."""
         if not self.finetuning:
             return
-        start = self._finetune_turn % len(self.finetuning)
-        self._finetune_turn += 1
-        for seq in self.finetuning[start:] + self.finetuning[:start]:
+        for seq in self._finetune_order():
             if budget == 0:
                 break
             num_new = min(seq.num_uncomputed_tokens, budget)
@@ -167,6 +165,17 @@ class Scheduler:
             self.block_manager.allocate(seq, seq.num_computed_tokens + num_new)
             plan.finetune_chunks.append(ScheduledChunk(seq, num_new))
             budget -= num_new
+
+    def _finetune_order(self) -> list[Sequence]:
+        """Jobs (told apart by their adapter) take turns going first; within a job, the
+        sequence that started first goes first, so that its backward can begin soonest."""
+        jobs: dict[int, list[Sequence]] = {}
+        for seq in self.finetuning:  # in the order they were added
+            jobs.setdefault(id(seq.lora), []).append(seq)
+        turns = list(jobs.values())
+        start = self._finetune_turn % len(turns)
+        self._finetune_turn += 1
+        return [seq for job in turns[start:] + turns[:start] for seq in job]
 
     def _make_room(
         self, seq: Sequence, num_new: int, plan: IterationPlan, scheduled: dict[str, ScheduledChunk]

@@ -56,8 +56,8 @@ class FinetuneCoordinator:
     def remove_job(self, job_id: str) -> FinetuneJob:
         job = self.jobs.pop(job_id)
         self.paused.discard(job_id)
-        if job.forwarding is not None:
-            self.scheduler.drop_finetune(job.forwarding)
+        for seq in job.forwarding:
+            self.scheduler.drop_finetune(seq)
         self.loras.release_trainable(self._adapters.pop(job_id))
         return job
 
