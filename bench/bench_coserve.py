@@ -18,7 +18,8 @@ same arrival times). On the default model (SmolLM2-135M-Instruct), with one
      of that capacity (0.25, 0.5, 0.75 by default, rounded to 0.01 req/s) and any
      --rates given in req/s;
   2. finetuning alone: a finetuning job (a chat JSONL made up here, 64 examples of
-     ~120-200 tokens, LoRA rank 16 on all projections, batch size 1) on the otherwise
+     ~120-200 tokens, LoRA rank 16 on all projections, batch size 4: the server's
+     "auto") on the otherwise
      idle server, for --finetune-seconds (longer until 3 steps fell inside);
   3. co-served: a fresh job of the same kind running while the load of 1. runs, per rate;
   4. separate systems: the server doing inference only, at each rate, while a plain
@@ -619,7 +620,8 @@ def parse_args() -> argparse.Namespace:
                     help="measurement window of each trainer alone")
     # 1: on 2 cores a step of 4 examples takes ~10 s alone and far longer under load, too
     # coarse for windows of a minute; the engine trains one sequence at a time anyway.
-    ap.add_argument("--batch-size", type=int, default=1, help="examples per optimizer step, both trainers")
+    ap.add_argument("--batch-size", type=int, default=4,
+                    help="examples per optimizer step, both trainers (default: the server's auto)")
     ap.add_argument("--port", type=int, default=8341)
     ap.add_argument("--quiet-wait", type=float, default=60,
                     help="seconds to wait, before each phase, for other processes to leave the CPU")
