@@ -7,14 +7,60 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
 #include "float_rows.h"
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 constexpr int64_t kRowsPerTask = 16;
+
+#if defined(__AVX512F__)
+// e^x on 16 lanes: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor polynomial to
+// r^7 (relative error under 2e-7 there), times 2^n by scalef, which saturates to 0 and
+// inf far out instead of wrapping the exponent. The libmvec expf the scalar loop
+// vectorised into ran 72 us for 128 rows of SmolLM2's MLP (2-core Xeon), this 50 us.
+inline __m512 exp16(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);  // ln2 split in two
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);       // for an exact n ln2
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
+// e^-x is taken at -x <= 88 (e^88 is still finite): under -ffast-math the compiler may
+// assume no infinities, and gates below about -88 came out NaN where silu is ~0.
+constexpr float kExpLimit = 88.f;
+
+// g[i] = silu(g[i]) * u[i] for i < n.
+inline void silu_mul_rows(float* g, const float* u, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 one = _mm512_set1_ps(1.f), limit = _mm512_set1_ps(kExpLimit);
+  for (; i + 16 <= n; i += 16) {
+    const __m512 x = _mm512_loadu_ps(g + i);
+    const __m512 e = exp16(_mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), x), limit));
+    const __m512 sig = _mm512_div_ps(one, _mm512_add_ps(one, e));
+    _mm512_storeu_ps(g + i, _mm512_mul_ps(_mm512_mul_ps(x, sig), _mm512_loadu_ps(u + i)));
+  }
+#endif
+  for (; i < n; ++i) g[i] = g[i] / (1.f + expf(std::min(-g[i], kExpLimit))) * u[i];
+}
 
 template <typename T>
 void run(const T* x, T* y, int64_t rows, int64_t inter) {
@@ -25,9 +71,7 @@ void run(const T* x, T* y, int64_t rows, int64_t inter) {
     for (int64_t r = begin; r < end; ++r) {
       coserve::to_float(x + r * 2 * inter, g, inter);
       coserve::to_float(x + r * 2 * inter + inter, up.data(), inter);
-      // Vectorises (libmvec's expf) under -ffast-math.
-#pragma omp simd
-      for (int64_t i = 0; i < inter; ++i) g[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+      silu_mul_rows(g, u, inter);
       coserve::from_float(g, y + r * inter, inter);
     }
   });

@@ -174,6 +174,18 @@ def test_silu_and_mul_matches_native(rows, dtype):
     torch.testing.assert_close(out, expected, atol=tolerance, rtol=tolerance)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul_saturates_like_native_far_out(dtype):
+    """exp overflows to inf for very negative gates and underflows for very positive ones:
+    silu must still go to 0 and to the gate, never NaN."""
+    gate = torch.tensor([-1e4, -200.0, -88.0, -30.0, 0.0, 30.0, 88.0, 200.0, 1e4] * 2)
+    x = torch.cat([gate, torch.full_like(gate, 1.5)]).view(1, -1).to(dtype)
+    expected = (torch.nn.functional.silu(gate.to(dtype).float()) * 1.5).to(dtype).view(1, -1)
+    out = ops.silu_and_mul(x)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5 if dtype == torch.float32 else 8e-3)
+
+
 def test_silu_and_mul_checks_its_inputs():
     with pytest.raises(RuntimeError, match="2 \\* intermediate"):
         ops.silu_and_mul(torch.randn(2, 7))
