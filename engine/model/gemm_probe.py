@@ -22,7 +22,7 @@ times the candidates on this model's own layer shapes, at a few row counts:
     than re-laid out per call (engine/model/packed_linear.py): on the Xeon above, 30-40%
     faster from 1 to 128 rows.
 
-The probe takes 1-3 s on 2 cores, so its result is kept in a small JSON file keyed
+The probe takes ~5 s on 2 cores, so its result is kept in a small JSON file keyed
 by the CPU, torch, the thread count and the shapes; a CPU that differs probes anew.
 `python -m engine.model.gemm_probe` prints the measurement for the default model.
 """
@@ -49,12 +49,17 @@ log = logging.getLogger(__name__)
 DTYPE_ROWS = (1, 8, 32, 128)
 # Row counts at which the panel kernel is tried against the compute type's GEMM.
 PANEL_ROWS = (1, 2, 4, 8, 12, 16)
+# Further row counts at which bfloat16 weights packed for oneDNN are tried against plain
+# calls (not float32: the compute type is decided on DTYPE_ROWS): a decode batch with a
+# prefill chunk beside it. On the Xeon packed weights won up to 256 rows (30 layers'
+# linears 50.6 against 62.1 ms) and lost from 384 (81.0 against 73.5).
+PACKED_ROWS = (256,)
 # Layers timed: enough of them to stream weights from memory as a real step does
 # (the working set of a few layers would sit in cache), at most this many bytes.
 _MAX_PROBE_BYTES = 256 * 2**20
 _REPEATS = 3
 # Part of the cache key: a probe that measures other candidates decides anew.
-_CANDIDATES = "float32, bfloat16, bfloat16-packed, panels"
+_CANDIDATES = "float32, bfloat16, bfloat16-packed to 256 rows, panels"
 
 
 @dataclass(frozen=True)
@@ -137,14 +142,15 @@ class _Layers:
 
 
 def measure(config: PretrainedConfig, panels_available: bool) -> GemmChoice:
-    """Time the candidates on this machine now (1-3 s) and pick."""
+    """Time the candidates on this machine now (~5 s) and pick."""
     *layer_shapes, head_shape = linear_shapes(config)
     layer_bytes = 4 * sum(n * k for n, k in layer_shapes)
     num_layers = max(1, min(config.num_hidden_layers, _MAX_PROBE_BYTES // layer_bytes))
     layers = _Layers(layer_shapes, head_shape, num_layers)
     timings: dict[str, dict[str, float]] = {"float32": {}, "bfloat16": {}, "bfloat16-packed": {}, "panels": {}}
-    for rows in sorted(set(DTYPE_ROWS) | set(PANEL_ROWS)):
-        timings["float32"][str(rows)] = layers.float32_ms(rows)
+    for rows in sorted(set(DTYPE_ROWS) | set(PANEL_ROWS) | set(PACKED_ROWS)):
+        if rows not in PACKED_ROWS:
+            timings["float32"][str(rows)] = layers.float32_ms(rows)
         timings["bfloat16"][str(rows)] = layers.bfloat16_ms(rows)
         packed = layers.bfloat16_packed_ms(rows)
         if packed is not None:

@@ -28,7 +28,8 @@ A bfloat16 weight is packed the same way for oneDNN, once, into the blocked layo
 kernels read (AMX tiles, where the CPU has them): `F.linear` re-lays the weight out on
 every call. On the 2-core Xeon with AMX (2026-12-06) 30 layers' linears of SmolLM2-135M
 took, in ms at 1/8/32/64/128 rows, 20.1/19.7/21.9/29.5/45.1 plain against
-13.0/13.0/16.4/17.9/27.3 packed; at prefill sizes (1024-2048 rows) the two were even.
+13.0/13.0/16.4/17.9/27.3 packed, at 256 rows 62.1 against 50.6; from 384 rows up the
+plain call was faster (1024 rows: 206 against 226).
 Up to how many rows the packed weight is used is measured per CPU
 (engine/model/gemm_probe.py). Outputs are those of `F.linear` to bfloat16 rounding.
 
