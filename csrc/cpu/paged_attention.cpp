@@ -322,6 +322,14 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tens
   TORCH_CHECK(context_lens.scalar_type() == at::kLong && context_lens.numel() == q.size(0),
               "context_lens must be int64 [num_seqs]");
   TORCH_CHECK(block_tables.size(0) == q.size(0), "one block table per sequence");
+  {  // A context longer than its table would read blocks that are not the sequence's.
+    const auto lens = context_lens.contiguous();
+    const int64_t* len = lens.data_ptr<int64_t>();
+    const int64_t capacity = block_tables.size(1) * k_cache.size(1);
+    for (int64_t s = 0; s < lens.numel(); ++s)
+      TORCH_CHECK(len[s] >= 1 && len[s] <= capacity, "context length ", len[s], " of sequence ", s,
+                  " is outside 1..", capacity, " (its block table's tokens)");
+  }
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "paged_decode_attention", [&] {
     decode_kernel<scalar_t>(out, q, k_cache, v_cache, block_tables, context_lens.contiguous(), scale);
   });

@@ -186,6 +186,17 @@ def test_silu_and_mul_saturates_like_native_far_out(dtype):
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5 if dtype == torch.float32 else 8e-3)
 
 
+def test_decode_attention_rejects_contexts_longer_than_their_block_table():
+    k_cache = torch.zeros(8, 4, 1, 16)
+    q, out = torch.zeros(1, 2, 16), torch.empty(1, 2, 16)
+    tables = torch.tensor([[0, 1]])
+    with pytest.raises(RuntimeError, match="outside 1..8"):
+        ops.paged_decode_attention(out, q, k_cache, k_cache, tables, torch.tensor([9]), 0.25)
+    with pytest.raises(RuntimeError, match="outside 1..8"):
+        ops.paged_decode_attention(out, q, k_cache, k_cache, tables, torch.tensor([0]), 0.25)
+    ops.paged_decode_attention(out, q, k_cache, k_cache, tables, torch.tensor([8]), 0.25)
+
+
 def test_silu_and_mul_checks_its_inputs():
     with pytest.raises(RuntimeError, match="2 \\* intermediate"):
         ops.silu_and_mul(torch.randn(2, 7))
