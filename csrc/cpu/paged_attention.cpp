@@ -93,21 +93,22 @@ inline void load_row(const c10::BFloat16* row, __m512* out) {
   }
 }
 
-// 32 float32 values [a, b] (a: the first 16) in and out of load_row's bfloat16 order:
-// (evens, odds).
+// 32 float32 values [a, b] (a: the first 16) rearranged: a takes the lanes `first`
+// picks from [a, b], b those `second` picks.
+inline void permute_pair(__m512& a, __m512& b, __m512i first, __m512i second) {
+  const __m512 x = _mm512_permutex2var_ps(a, first, b), y = _mm512_permutex2var_ps(a, second, b);
+  a = x;
+  b = y;
+}
+
+// In and out of load_row's bfloat16 order: (evens, odds).
 inline void to_lane_order(__m512& a, __m512& b) {
-  const __m512i evens = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-  const __m512i odds = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
-  const __m512 e = _mm512_permutex2var_ps(a, evens, b), o = _mm512_permutex2var_ps(a, odds, b);
-  a = e;
-  b = o;
+  permute_pair(a, b, _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0),
+               _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1));
 }
 inline void from_lane_order(__m512& a, __m512& b) {
-  const __m512i low = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  const __m512i high = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
-  const __m512 l = _mm512_permutex2var_ps(a, low, b), h = _mm512_permutex2var_ps(a, high, b);
-  a = l;
-  b = h;
+  permute_pair(a, b, _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0),
+               _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8));
 }
 
 // The G query heads that share one kv head, over that head's cached rows, with
@@ -120,6 +121,13 @@ inline void from_lane_order(__m512& a, __m512& b) {
 template <typename T, int G, int CH>
 struct HeadGroup {
   static constexpr bool kPaired = std::is_same_v<T, c10::BFloat16>;  // rows in load_row's lane order
+
+  // q . k left as 16 lane sums (a dot product before its horizontal sum).
+  static __m512 lane_products(const __m512* q, const __m512* k) {
+    __m512 acc = _mm512_mul_ps(q[0], k[0]);
+    for (int c = 1; c < CH; ++c) acc = _mm512_fmadd_ps(q[c], k[c], acc);
+    return acc;
+  }
 
   // scores[h * ctx + t] = q_h . K_t for t < ctx; query: [G, 16 CH] float32, pre-scaled.
   // Tokens go 16 at a time: each dot product is left as 16 partial sums, and the 16
@@ -141,11 +149,7 @@ struct HeadGroup {
         const T* row = base + offsets[t + j];
         __m512 k[CH];
         load_row<CH>(row, k);
-        for (int h = 0; h < G; ++h) {
-          __m512 acc = _mm512_mul_ps(q[h][0], k[0]);
-          for (int c = 1; c < CH; ++c) acc = _mm512_fmadd_ps(q[h][c], k[c], acc);
-          partial[h][j] = acc;
-        }
+        for (int h = 0; h < G; ++h) partial[h][j] = lane_products(q[h], k);
       }
       for (int h = 0; h < G; ++h) _mm512_storeu_ps(out + h * ctx + t, sum16(partial[h]));
     }
@@ -153,11 +157,7 @@ struct HeadGroup {
       const T* row = base + offsets[t];
       __m512 k[CH];
       load_row<CH>(row, k);
-      for (int h = 0; h < G; ++h) {
-        __m512 acc = _mm512_mul_ps(q[h][0], k[0]);
-        for (int c = 1; c < CH; ++c) acc = _mm512_fmadd_ps(q[h][c], k[c], acc);
-        out[h * ctx + t] = _mm512_reduce_add_ps(acc);
-      }
+      for (int h = 0; h < G; ++h) out[h * ctx + t] = _mm512_reduce_add_ps(lane_products(q[h], k));
     }
   }
 
@@ -322,8 +322,8 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tens
   TORCH_CHECK(context_lens.scalar_type() == at::kLong && context_lens.numel() == q.size(0),
               "context_lens must be int64 [num_seqs]");
   TORCH_CHECK(block_tables.size(0) == q.size(0), "one block table per sequence");
+  const auto lens = context_lens.contiguous();
   {  // A context longer than its table would read blocks that are not the sequence's.
-    const auto lens = context_lens.contiguous();
     const int64_t* len = lens.data_ptr<int64_t>();
     const int64_t capacity = block_tables.size(1) * k_cache.size(1);
     for (int64_t s = 0; s < lens.numel(); ++s)
@@ -331,7 +331,7 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tens
                   " is outside 1..", capacity, " (its block table's tokens)");
   }
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "paged_decode_attention", [&] {
-    decode_kernel<scalar_t>(out, q, k_cache, v_cache, block_tables, context_lens.contiguous(), scale);
+    decode_kernel<scalar_t>(out, q, k_cache, v_cache, block_tables, lens, scale);
   });
 }
 

@@ -75,11 +75,8 @@ class TrainableLoRA(nn.Module):
         if all(pair is None for pair, _ in pairs):
             return None
         a = torch.cat([pair[0] for pair, _ in pairs if pair is not None])
-        b = torch.block_diag(*(pair[1] if pair is not None else self._no_columns(size) for pair, size in pairs))
+        b = torch.block_diag(*(pair[1] if pair is not None else torch.zeros(size, 0) for pair, size in pairs))
         return a, b
-
-    def _no_columns(self, rows: int) -> torch.Tensor:
-        return torch.zeros(rows, 0)
 
     def serving_weights(self, dtype: torch.dtype) -> LoRAWeights:
         """Detached copy in the serving layout (scaling folded into B) for a compute slot."""

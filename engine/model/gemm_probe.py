@@ -41,7 +41,14 @@ import torch.nn.functional as F
 from transformers import PretrainedConfig
 
 from engine import ops
-from engine.model.packed_linear import onednn_linear, onednn_pack, onednn_packing_available
+from engine.model.packed_linear import (
+    mkl_linear,
+    mkl_pack,
+    mkl_packing_available,
+    onednn_linear,
+    onednn_pack,
+    onednn_packing_available,
+)
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +106,7 @@ class _Layers:
         shapes = layer_shapes * num_layers + [head_shape]
         self.fp32 = [torch.randn(n, k) * 0.02 for n, k in shapes]
         self.bf16 = [w.to(torch.bfloat16) for w in self.fp32]
-        self.mkl = None
-        if torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear"):
-            self.mkl = [torch.ops.mkl._mkl_reorder_linear_weight(w, 32) for w in self.fp32]
+        self.mkl = [mkl_pack(w) for w in self.fp32] if mkl_packing_available(self.fp32[0]) else None
         self.onednn = [onednn_pack(w) for w in self.bf16] if onednn_packing_available(self.bf16[0]) else None
         self.panels = None
 
@@ -114,7 +119,7 @@ class _Layers:
         if self.mkl is None:
             return plain
         packed = best_ms(
-            lambda: [torch.ops.mkl._mkl_linear(x[w.shape[1]], p, w, None, rows) for w, p in zip(self.fp32, self.mkl)]
+            lambda: [mkl_linear(x[w.shape[1]], p, w, None) for w, p in zip(self.fp32, self.mkl)]
         )
         return min(plain, packed)
 

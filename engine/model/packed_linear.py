@@ -63,6 +63,17 @@ def mkl_packing_available(weight: torch.Tensor) -> bool:
     )
 
 
+def mkl_pack(weight: torch.Tensor) -> torch.Tensor:
+    """A float32 [out, in] weight in MKL's packed layout, for mkl_linear."""
+    return torch.ops.mkl._mkl_reorder_linear_weight(weight, _PACKING_ROWS)
+
+
+def mkl_linear(x: torch.Tensor, packed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [rows, in] through the packed weight: its row count goes with the call (see the
+    module docstring); `weight` is the plain one, whose shape MKL reads."""
+    return torch.ops.mkl._mkl_linear(x, packed, weight, bias, x.numel() // x.shape[-1])
+
+
 def onednn_packing_available(weight: torch.Tensor) -> bool:
     if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
         return False
@@ -94,7 +105,7 @@ class PackedLinear(nn.Module):
         self.bias = bias
         self.packed = None
         if mkl_packing_available(weight):
-            self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, _PACKING_ROWS)
+            self.packed = mkl_pack(weight)
         self.panel_max_rows = min(panel_max_rows, ops.BF16_LINEAR_MAX_ROWS)
         self.bf16_panels = self.panel_bias = None
         if self.panel_max_rows:
@@ -112,7 +123,7 @@ class PackedLinear(nn.Module):
             return onednn_linear(x, self.onednn, self.bias)
         if self.packed is None or rows > _PACKED_MAX_ROWS:
             return F.linear(x, self.weight, self.bias)
-        return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, rows)
+        return mkl_linear(x, self.packed, self.weight, self.bias)
 
     def forward_native(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
