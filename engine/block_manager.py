@@ -1,55 +1,213 @@
-"""Paged KV-cache bookkeeping: fixed-size blocks, reference counts, a free list.
+"""Paged KV-cache bookkeeping: fixed-size blocks, reference counts, prefix caching.
 
-Blocks are ref-counted so that several sequences may share one (prefix sharing, a
-later issue); today every block has one owner. A sequence's `block_table` maps its
-logical block i (tokens [i*block_size, (i+1)*block_size)) to a physical block.
+A sequence's `block_table` maps its logical block i (tokens [i*block_size,
+(i+1)*block_size)) to a physical block. A block may be shared: its reference count is
+the number of sequences (and pins, see below) whose tables hold it.
+
+Prefix caching. Once a block is full and its KV computed, it is registered under a
+hash chained over its tokens, the previous block's hash and the adapter that computed
+it (engine/prefix_hash.py), so that a later sequence whose tokens start the same way
+can take the block instead of recomputing it. A block whose last holder lets go keeps
+its contents and hash in an LRU of evictable blocks: a later match revives it, and
+allocation takes never-used or unregistered blocks first, then evicts the least
+recently freed cached block. A sequence frees its blocks tail first, so its deepest
+blocks, the least likely to be shared, are evicted before its first ones.
+
+Pins. A finished request may ask that its KV outlive it for a while (an agent's next
+turn after a tool call): its blocks stay referenced by a pin until the pin expires, so
+LRU eviction cannot take them. Pinned blocks are bounded (`max_pinned_blocks`): a pin
+that would exceed the bound is not made and its blocks become evictable as usual.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import heapq
+import itertools
+from collections import OrderedDict, deque
+from dataclasses import dataclass
 
+from engine.prefix_hash import block_hashes
 from engine.sequence import Sequence
 
 
+@dataclass
+class PrefixCacheCounters:
+    """Cumulative, in vLLM's meaning: prompt tokens looked up, and of those, found cached."""
+
+    queries: int = 0
+    hits: int = 0
+    evictions: int = 0  # cached blocks taken for new contents
+    pins: int = 0  # pins made
+    pins_refused: int = 0  # pins not made: the bound on pinned blocks was reached
+    pin_expiries: int = 0  # pins that ran out (their blocks became evictable)
+
+
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = False, max_pinned_blocks: int = 0):
         if num_blocks <= 0:
             raise ValueError("the KV cache needs at least one block")
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.prefix_caching = prefix_caching
+        self.max_pinned_blocks = max_pinned_blocks
         self.ref_counts = [0] * num_blocks
-        self.free_blocks: deque[int] = deque(range(num_blocks))
+        self.free_blocks: deque[int] = deque(range(num_blocks))  # unreferenced, nothing cached
+        self.block_hash: list[bytes | None] = [None] * num_blocks
+        self.cached: dict[bytes, int] = {}  # hash -> the block that holds it
+        self.evictable: OrderedDict[int, None] = OrderedDict()  # unreferenced cached blocks, LRU first
+        self.counters = PrefixCacheCounters()
+        # Pins: (expiry, pin id) in a heap; pin id -> its blocks.
+        self._pin_expiries: list[tuple[float, int]] = []
+        self._pinned: dict[int, list[int]] = {}
+        self._pin_ids = itertools.count()
+        self.num_pinned_blocks = 0
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free_blocks)
+        """Blocks an allocation can take: never-used ones and evictable cached ones."""
+        return len(self.free_blocks) + len(self.evictable)
 
     @property
     def usage(self) -> float:
         return 1.0 - self.num_free_blocks / self.num_blocks
 
-    def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
-        """Extra blocks `seq` needs to hold its first `num_tokens` tokens."""
+    # -- prefix lookup ----------------------------------------------------------
+
+    def cached_prefix(self, seq: Sequence) -> list[int]:
+        """The blocks holding the longest cached chain of `seq`'s leading full blocks,
+        leaving at least its last token to compute (its logits are needed). Nothing is
+        taken yet: `allocate(..., prefix=...)` does that."""
+        if not self.prefix_caching:
+            return []
+        limit = (seq.num_tokens - 1) // self.block_size
+        prefix = []
+        for digest in self._hashes(seq, limit):
+            block = self.cached.get(digest)
+            if block is None:
+                break
+            prefix.append(block)
+        return prefix
+
+    def record_lookup(self, prompt_tokens: int, cached_tokens: int) -> None:
+        self.counters.queries += prompt_tokens
+        self.counters.hits += cached_tokens
+
+    def _hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
+        """Chained hashes of `seq`'s first `num_blocks` full blocks, extended as needed
+        (they stay valid across preemption: a sequence's tokens only grow)."""
+        if len(seq.block_hashes) < num_blocks:
+            seq.block_hashes.extend(
+                block_hashes(seq.token_ids, self.block_size, len(seq.block_hashes), num_blocks,
+                             seq.block_hashes[-1] if seq.block_hashes else None, seq.cache_salt)
+            )
+        return seq.block_hashes[:num_blocks]
+
+    # -- allocation ---------------------------------------------------------------
+
+    def blocks_needed(self, seq: Sequence, num_tokens: int, prefix: list[int] = ()) -> int:
+        """Blocks an allocation of `seq`'s first `num_tokens` tokens takes from the free
+        pool: new blocks, and cached prefix blocks that nobody holds (they leave the LRU)."""
         total = -(-num_tokens // self.block_size)
-        return max(0, total - len(seq.block_table))
+        revived = sum(1 for block in prefix if self.ref_counts[block] == 0)
+        return max(0, total - len(seq.block_table) - len(prefix)) + revived
 
-    def can_allocate(self, seq: Sequence, num_tokens: int) -> bool:
-        return self.blocks_needed(seq, num_tokens) <= self.num_free_blocks
+    def can_allocate(self, seq: Sequence, num_tokens: int, prefix: list[int] = ()) -> bool:
+        return self.blocks_needed(seq, num_tokens, prefix) <= self.num_free_blocks
 
-    def allocate(self, seq: Sequence, num_tokens: int) -> None:
-        """Grow `seq.block_table` to cover `num_tokens` tokens."""
-        needed = self.blocks_needed(seq, num_tokens)
+    def allocate(self, seq: Sequence, num_tokens: int, prefix: list[int] = ()) -> None:
+        """Grow `seq.block_table` to cover `num_tokens` tokens, starting with the cached
+        `prefix` blocks (only for a sequence that holds none yet)."""
+        needed = self.blocks_needed(seq, num_tokens, prefix)
         if needed > self.num_free_blocks:
             raise RuntimeError(f"KV cache out of blocks: need {needed}, have {self.num_free_blocks}")
-        for _ in range(needed):
-            block = self.free_blocks.popleft()
+        if prefix:
+            assert not seq.block_table, "a cached prefix starts an empty block table"
+            for block in prefix:
+                self._hold(block)
+            seq.block_table.extend(prefix)
+            seq.num_registered_blocks = len(prefix)
+        total = -(-num_tokens // self.block_size)
+        while len(seq.block_table) < total:
+            block = self._take_free()
             self.ref_counts[block] = 1
             seq.block_table.append(block)
 
+    def _hold(self, block: int) -> None:
+        if self.ref_counts[block] == 0:
+            del self.evictable[block]
+        self.ref_counts[block] += 1
+
+    def _take_free(self) -> int:
+        if self.free_blocks:
+            return self.free_blocks.popleft()
+        block, _ = self.evictable.popitem(last=False)
+        del self.cached[self.block_hash[block]]
+        self.block_hash[block] = None
+        self.counters.evictions += 1
+        return block
+
     def free(self, seq: Sequence) -> None:
-        for block in seq.block_table:
+        self._release(reversed(seq.block_table))
+        seq.block_table = []
+        seq.num_registered_blocks = 0
+
+    def _release(self, blocks) -> None:
+        for block in blocks:
             self.ref_counts[block] -= 1
             if self.ref_counts[block] == 0:
-                self.free_blocks.append(block)
-        seq.block_table = []
+                if self.block_hash[block] is None:
+                    self.free_blocks.append(block)
+                else:
+                    self.evictable[block] = None  # most recently used: evicted last
+
+    # -- registration -----------------------------------------------------------------
+
+    def register_computed(self, seq: Sequence) -> None:
+        """Register `seq`'s blocks that are now full and computed. A block whose contents
+        another block already holds (two requests computed the same prefix at once)
+        stays unregistered: the first copy serves later lookups."""
+        if not self.prefix_caching:
+            return
+        full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+        if full <= seq.num_registered_blocks:
+            return
+        digests = self._hashes(seq, full)
+        for i in range(seq.num_registered_blocks, full):
+            block, digest = seq.block_table[i], digests[i]
+            if self.block_hash[block] is None and digest not in self.cached:
+                self.block_hash[block] = digest
+                self.cached[digest] = block
+        seq.num_registered_blocks = full
+
+    # -- pins -------------------------------------------------------------------------
+
+    def pin(self, seq: Sequence, until: float) -> bool:
+        """Keep the blocks of `seq`'s cached chain referenced until `until` (a monotonic time), then
+        free its table. False (plain free) when the pin would exceed `max_pinned_blocks`."""
+        blocks = []  # the blocks that hold its cached chain (a duplicate holds none)
+        for digest in seq.block_hashes[: seq.num_registered_blocks]:
+            if digest not in self.cached:
+                break
+            blocks.append(self.cached[digest])
+        fits = bool(blocks) and self.num_pinned_blocks + len(blocks) <= self.max_pinned_blocks
+        if fits:
+            for block in blocks:
+                self._hold(block)
+            pin_id = next(self._pin_ids)
+            self._pinned[pin_id] = blocks
+            heapq.heappush(self._pin_expiries, (until, pin_id))
+            self.num_pinned_blocks += len(blocks)
+            self.counters.pins += 1
+        else:
+            self.counters.pins_refused += 1
+        self.free(seq)
+        return fits
+
+    def expire_pins(self, now: float) -> None:
+        """Release the pins whose time is up; their blocks become evictable."""
+        while self._pin_expiries and self._pin_expiries[0][0] <= now:
+            _, pin_id = heapq.heappop(self._pin_expiries)
+            blocks = self._pinned.pop(pin_id)
+            self.num_pinned_blocks -= len(blocks)
+            self.counters.pin_expiries += 1
+            self._release(reversed(blocks))

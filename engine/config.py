@@ -95,6 +95,12 @@ class EngineConfig:
     max_loras: int = 8
     max_cpu_loras: int = 32
     max_lora_rank: int = 16
+    # Reuse the KV blocks of prompt prefixes other requests computed (engine/block_manager.py).
+    enable_prefix_caching: bool = True
+    # Finished requests' KV kept on request (`kv_ttl`): at most this fraction of the cache
+    # pinned at once, for at most max_kv_ttl_s seconds each.
+    max_pinned_kv_fraction: float = 0.25
+    max_kv_ttl_s: float = 600.0
     # Latency SLOs; finetuning only takes what keeps a predicted iteration within TPOT.
     ttft_slo_ms: float = 2000.0
     tpot_slo_ms: float = 200.0
@@ -122,6 +128,10 @@ class EngineConfig:
             raise ValueError("need 1 <= max_loras <= max_cpu_loras")
         if self.max_lora_rank <= 0:
             raise ValueError("max_lora_rank must be positive")
+        if not 0 <= self.max_pinned_kv_fraction <= 1:
+            raise ValueError("max_pinned_kv_fraction must be between 0 and 1")
+        if self.max_kv_ttl_s < 0:
+            raise ValueError("max_kv_ttl_s must not be negative")
         if self.ttft_slo_ms <= 0 or self.tpot_slo_ms <= 0:
             raise ValueError("SLOs must be positive")
         if self.finetune_backward_layers_per_iteration <= 0:

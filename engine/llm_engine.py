@@ -100,7 +100,10 @@ class LLMEngine:
         block_bytes = ModelRunner.kv_bytes_per_block(self.model, config.block_size, self.dtype)
         num_blocks = int(config.kv_cache_memory_gb * 2**30 // block_bytes)
         self.max_model_len = self._max_model_len(model_config, num_blocks * config.block_size)
-        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.block_manager = BlockManager(
+            num_blocks, config.block_size, prefix_caching=config.enable_prefix_caching,
+            max_pinned_blocks=int(num_blocks * config.max_pinned_kv_fraction) if config.enable_prefix_caching else 0,
+        )
         self.loras = LoRAManager(
             lora_layout(self.model),
             max_loras=config.max_loras,
@@ -197,6 +200,8 @@ class LLMEngine:
         seq = Sequence(request.request_id, request.prompt_token_ids, request.params, request.arrival_time, lora)
         seq.ttft_slo_s = (request.ttft_slo_ms or self.config.ttft_slo_ms) / 1000
         seq.tpot_slo_s = (request.tpot_slo_ms or self.config.tpot_slo_ms) / 1000
+        if request.kv_ttl_s:
+            seq.kv_ttl_s = min(request.kv_ttl_s, self.config.max_kv_ttl_s)
         try:
             self.scheduler.add(seq)
         except ValueError as exc:  # the server checks lengths first; this guards the engine itself
@@ -336,11 +341,12 @@ class LLMEngine:
 
     def _output(self, request_id: str, token: int, logprobs: dict) -> RequestOutput:
         seq = self.sequences[request_id]
-        prompt_logprobs = queued = None
+        prompt_logprobs = queued = cached = None
         if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
             prompt_logprobs, seq.prompt_logprobs_sent = seq.prompt_logprobs, True
         if seq.num_output_tokens == 1:
             queued = max(0.0, seq.first_scheduled_time - seq.arrival_time)
+            cached = seq.num_cached_tokens
         output = RequestOutput(
             request_id=request_id,
             new_token_ids=[token],
@@ -349,6 +355,7 @@ class LLMEngine:
             finish_reason=seq.finish_reason,
             stop_token_id=seq.stop_token_id,
             queued_seconds=queued,
+            cached_tokens=cached,
             energy_joules=seq.energy_joules if self.power is not None else None,
         )
         if seq.is_finished:
@@ -401,6 +408,7 @@ class LLMEngine:
 
     def stats(self, iteration_seconds: float = 0.0, num_batched_tokens: int = 0) -> IterationStats:
         waiting = self.scheduler.waiting
+        cache = self.block_manager.counters
         return IterationStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
@@ -412,4 +420,11 @@ class LLMEngine:
             lora_waiting=dict(Counter(s.lora.name for s in waiting if s.lora is not None)),
             num_waiting_for_lora_slot=sum(1 for s in waiting if s.lora is not None and s.lora.slot is None),
             max_loras=self.config.max_loras,
+            prefix_cache_queries=cache.queries,
+            prefix_cache_hits=cache.hits,
+            prefix_cache_evictions=cache.evictions,
+            kv_pins=cache.pins,
+            kv_pins_refused=cache.pins_refused,
+            kv_pin_expiries=cache.pin_expiries,
+            kv_pinned_blocks=self.block_manager.num_pinned_blocks,
         )

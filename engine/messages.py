@@ -44,6 +44,9 @@ class EngineRequest(msgspec.Struct, tag=True, frozen=True):
     # This request's own latency targets; None = the engine's ttft_slo_ms / tpot_slo_ms.
     ttft_slo_ms: float | None = None
     tpot_slo_ms: float | None = None
+    # Seconds to keep its KV cached after it finishes (an agent's next turn), at most the
+    # engine's max_kv_ttl_s; None = freed at once (still reusable until evicted).
+    kv_ttl_s: float | None = None
 
 
 class LoadAdapter(msgspec.Struct, tag=True, frozen=True):
@@ -131,8 +134,10 @@ class RequestOutput(msgspec.Struct, frozen=True):
     error: str | None = None
     # The token id that stopped the request, when a stop token did.
     stop_token_id: int | None = None
-    # Seconds from arrival to first being scheduled; sent with the first output.
+    # Seconds from arrival to first being scheduled, and prompt tokens read from the
+    # prefix cache; both sent with the first output.
     queued_seconds: float | None = None
+    cached_tokens: int | None = None
     # Energy attributed to the request so far (None without a power device).
     energy_joules: float | None = None
 
@@ -150,6 +155,15 @@ class IterationStats(msgspec.Struct, frozen=True):
     # Waiting sequences whose adapter has no compute slot yet.
     num_waiting_for_lora_slot: int = 0
     max_loras: int = 0
+    # Prefix cache, cumulative: prompt tokens looked up and found cached (vLLM's
+    # meaning), cached blocks evicted, pins made, refused (bound reached) and expired; blocks pinned now.
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    prefix_cache_evictions: int = 0
+    kv_pins: int = 0
+    kv_pins_refused: int = 0
+    kv_pin_expiries: int = 0
+    kv_pinned_blocks: int = 0
     # Finetuning work done in this iteration, and the latency model's view of it.
     finetune_forward_tokens: int = 0
     finetune_backward_layer_tokens: int = 0

@@ -11,6 +11,11 @@ to be recomputed later. Because admission never skips the head of the queue and
 victims are always the newest, the oldest request always makes progress: nothing
 starves and nothing is dropped.
 
+With prefix caching, a sequence admitted from the queue first takes the cached blocks
+of its longest cached prefix (engine/block_manager.py) and its first chunk starts after
+them; every chunk's newly full blocks are registered after the iteration. A request
+that returns prompt logprobs computes its whole prompt.
+
 Training sequences of finetuning jobs come last: their forward chunks take at most
 the `finetune_budget` tokens the caller allows this iteration (what inference leaves
 within the latency SLO), they never preempt inference, and they are the first to go
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import time
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
@@ -51,8 +57,11 @@ class Scheduler:
         max_model_len: int,
         eos_token_ids: Iterable[int],
         adapter_slots: AdapterSlots | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ):
+        """clock: seconds, for KV pins' expiry (tests pass their own)."""
         self.block_manager = block_manager
+        self.clock = clock
         self.adapter_slots = adapter_slots
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
@@ -109,6 +118,7 @@ class Scheduler:
         """finetune_budget(plan with its inference chunks, tokens left) -> finetuning tokens
         this iteration may add (the engine asks its latency model); None = no finetuning."""
         plan = IterationPlan()
+        self.block_manager.expire_pins(self.clock())
         budget = self.max_num_batched_tokens
         scheduled: dict[str, ScheduledChunk] = {}
 
@@ -127,14 +137,21 @@ class Scheduler:
             budget = self.max_num_batched_tokens - sum(c.num_new_tokens for c in scheduled.values())
 
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            num_new = min(seq.num_uncomputed_tokens, budget)
-            if not self.block_manager.can_allocate(seq, seq.num_computed_tokens + num_new):
+            seq = self.waiting[0]  # holds no blocks: new, or preempted
+            # Its prompt logprobs are computed, not read from the cache.
+            prefix = [] if seq.wants_prompt_logprobs() else self.block_manager.cached_prefix(seq)
+            cached_tokens = len(prefix) * self.block_manager.block_size
+            num_new = min(seq.num_tokens - cached_tokens, budget)
+            if not self.block_manager.can_allocate(seq, cached_tokens + num_new, prefix):
                 break
             if seq.lora is not None and not self.adapter_slots.activate(seq.lora):
                 break
             self.waiting.pop(0)
-            self.block_manager.allocate(seq, seq.num_computed_tokens + num_new)
+            self.block_manager.allocate(seq, cached_tokens + num_new, prefix)
+            seq.num_computed_tokens = cached_tokens
+            if seq.num_cached_tokens is None:  # first admission: what the request is told
+                seq.num_cached_tokens = cached_tokens
+                self.block_manager.record_lookup(seq.num_prompt_tokens, cached_tokens)
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=self._key)
             scheduled[seq.request_id] = ScheduledChunk(seq, num_new)
@@ -237,6 +254,7 @@ class Scheduler:
         for chunk in plan.chunks:
             seq = chunk.seq
             seq.num_computed_tokens += chunk.num_new_tokens
+            self.block_manager.register_computed(seq)
             token = sampled.get(seq.request_id)
             if token is None:
                 continue
@@ -263,7 +281,10 @@ class Scheduler:
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self._release_slot(seq)
-        self.block_manager.free(seq)
+        if seq.kv_ttl_s and reason != "abort":
+            self.block_manager.pin(seq, until=self.clock() + seq.kv_ttl_s)
+        else:
+            self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         self._priority.pop(seq.request_id, None)

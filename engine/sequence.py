@@ -43,6 +43,14 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
+        # Prefix caching (engine/block_manager.py): chained hashes of its full blocks so
+        # far, how many of its table's blocks are registered in the cache, and how many
+        # prompt tokens its first admission found cached (usage.cached_tokens).
+        self.block_hashes: list[bytes] = []
+        self.num_registered_blocks = 0
+        self.num_cached_tokens: int | None = None
+        # Seconds its KV stays pinned after it finishes (None: freed at once).
+        self.kv_ttl_s: float | None = None
         self.finish_reason: str | None = None
         self.stop_token_id: int | None = None
         self.num_preemptions = 0
@@ -80,6 +88,11 @@ class Sequence:
     def lora_slot(self) -> int:
         """Compute slot of this sequence's adapter while it runs; -1 for the base model."""
         return -1 if self.lora is None else self.lora.slot
+
+    @property
+    def cache_salt(self) -> bytes:
+        """What besides its tokens decides its KV: the adapter version (none for the base model)."""
+        return b"" if self.lora is None else b"lora" + self.lora.version.to_bytes(8, "little")
 
     @property
     def num_uncomputed_tokens(self) -> int:

@@ -59,6 +59,7 @@ class Sequence:
     num_generated: int = 0
     finish_reason: str | None = None
     energy_joules: float | None = None
+    cached_tokens: int | None = None  # prompt tokens read from the prefix cache
     prompt_logprobs: list[TokenLogprob] | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
 
@@ -75,6 +76,7 @@ def make_sequences(
     stop_strings: list[str],
     lora_name: str | None = None,
     slo: RequestSLO | None = None,
+    kv_ttl_s: float | None = None,
 ) -> list[Sequence]:
     """`n` choices per prompt, indexed prompt-major; choice i of a prompt uses seed + i."""
     ttft_ms, tpot_ms = (slo.ttft_ms, slo.tpot_ms) if slo is not None else (None, None)
@@ -87,7 +89,7 @@ def make_sequences(
             if params.seed is not None and i:
                 choice_params = msgspec.structs.replace(params, seed=params.seed + i)
             request = EngineRequest(
-                f"{request_id}-{index}", prompt_ids, choice_params, now, lora_name, ttft_ms, tpot_ms
+                f"{request_id}-{index}", prompt_ids, choice_params, now, lora_name, ttft_ms, tpot_ms, kv_ttl_s
             )
             sequences.append(
                 Sequence(index, request, IncrementalDetokenizer(tokenizer, prompt_ids), StopStringMatcher(stop_strings))
@@ -128,6 +130,8 @@ def _apply(seq: Sequence, output: RequestOutput, texts: TokenTexts) -> ChoiceDel
     seq.num_generated += len(output.new_token_ids)
     if output.energy_joules is not None:
         seq.energy_joules = output.energy_joules
+    if output.cached_tokens is not None:
+        seq.cached_tokens = output.cached_tokens
     if output.prompt_logprobs is not None:
         seq.prompt_logprobs = _prompt_logprobs(seq.request.prompt_token_ids, output.prompt_logprobs, texts)
     new_logprobs = [

@@ -243,9 +243,28 @@ class StateCollector(Collector):
         )
         preemptions.add_metric(self._labels, stats.num_preemptions if stats else 0)
         yield preemptions
+        yield from self._prefix_cache(stats)
         yield from self._per_adapter(stats)
         yield from self._finetune_jobs()
         yield from self._power(iteration)
+
+    def _prefix_cache(self, stats):
+        """Prefix-cache counters (tokens, in vLLM's meaning: hits / queries is the hit
+        rate) and the KV that requests' kv_ttl keeps pinned."""
+        for name, doc, field in (
+            ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache", "prefix_cache_queries"),
+            ("prefix_cache_hits", "Prompt tokens found in the prefix cache", "prefix_cache_hits"),
+            ("prefix_cache_evictions", "Cached KV blocks evicted for new contents", "prefix_cache_evictions"),
+            ("kv_pins", "Finished requests whose KV was pinned for their kv_ttl", "kv_pins"),
+            ("kv_pins_refused", "kv_ttl pins not made because max_pinned_kv_fraction was reached",
+             "kv_pins_refused"),
+            ("kv_pin_expiries", "kv_ttl pins that ran out", "kv_pin_expiries"),
+        ):
+            family = CounterMetricFamily(f"coserve:{name}", doc, labels=["model_name"])
+            family.add_metric(self._labels, getattr(stats, field) if stats else 0)
+            yield family
+        yield self._gauge("coserve:kv_pinned_blocks", "KV-cache blocks held by kv_ttl pins",
+                          stats and stats.kv_pinned_blocks)
 
     def _per_adapter(self, stats):
         """Sequences per LoRA adapter, zero for adapters without any; the label set is

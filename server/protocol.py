@@ -57,6 +57,10 @@ class GenerationRequest(BaseModel):
     stop_token_ids: list[TokenId] | None = None
     # coserve extra: this request's own SLOs (the openai client sends it via `extra_body`).
     slo: RequestSLO | None = None
+    # coserve extra: keep this request's KV cached for this many seconds after it ends,
+    # so that a follow-up (an agent's next turn after a tool call) finds it even under
+    # cache pressure; at most the server's max_kv_ttl_s.
+    kv_ttl: float | None = Field(None, gt=0, allow_inf_nan=False)
 
     @property
     def stop_strings(self) -> list[str]:
@@ -134,10 +138,15 @@ class DetokenizeRequest(BaseModel):
 # ---- responses -------------------------------------------------------------------
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int  # prompt tokens whose KV the prefix cache held
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
     # coserve extra, only where a power device is watched: the energy the engine
     # attributed to this request's iterations (engine/energy.py), in joules.
     energy_joules: float | None = None

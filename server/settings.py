@@ -106,6 +106,13 @@ class Settings(BaseSettings):
         32, ge=1, description="LoRA adapters kept in host memory (LRU), resident ones included"
     )
     max_lora_rank: int = Field(16, ge=1, description="Largest LoRA rank accepted; sizes the compute slots")
+    enable_prefix_caching: bool = Field(
+        True, description="Reuse the KV cache of prompt prefixes that earlier requests computed"
+    )
+    max_pinned_kv_fraction: float = Field(
+        0.25, ge=0, le=1, description="Most of the KV cache that requests' kv_ttl may keep pinned at once"
+    )
+    max_kv_ttl_s: float = Field(600.0, ge=0, description="Longest kv_ttl a request may ask for, in seconds")
     ttft_slo_ms: float = Field(2000.0, gt=0, description="Time-to-first-token SLO, in milliseconds")
     tpot_slo_ms: float = Field(
         200.0, gt=0, description="Time-per-output-token SLO (ms); finetuning only fills iterations predicted within it"
@@ -187,6 +194,9 @@ class Settings(BaseSettings):
             max_loras=self.max_loras,
             max_cpu_loras=self.max_cpu_loras,
             max_lora_rank=self.max_lora_rank,
+            enable_prefix_caching=self.enable_prefix_caching,
+            max_pinned_kv_fraction=self.max_pinned_kv_fraction,
+            max_kv_ttl_s=self.max_kv_ttl_s,
             ttft_slo_ms=self.ttft_slo_ms,
             tpot_slo_ms=self.tpot_slo_ms,
             finetune_backward_layers_per_iteration=self.finetune_backward_layers_per_iteration,

@@ -31,6 +31,12 @@ from engine.lora.layout import LoRALayout
 from engine.lora.slots import LoRASlots
 
 
+# Versions of adapter weights, unique in the process: a prefix-cache block computed by
+# one version never matches a sequence of another (an adapter reloaded under the same
+# name, or a finetuning job's adapter after an optimizer step).
+_weight_versions = itertools.count(1)
+
+
 @dataclass(eq=False)
 class AdapterEntry:
     name: str
@@ -41,6 +47,7 @@ class AdapterEntry:
     num_running: int = 0  # of those, the ones holding its slot
     removed: bool = False
     last_activated: int = field(default=0)
+    version: int = field(default_factory=lambda: next(_weight_versions))
 
 
 class LoRAManager:
@@ -90,6 +97,7 @@ class LoRAManager:
     def refresh(self, entry: AdapterEntry, weights: LoRAWeights) -> None:
         """New weights after an optimizer step; a resident slot is rewritten in place."""
         entry.weights = weights
+        entry.version = next(_weight_versions)
         if entry.slot is not None:
             self.backend.slots.write(entry.slot, weights)
 

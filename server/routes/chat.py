@@ -30,7 +30,7 @@ from server.protocol import (
     ChatTokenLogprob,
     TopLogprob,
 )
-from server.routes.sampling import new_request_id, sampling_params, usage
+from server.routes.sampling import kv_ttl_seconds, new_request_id, sampling_params, usage
 from server.sse import event, sse_response
 
 router = APIRouter()
@@ -62,7 +62,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
     )
     request_id = new_request_id("chatcmpl")
-    sequences = make_sequences(ctx.tokenizer, request_id, [(prompt, params)], body.n or 1, body.stop_strings, lora_name, body.slo)
+    sequences = make_sequences(ctx.tokenizer, request_id, [(prompt, params)], body.n or 1, body.stop_strings, lora_name, body.slo,
+                               kv_ttl_seconds(ctx, body))
     chat = _Chat(ctx, body, request_id, prompt, sequences)
     deltas = start_generation(ctx.engine, ctx.texts, sequences)
     if body.stream:

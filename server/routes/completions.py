@@ -24,7 +24,7 @@ from server.protocol import (
     CompletionRequest,
     CompletionResponse,
 )
-from server.routes.sampling import new_request_id, sampling_params, usage
+from server.routes.sampling import kv_ttl_seconds, new_request_id, sampling_params, usage
 from server.sse import event, sse_response
 
 router = APIRouter()
@@ -53,7 +53,8 @@ async def create_completion(body: CompletionRequest, request: Request):
     ]
     n = body.n or 1
     request_id = new_request_id("cmpl")
-    sequences = make_sequences(ctx.tokenizer, request_id, prompt_params, n, body.stop_strings, lora_name, body.slo)
+    sequences = make_sequences(ctx.tokenizer, request_id, prompt_params, n, body.stop_strings, lora_name, body.slo,
+                               kv_ttl_seconds(ctx, body))
     completion = _Completion(ctx, body, request_id, prompts, sequences, n)
     deltas = start_generation(ctx.engine, ctx.texts, sequences)
     if body.stream:

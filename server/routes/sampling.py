@@ -7,7 +7,8 @@ import uuid
 from engine.messages import SamplingParams
 from server.context import ServerContext
 from server.generation import Sequence
-from server.protocol import GenerationRequest, Usage
+from server import errors
+from server.protocol import GenerationRequest, PromptTokensDetails, Usage
 
 
 def new_request_id(prefix: str) -> str:
@@ -15,12 +16,31 @@ def new_request_id(prefix: str) -> str:
 
 
 def usage(prompts: list[list[int]], sequences: list[Sequence]) -> Usage:
-    """Each prompt counts once however many choices it has; every generated token counts."""
+    """Each prompt counts once however many choices it has (its cached tokens those of
+    its first choice); every generated token counts."""
     prompt_tokens = sum(len(p) for p in prompts)
     completion_tokens = sum(s.num_generated for s in sequences)
+    choices_per_prompt = len(sequences) // len(prompts)
+    cached_tokens = sum(s.cached_tokens or 0 for s in sequences[::choices_per_prompt])
     energies = [s.energy_joules for s in sequences if s.energy_joules is not None]
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                 total_tokens=prompt_tokens + completion_tokens, energy_joules=sum(energies) if energies else None)
+                 total_tokens=prompt_tokens + completion_tokens,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
+                 energy_joules=sum(energies) if energies else None)
+
+
+def kv_ttl_seconds(ctx: ServerContext, body: GenerationRequest) -> float | None:
+    """The request's `kv_ttl`, checked against the server's settings."""
+    if body.kv_ttl is None:
+        return None
+    settings = ctx.settings
+    if not settings.enable_prefix_caching:
+        raise errors.bad_request("kv_ttl needs prefix caching, which this server has turned off", "kv_ttl")
+    if body.kv_ttl > settings.max_kv_ttl_s:
+        raise errors.bad_request(
+            f"kv_ttl may be at most {settings.max_kv_ttl_s:g} seconds (max_kv_ttl_s); got {body.kv_ttl:g}", "kv_ttl"
+        )
+    return body.kv_ttl
 
 
 def sampling_params(

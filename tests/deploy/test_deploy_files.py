@@ -32,6 +32,12 @@ COUNTERS = {
     "coserve:iteration_tokens_total",
     "coserve:gpu_energy_joules_total",
     "coserve:finetune_energy_joules_total",
+    "coserve:prefix_cache_queries_total",
+    "coserve:prefix_cache_hits_total",
+    "coserve:prefix_cache_evictions_total",
+    "coserve:kv_pins_total",
+    "coserve:kv_pins_refused_total",
+    "coserve:kv_pin_expiries_total",
 }
 GAUGES = {
     "coserve:num_requests_running",
@@ -50,6 +56,7 @@ GAUGES = {
     "coserve:gpu_target_sm_clock_mhz",
     "coserve:gpu_power_watts",
     "coserve:tokens_per_joule",
+    "coserve:kv_pinned_blocks",
 }
 HISTOGRAMS = {
     "coserve:time_to_first_token_seconds",

@@ -87,6 +87,14 @@ def test_cli_flags_cover_settings():
     assert args == {"command": "serve", "port": 9, "dtype": "float32"}
 
 
+def test_prefix_caching_flag_reaches_the_engine(tmp_path):
+    args = vars(build_parser().parse_args(["serve", "--enable-prefix-caching", "false", "--max-kv-ttl-s", "30"]))
+    args.pop("command")
+    config = Settings(**args).engine_config(tmp_path)
+    assert (config.enable_prefix_caching, config.max_kv_ttl_s) == (False, 30.0)
+    assert Settings().engine_config(tmp_path).enable_prefix_caching is True
+
+
 def test_error_param_from_union_loc():
     assert _param_of(("body", "stop", "list[constrained-str]")) == "stop"
     assert _param_of(("body", "messages", 0, "content", "str")) == "messages.0.content"

@@ -1,0 +1,142 @@
+"""Block manager with prefix caching, without a model: hashing, reference counts, LRU, pins."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.block_manager import BlockManager
+from engine.messages import SamplingParams
+from engine.prefix_hash import block_hashes
+from engine.sequence import Sequence
+
+BS = 4
+
+
+def make_seq(request_id: str, tokens: list[int]) -> Sequence:
+    return Sequence(request_id, tokens, SamplingParams(max_tokens=4, temperature=0.0), 0.0)
+
+
+def compute(blocks: BlockManager, seq: Sequence, prefix: list[int] = ()) -> None:
+    """Admit `seq` with `prefix`, 'compute' its whole prompt and register what is full."""
+    blocks.allocate(seq, seq.num_tokens, prefix)
+    seq.num_computed_tokens = seq.num_tokens
+    blocks.register_computed(seq)
+
+
+def test_hash_chains_over_previous_blocks_and_salt():
+    tokens = list(range(12))
+    base = block_hashes(tokens, BS, 0, 3, None, b"")
+    assert base == block_hashes(tokens, BS, 0, 3, None, b"")
+    assert len(set(base)) == 3
+    # The same third block after a different first block is a different block.
+    other = block_hashes([99] + tokens[1:], BS, 0, 3, None, b"")
+    assert other[2] != base[2]
+    # Another adapter version: nothing matches.
+    assert not set(block_hashes(tokens, BS, 0, 3, None, b"lora" + (1).to_bytes(8, "little"))) & set(base)
+    # Extending from the middle continues the chain.
+    assert block_hashes(tokens, BS, 1, 3, base[0], b"") == base[1:]
+
+
+def test_shared_prefix_is_reused_and_reference_counted():
+    blocks = BlockManager(16, BS, prefix_caching=True)
+    first = make_seq("a", list(range(10)))  # blocks 0-1 full, block 2 partial
+    compute(blocks, first)
+    second = make_seq("b", list(range(8)) + [50, 51, 52])
+    prefix = blocks.cached_prefix(second)
+    assert prefix == first.block_table[:2]
+    compute(blocks, second, prefix)
+    assert second.block_table[:2] == first.block_table[:2]
+    assert [blocks.ref_counts[b] for b in prefix] == [2, 2]
+    assert second.block_table[2] != first.block_table[2]
+    blocks.free(first)
+    assert [blocks.ref_counts[b] for b in prefix] == [1, 1]
+    blocks.free(second)
+    assert blocks.num_free_blocks == 16  # cached blocks count as free: allocation may evict them
+    assert blocks.cached_prefix(make_seq("c", list(range(9)))) == prefix  # contents kept
+
+
+def test_prefix_leaves_the_last_prompt_token_to_compute():
+    """A prompt that ends on a block boundary reuses all but its last block: the last
+    token's logits are needed, so at least it is computed."""
+    blocks = BlockManager(16, BS, prefix_caching=True)
+    compute(blocks, make_seq("a", list(range(8))))
+    assert len(blocks.cached_prefix(make_seq("b", list(range(8))))) == 1
+    assert len(blocks.cached_prefix(make_seq("c", list(range(9))))) == 2
+
+
+def test_eviction_takes_never_used_blocks_first_then_least_recently_freed_tail_first():
+    blocks = BlockManager(6, BS, prefix_caching=True)
+    old, new = make_seq("old", list(range(8))), make_seq("new", list(range(100, 108)))
+    compute(blocks, old)
+    compute(blocks, new)
+    blocks.free(old)
+    blocks.free(new)
+    assert len(blocks.free_blocks) == 2 and len(blocks.evictable) == 4
+    taker = make_seq("taker", list(range(200, 212)))  # three blocks
+    blocks.allocate(taker, 12)
+    # Two never-used blocks, then old's tail block (freed first within the oldest sequence).
+    assert blocks.counters.evictions == 1
+    assert old.block_hashes[1] not in blocks.cached and old.block_hashes[0] in blocks.cached
+    assert all(h in blocks.cached for h in new.block_hashes)
+    # old's first block still matches; its second does not.
+    assert len(blocks.cached_prefix(make_seq("again", list(range(9))))) == 1
+
+
+def test_reviving_a_cached_block_takes_it_from_the_free_pool():
+    blocks = BlockManager(3, BS, prefix_caching=True)
+    first = make_seq("a", list(range(8)))
+    compute(blocks, first)
+    blocks.free(first)
+    second = make_seq("b", list(range(8)) + [9])
+    prefix = blocks.cached_prefix(second)
+    assert len(prefix) == 2
+    assert blocks.blocks_needed(second, 9, prefix) == 3  # 2 revived + 1 new
+    assert blocks.can_allocate(second, 9, prefix)
+    assert not blocks.can_allocate(second, 13, prefix)
+    compute(blocks, second, prefix)
+    assert blocks.num_free_blocks == 0
+
+
+def test_duplicate_contents_keep_the_first_registration():
+    blocks = BlockManager(8, BS, prefix_caching=True)
+    a, b = make_seq("a", list(range(5))), make_seq("b", list(range(5)))
+    blocks.allocate(a, 5)
+    blocks.allocate(b, 5)  # both computed the same prefix at once
+    for seq in (a, b):
+        seq.num_computed_tokens = 5
+        blocks.register_computed(seq)
+    assert blocks.cached[a.block_hashes[0]] == a.block_table[0]
+    blocks.free(b)
+    assert b.block_table == [] and len(blocks.evictable) == 0  # b's copy went back unregistered
+
+
+def test_caching_off_never_matches():
+    blocks = BlockManager(8, BS, prefix_caching=False)
+    compute(blocks, make_seq("a", list(range(9))))
+    assert blocks.cached_prefix(make_seq("b", list(range(9)))) == []
+    assert not blocks.cached
+
+
+def test_pins_hold_blocks_until_they_expire():
+    blocks = BlockManager(4, BS, prefix_caching=True, max_pinned_blocks=2)
+    seq = make_seq("agent", list(range(9)))
+    compute(blocks, seq)
+    assert blocks.pin(seq, until=10.0)
+    assert seq.block_table == [] and blocks.num_pinned_blocks == 2
+    assert blocks.num_free_blocks == 2  # the partial block was freed; the pinned two are held
+    with pytest.raises(RuntimeError):
+        blocks.allocate(make_seq("pressure", list(range(50, 62))), 12)  # cannot evict pinned blocks
+    blocks.expire_pins(9.9)
+    assert blocks.num_pinned_blocks == 2
+    blocks.expire_pins(10.0)
+    assert blocks.num_pinned_blocks == 0 and blocks.counters.pin_expiries == 1
+    assert len(blocks.cached_prefix(make_seq("next-turn", list(range(12))))) == 2
+
+
+def test_a_pin_over_the_bound_is_refused_and_freed():
+    blocks = BlockManager(8, BS, prefix_caching=True, max_pinned_blocks=1)
+    seq = make_seq("big", list(range(9)))
+    compute(blocks, seq)
+    assert not blocks.pin(seq, until=10.0)
+    assert blocks.counters.pins_refused == 1 and blocks.num_pinned_blocks == 0
+    assert blocks.num_free_blocks == 8
