@@ -25,8 +25,8 @@ class PrefillSpan:
     num_tokens: int  # query tokens in the chunk
     num_computed: int  # tokens of this sequence already in the cache before the chunk
     block_table: torch.Tensor  # [num_blocks_of_seq] long
-    # [num_tokens, num_computed + num_tokens] bool, None when the chunk starts the
-    # sequence (plain causal attention).
+    # [num_tokens, num_computed + num_tokens] additive mask (0 or -inf, the compute
+    # type), None when the chunk starts the sequence (plain causal attention).
     mask: torch.Tensor | None
 
     @property

@@ -57,7 +57,7 @@ class ModelRunner:
         self.lora_backend = lora_backend
         self.block_size = block_size
         self.device = device
-        dtype = model.embed_tokens.weight.dtype
+        self.dtype = dtype = model.embed_tokens.weight.dtype
         if use_kernels is None:
             use_kernels = device == "cpu" and dtype in ops.CPU_KERNEL_DTYPES and ops.cpu_kernels_available()
         self.use_kernels = use_kernels
@@ -102,9 +102,11 @@ class ModelRunner:
         for c in chunks[num_decodes:]:
             mask = None
             if c.start > 0:
-                keys = torch.arange(c.end, device=self.device)
-                queries = torch.arange(c.start, c.end, device=self.device)
-                mask = keys.unsqueeze(0) <= queries.unsqueeze(1)  # [chunk, context]
+                # Query i (position start + i) sees keys 0..start + i: an additive mask,
+                # -inf above that diagonal, in the compute type (a boolean one is converted
+                # by SDPA in every layer; 8% of a prefix-cached prefill iteration).
+                mask = torch.full((c.num_new_tokens, c.end), float("-inf"), dtype=self.dtype, device=self.device)
+                mask.triu_(c.start + 1)  # [chunk, context]
             table = self._tensor(c.seq.block_table[: -(-c.end // bs)])
             prefills.append(PrefillSpan(offset, c.num_new_tokens, c.start, table, mask))
             offset += c.num_new_tokens
