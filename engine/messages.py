@@ -29,6 +29,8 @@ class SamplingParams(msgspec.Struct, frozen=True):
     prompt_logprobs: int | None = None
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
+    # (token id, bias) pairs added to the raw logits before sampling (OpenAI's logit_bias).
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     @property
     def greedy(self) -> bool:

@@ -1,8 +1,8 @@
 """Token sampling for one iteration's sequences, vectorised over the batch.
 
-Order of operations (OpenAI semantics): penalties on the raw logits, then
-temperature, then top-k / top-p / min-p truncation, then a draw. Greedy rows
-(temperature 0) take the argmax after penalties. Reported logprobs are those of
+Order of operations (OpenAI semantics): logit biases and penalties on the raw
+logits, then temperature, then top-k / top-p / min-p truncation, then a draw. Greedy
+rows (temperature 0) take the argmax after biases and penalties. Reported logprobs are those of
 the raw model distribution, before any of this, so they describe the model and
 not the sampling settings.
 
@@ -31,6 +31,15 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
         output = torch.tensor(seqs[i].output_token_ids, dtype=torch.long)
         counts = torch.bincount(output, minlength=vocab)[:vocab].to(logits.dtype)  # [vocab]
         logits[i] -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
+
+
+def apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """In place: each row's requested biases added to its token ids (OpenAI's logit_bias:
+    -100 bans a token in practice, +100 all but forces it)."""
+    for i, seq in enumerate(seqs):
+        if seq.params.logit_bias:
+            ids, biases = zip(*seq.params.logit_bias)
+            logits[i].index_add_(0, torch.tensor(ids), torch.tensor(biases, dtype=logits.dtype))
 
 
 def _truncation_wanted(params: SamplingParams, vocab: int) -> bool:
@@ -103,6 +112,7 @@ def _draw(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     """logits: [n, vocab] float32, one row per sequence (modified in place). Returns one
     token id per row."""
+    apply_logit_bias(logits, seqs)
     apply_penalties(logits, seqs)
     tokens = [0] * len(seqs)
     greedy_rows = [i for i, s in enumerate(seqs) if s.params.greedy]

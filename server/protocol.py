@@ -47,6 +47,8 @@ class GenerationRequest(BaseModel):
     stop: NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=MAX_STOP_STRINGS)] | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    # Token id (as a string, as OpenAI sends it) -> bias added to its logit.
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None

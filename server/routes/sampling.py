@@ -55,6 +55,7 @@ def sampling_params(
     ctx.prompts.check_token_ids(stop_token_ids, "stop_token_ids")
     top_k = body.top_k or 0
     return SamplingParams(
+        logit_bias=_logit_bias(ctx, body),
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
@@ -68,3 +69,14 @@ def sampling_params(
         ignore_eos=bool(body.ignore_eos),
         stop_token_ids=tuple(stop_token_ids),
     )
+
+
+def _logit_bias(ctx: ServerContext, body: GenerationRequest) -> tuple[tuple[int, float], ...]:
+    """`logit_bias` as (token id, bias) pairs; keys must be token ids of this model."""
+    pairs = []
+    for key, bias in (body.logit_bias or {}).items():
+        if not key.strip().isdigit():
+            raise errors.bad_request(f"logit_bias keys must be token ids; got {key!r}", "logit_bias")
+        pairs.append((int(key), bias))
+    ctx.prompts.check_token_ids([token for token, _ in pairs], "logit_bias")
+    return tuple(pairs)

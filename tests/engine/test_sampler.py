@@ -29,6 +29,17 @@ def test_greedy_takes_argmax_after_penalties():
     assert sample(logits.clone(), [seq_with([1], temperature=0.0, presence_penalty=1.0)]) == [2]
 
 
+def test_logit_bias_moves_greedy_and_random_rows_only_where_asked():
+    logits = torch.tensor([[0.0, 3.0, 2.5, 1.0]] * 3)
+    seqs = [seq_with([], temperature=0.0, logit_bias=((1, -100.0),)),
+            seq_with([], temperature=1.0, logit_bias=((3, 100.0), (1, -100.0))),
+            seq_with([], temperature=0.0)]
+    assert sample(logits.clone(), seqs) == [2, 3, 1]
+    # Among random draws, a +100 bias leaves the other tokens ~e^-97 of the mass.
+    many = [seq_with([], logit_bias=((0, 100.0),)) for _ in range(64)]
+    assert sample(torch.randn(64, 50), many) == [0] * 64
+
+
 def test_top_k_top_p_min_p_truncation():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
 

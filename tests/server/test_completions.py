@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from tests.server.conftest import assert_openai_error
+
 PROMPT = "The capital of France is"
 REPETITIVE = "one two one two one two one two"
 
@@ -146,3 +148,20 @@ def test_stream_include_usage(client, model_name):
     assert last.choices == [] and last.usage.completion_tokens == 10
     assert all(c.usage is None for c in chunks[:-1])
     assert {c.choices[0].finish_reason for c in chunks[:-1] if c.choices[0].finish_reason} == {"length"}
+
+
+def test_logit_bias_forces_and_bans_tokens(client, model_name, http):
+    forced = http.post("/tokenize", json={"prompt": " banana", "add_special_tokens": False}).json()["tokens"][-1]
+    reply = complete(client, model_name, max_tokens=4, logit_bias={str(forced): 100})
+    assert http.post("/detokenize", json={"tokens": [forced] * 4}).json()["prompt"] == reply.choices[0].text
+    free = complete(client, model_name, max_tokens=1)
+    (first,) = http.post("/tokenize", json={"prompt": free.choices[0].text, "add_special_tokens": False}).json()["tokens"]
+    banned = complete(client, model_name, max_tokens=1, logit_bias={str(first): -100})
+    assert banned.choices[0].text not in ("", free.choices[0].text)
+
+
+def test_bad_logit_bias_names_the_parameter(http, model_name):
+    for bias in ({"abc": 1}, {"5": 101}, {"99999999": 1}, {"5": "x"}):
+        response = http.post("/v1/completions", json={"model": model_name, "prompt": PROMPT, "max_tokens": 1,
+                                                      "logit_bias": bias})
+        assert_openai_error(response, 400, param="logit_bias")
