@@ -45,7 +45,8 @@ def cpu_kernels_available() -> bool:
     """Build (once per machine) and load the CPU kernels; False if that is impossible."""
     sources = [
         CSRC / "cpu" / name
-        for name in ("paged_attention.cpp", "bf16_linear.cpp", "add_rms_norm.cpp", "rope_write_kv.cpp", "silu_and_mul.cpp")
+        for name in ("paged_attention.cpp", "prefill_attention.cpp", "bf16_linear.cpp", "add_rms_norm.cpp",
+                     "rope_write_kv.cpp", "silu_and_mul.cpp")
     ]
     if not all(source.is_file() for source in sources):
         log.info("csrc/ not found: native CPU attention and float32 weights")
@@ -91,6 +92,37 @@ def paged_decode_attention(
         block_tables: [num_seqs, max_blocks] int64; context_lens: [num_seqs] int64
     """
     torch.ops.coserve.paged_decode_attention(out, q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+@functools.cache
+def prefill_attention_available() -> bool:
+    """The CPU kernels built with AMX, and the OS granted this process the AMX state."""
+    return cpu_kernels_available() and torch.ops.coserve.prefill_attention_supported()
+
+
+def prefill_attention(
+    out: torch.Tensor,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    start: int,
+    scale: float,
+) -> None:
+    """Causal attention of one prefill chunk over its sequence's cache (AMX, bfloat16).
+
+    Semantics: out[i, h] = softmax(scale * q[i, h] . K^T) V over keys 0 .. start + i,
+    where K, V are the sequence's cached tokens (the chunk's own included: they are
+    written first), token t at slot t % block_size of block block_table[t // block_size];
+    query head h reads kv head h // (heads / kv_heads).
+
+    Shape (all bfloat16 but the table):
+        out, q: [tokens, heads, head_dim], each token's heads contiguous (q may be a
+        view into the qkv projection); head_dim a multiple of 32
+        k_cache, v_cache: [num_blocks, block_size, kv_heads, head_dim]
+        block_table: [>= ceil((start + tokens) / block_size)] int64
+    """
+    torch.ops.coserve.prefill_attention(out, q, k_cache, v_cache, block_table, start, scale)
 
 
 # Weights packed for `bf16_linear` hold this many outputs per panel.

@@ -13,6 +13,7 @@ CPU plan -> tensors, in one place:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -20,13 +21,15 @@ import torch
 import torch.nn.functional as F
 
 from engine import ops
-from engine.attention import AttentionMetadata, PrefillSpan
+from engine.attention import AttentionMetadata, PrefillSpan, prefill_kernel_is_faster
 from engine.lora.backend import LoRABackend, LoRAContext
 from engine.messages import TokenLogprobs
 from engine.model.llama import LlamaForCausalLM
 from engine.model.rope import rope_tables
 from engine.plan import IterationPlan, ScheduledChunk
 from engine.sampler import sample, token_logprobs
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -62,6 +65,16 @@ class ModelRunner:
             use_kernels = device == "cpu" and dtype in ops.CPU_KERNEL_DTYPES and ops.cpu_kernels_available()
         self.use_kernels = use_kernels
         model.set_fused_kernels(use_kernels)
+        # Prefill chunks on the AMX kernel where it builds, takes this model and measures
+        # faster than SDPA on this CPU (attention.prefill_kernel_is_faster).
+        self.prefill_kernel = (
+            use_kernels and dtype == torch.bfloat16 and model.head_dim % 32 == 0 and ops.prefill_attention_available()
+            and prefill_kernel_is_faster(model.config.num_attention_heads, model.config.num_key_value_heads,
+                                         model.head_dim, block_size)
+        )
+        if use_kernels and dtype == torch.bfloat16:
+            log.info("prefill attention: %s", "the AMX kernel (measured faster than SDPA here)" if self.prefill_kernel
+                     else "SDPA (the AMX kernel is unavailable or measured slower here)")
         config = model.config
         # Per layer (k, v), each [num_blocks, block_size, kv_heads, head_dim].
         shape = (num_blocks, block_size, config.num_key_value_heads, model.head_dim)
@@ -101,7 +114,7 @@ class ModelRunner:
         offset = num_decodes
         for c in chunks[num_decodes:]:
             mask = None
-            if c.start > 0:
+            if c.start > 0 and not self.prefill_kernel:
                 # Query i (position start + i) sees keys 0..start + i: an additive mask,
                 # -inf above that diagonal, in the compute type (a boolean one is converted
                 # by SDPA in every layer; 8% of a prefix-cached prefill iteration).
@@ -117,6 +130,7 @@ class ModelRunner:
             decode_context_lens=context_lens,
             decode_mask=decode_mask,
             prefills=prefills,
+            prefill_kernel=self.prefill_kernel,
         )
 
     @torch.inference_mode()

@@ -17,6 +17,7 @@ from engine.ops import (
     BF16_LINEAR_MAX_ROWS,
     bf16_linear_available,
     cpu_kernels_available,
+    prefill_attention_available,
 )
 from engine.runner import ModelRunner
 from engine.scheduler import Scheduler
@@ -37,10 +38,13 @@ def _reference_logits(reference, token_ids: list[int]) -> torch.Tensor:
 
 
 def _run_and_compare(model_dir, reference, prompt_lens, decode_steps, budget, use_kernels, block_size=4,
-                     panel_max_rows=0, dtype=torch.float32, atol=ATOL, onednn_max_rows=0):
+                     panel_max_rows=0, dtype=torch.float32, atol=ATOL, onednn_max_rows=0, prefill_kernel=None):
+    """prefill_kernel: None = the runner's own choice; True forces the AMX prefill kernel."""
     model = load_model(model_dir, dtype, panel_max_rows=panel_max_rows, onednn_max_rows=onednn_max_rows)
     blocks = BlockManager(num_blocks=64, block_size=block_size)
     runner = ModelRunner(model, blocks.num_blocks, block_size, max_model_len=256, device="cpu", use_kernels=use_kernels)
+    if prefill_kernel is not None:
+        runner.prefill_kernel = prefill_kernel
     scheduler = Scheduler(blocks, max_num_batched_tokens=budget, max_num_seqs=8, max_model_len=256, eos_token_ids=[])
     gen = torch.Generator().manual_seed(1)
     vocab = model.config.vocab_size
@@ -127,6 +131,19 @@ def test_bfloat16_compute_matches_transformers_with_rounded_parameters(tmp_path,
             parameter.copy_(parameter.to(torch.bfloat16).float())
     _run_and_compare(tmp_path, reference, prompt_lens=[5, 13, 37], decode_steps=6, budget=24, use_kernels=use_kernels,
                      panel_max_rows=panel_max_rows, dtype=torch.bfloat16, atol=0.01, onednn_max_rows=onednn_max_rows)
+
+
+@pytest.mark.skipif(not prefill_attention_available(), reason="no AMX here (or not granted)")
+def test_amx_prefill_attention_matches_transformers_with_rounded_parameters(tmp_path):
+    """Head dim 64 (the AMX kernel's tiles take multiples of 32), chunks that start after
+    earlier chunks of their sequence, bfloat16 compute against the rounded reference."""
+    reference = write_tiny_model(tmp_path, tiny_llama_config(hidden_size=256, num_attention_heads=4,
+                                                             num_key_value_heads=2, intermediate_size=384))
+    with torch.no_grad():
+        for parameter in reference.parameters():
+            parameter.copy_(parameter.to(torch.bfloat16).float())
+    _run_and_compare(tmp_path, reference, prompt_lens=[5, 40, 90], decode_steps=6, budget=32, use_kernels=True,
+                     dtype=torch.bfloat16, atol=0.02, block_size=16, prefill_kernel=True)
 
 
 def test_unsupported_architecture_fails_clearly(tmp_path):

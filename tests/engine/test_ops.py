@@ -202,3 +202,56 @@ def test_silu_and_mul_checks_its_inputs():
         ops.silu_and_mul(torch.randn(2, 7))
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         ops.silu_and_mul(torch.randn(2, 8, dtype=torch.float64))
+
+
+amx = pytest.mark.skipif(not ops.prefill_attention_available(), reason="no AMX here (or not granted)")
+
+
+def _prefill_reference(q, k_cache, v_cache, table, start, scale):
+    """Float32 SDPA over the gathered context, the chunk's queries at start .. start + n - 1."""
+    tokens, heads, head_dim = q.shape
+    kv_heads, context = k_cache.shape[2], start + tokens
+    keys = k_cache.index_select(0, table).view(-1, kv_heads, head_dim)[:context].float()
+    values = v_cache.index_select(0, table).view(-1, kv_heads, head_dim)[:context].float()
+    mask = torch.full((tokens, context), float("-inf")).triu_(start + 1)
+    return torch.nn.functional.scaled_dot_product_attention(
+        q.float().transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), attn_mask=mask, scale=scale,
+        enable_gqa=True,
+    ).transpose(0, 1)  # [tokens, heads, head_dim]
+
+
+@amx
+# Partial query tiles (5, 17, 300), a chunk after a long cached prefix (128 at 1024),
+# contexts not a multiple of 64 keys, one query, head_dim 128, block sizes 16 and 32.
+@pytest.mark.parametrize("tokens, start, heads, kv_heads, head_dim, block_size", [
+    (1, 0, 9, 3, 64, 16), (5, 0, 9, 3, 64, 16), (17, 3, 9, 3, 64, 16), (128, 1024, 9, 3, 64, 16),
+    (37, 100, 4, 4, 64, 32), (300, 50, 8, 1, 64, 16), (20, 40, 4, 2, 128, 16),
+])
+def test_prefill_attention_matches_sdpa(tokens, start, heads, kv_heads, head_dim, block_size):
+    torch.manual_seed(tokens + start)
+    context = start + tokens
+    num_blocks = -(-context // block_size) + 7
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, dtype=torch.bfloat16)
+    v_cache = torch.randn_like(k_cache)
+    table = torch.randperm(num_blocks)[: -(-context // block_size)]
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=torch.bfloat16)
+    q = qkv[:, : heads * head_dim].view(tokens, heads, head_dim)  # a strided view, as the model passes
+    out = torch.empty(tokens, heads, head_dim, dtype=torch.bfloat16)
+    scale = head_dim**-0.5
+    ops.prefill_attention(out, q, k_cache, v_cache, table, start, scale)
+    # The probabilities are rounded to bfloat16 before the value product (~4e-3 relative).
+    torch.testing.assert_close(out.float(), _prefill_reference(q, k_cache, v_cache, table, start, scale),
+                               atol=2e-2, rtol=2e-2)
+
+
+@amx
+def test_prefill_attention_checks_its_inputs():
+    k_cache = torch.zeros(4, 16, 1, 64, dtype=torch.bfloat16)
+    q, out = torch.zeros(8, 2, 64, dtype=torch.bfloat16), torch.empty(8, 2, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="exceeds its block table"):
+        ops.prefill_attention(out, q, k_cache, k_cache, torch.tensor([0]), 10, 0.125)
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.prefill_attention(out, q, k_cache, k_cache, torch.tensor([0, 4]), 10, 0.125)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        ops.prefill_attention(out.float(), q.float(), k_cache.float(), k_cache.float(), torch.tensor([0]), 0, 0.125)
+    ops.prefill_attention(out, q, k_cache, k_cache, torch.tensor([0, 3]), 10, 0.125)
