@@ -19,7 +19,8 @@ bench/.vllm-venv), streaming /v1/completions, ignore_eos, temperature 1:
      32 requests (the same seed, so the same requests, for every server), sent
      - as a burst ("shared"): at most 8 in flight, as fast as that allows; with
        fixed-length outputs they come and go in waves of 8;
-     - at Poisson arrivals of 2 req/s, uncapped ("shared-poisson");
+     - at Poisson arrivals of 2 req/s, uncapped ("shared-poisson"), 32 other requests
+       (the next seed: another prefix, so nothing is cached from the burst);
   b. multi-turn chat: a dataset file generated here, seeded, under bench/.work/prefix/,
      in vLLM's `custom` JSONL (sent with --skip-chat-template; its loader needs pandas,
      which setup_vllm.sh installs): 8 conversations x 4 turns, where turn k's prompt is the
@@ -187,13 +188,14 @@ def workload_cmds(name: str, model_dir: Path, args: argparse.Namespace, chat: di
     shared = ["--dataset-name", "random", "--random-prefix-len", str(args.prefix_len),
               "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len)]
     # The burst keeps --max-concurrency in flight (fixed-length outputs make them arrive in
-    # waves); the Poisson run sends the same requests at --poisson-rate, uncapped.
-    for workload, rate, concurrency in (("shared", args.request_rate, args.max_concurrency),
-                                        ("shared-poisson", args.poisson_rate, None)):
+    # waves); the Poisson run sends requests at --poisson-rate, uncapped, drawn with the
+    # next seed: another prefix, so it does not start on what the burst left cached.
+    for workload, rate, concurrency, seed in (("shared", args.request_rate, args.max_concurrency, args.seed),
+                                              ("shared-poisson", args.poisson_rate, None, args.seed + 1)):
         if workload in args.workloads:
             f = RAW / f"{tag}-{workload}.json"
             out[workload] = (client_cmd(name, model_dir, args.port, shared, args.num_prompts, rate, concurrency,
-                                        args.seed, args.temperature, f), f)
+                                        seed, args.temperature, f), f)
     if "chat" in args.workloads and chat:
         f = RAW / f"{tag}-chat.json"
         # Already chat-formatted, in turn order: no template on top, no shuffle, no repeats.
@@ -398,7 +400,8 @@ def header(results: dict) -> str:
             f"Shared prefix: {s['prefix_len']}-token random prefix + {s['input_len']} random tokens x "
             f"{s['output_len']} output tokens, {s['num_prompts']} requests, seed {s['seed']} (the same requests "
             f"for every server): the burst at most {s['max_concurrency']} in flight at request rate "
-            f"{s['request_rate']}, the Poisson run at {s['poisson_rate']} req/s uncapped.\n\n"
+            f"{s['request_rate']}, the Poisson run at {s['poisson_rate']} req/s uncapped (seed {s['seed'] + 1}: "
+            f"another prefix).\n\n"
             f"{chat_note}KV cache: vLLM VLLM_CPU_KVCACHE_SPACE={VLLM_ENV['VLLM_CPU_KVCACHE_SPACE']} GiB; coserve its "
             f"--kv-cache-memory-gb (default 2) unless --coserve-arg set it.\n\n"
             f"Hit rate: prompt tokens found cached / prompt tokens looked up, from the server's "
