@@ -183,13 +183,17 @@ class BlockManager:
 
     def pin(self, seq: Sequence, until: float) -> bool:
         """Keep the blocks of `seq`'s cached chain referenced until `until` (a monotonic time), then
-        free its table. False (plain free) when the pin would exceed `max_pinned_blocks`."""
+        free its table. False (plain free) when it has nothing cached or the pin would exceed
+        `max_pinned_blocks` (counted as refused)."""
         blocks = []  # the blocks that hold its cached chain (a duplicate holds none)
         for digest in seq.block_hashes[: seq.num_registered_blocks]:
             if digest not in self.cached:
                 break
             blocks.append(self.cached[digest])
-        fits = bool(blocks) and self.num_pinned_blocks + len(blocks) <= self.max_pinned_blocks
+        if not blocks:  # nothing cached to keep (e.g. aborted while waiting)
+            self.free(seq)
+            return False
+        fits = self.num_pinned_blocks + len(blocks) <= self.max_pinned_blocks
         if fits:
             for block in blocks:
                 self._hold(block)

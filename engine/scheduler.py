@@ -59,7 +59,7 @@ class Scheduler:
         adapter_slots: AdapterSlots | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
-        """clock: seconds, for KV pins' expiry (tests pass their own)."""
+        """clock: seconds, for KV pins' expiry."""
         self.block_manager = block_manager
         self.clock = clock
         self.adapter_slots = adapter_slots
@@ -281,7 +281,8 @@ class Scheduler:
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self._release_slot(seq)
-        if seq.kv_ttl_s and reason != "abort":
+        # Pinned however it ended: a stop string or a client that left also ends in an abort.
+        if seq.kv_ttl_s:
             self.block_manager.pin(seq, until=self.clock() + seq.kv_ttl_s)
         else:
             self.block_manager.free(seq)

@@ -140,3 +140,9 @@ def test_a_pin_over_the_bound_is_refused_and_freed():
     assert not blocks.pin(seq, until=10.0)
     assert blocks.counters.pins_refused == 1 and blocks.num_pinned_blocks == 0
     assert blocks.num_free_blocks == 8
+
+
+def test_a_sequence_with_nothing_cached_is_not_pinned_nor_counted_refused():
+    blocks = BlockManager(8, BS, prefix_caching=True, max_pinned_blocks=4)
+    assert not blocks.pin(make_seq("aborted-while-waiting", list(range(9))), until=10.0)
+    assert (blocks.counters.pins, blocks.counters.pins_refused, blocks.num_pinned_blocks) == (0, 0, 0)
