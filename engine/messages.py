@@ -22,6 +22,7 @@ class SamplingParams(msgspec.Struct, frozen=True):
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # vLLM's: prompt and output tokens, 1 = off
     # Number of top alternatives to report per generated token; None = no logprobs,
     # 0 = only the sampled token's logprob.
     logprobs: int | None = None

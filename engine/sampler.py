@@ -21,11 +21,17 @@ from engine.sequence import Sequence
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
-    """In place. OpenAI's presence/frequency penalties count generated tokens only."""
-    rows = [i for i, s in enumerate(seqs) if s.params.presence_penalty or s.params.frequency_penalty]
-    if not rows:
-        return
+    """In place. OpenAI's presence/frequency penalties count generated tokens only;
+    vLLM's repetition penalty (as transformers' defines it) covers prompt and output:
+    a seen token's logit is divided by it when positive, multiplied when negative."""
     vocab = logits.shape[-1]
+    for i, seq in enumerate(seqs):
+        penalty = seq.params.repetition_penalty
+        if penalty != 1.0:
+            seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long)
+            picked = logits[i, seen]
+            logits[i, seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
+    rows = [i for i, s in enumerate(seqs) if s.params.presence_penalty or s.params.frequency_penalty]
     for i in rows:
         params = seqs[i].params
         output = torch.tensor(seqs[i].output_token_ids, dtype=torch.long)

@@ -117,6 +117,8 @@ def _validation_error(request: Request, exc: RequestValidationError) -> JSONResp
         return bad_request(f"Malformed JSON body: {first.get('msg')}").response()
     param = _param_of(tuple(first.get("loc", ())))
     message = first.get("msg", "invalid value")
+    if first.get("type") == "extra_forbidden":
+        return bad_request(f"Unrecognized request argument supplied: {param}", param).response()
     if param:
         message = f"{param}: {message}"
     return bad_request(message, param).response()

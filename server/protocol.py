@@ -35,9 +35,10 @@ class RequestSLO(BaseModel):
 
 
 class GenerationRequest(BaseModel):
-    """Fields that completions and chat share."""
+    """Fields that completions and chat share. A field not listed here is rejected with a
+    400 naming it, never dropped."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
     n: int | None = Field(None, ge=1, le=128)
@@ -47,6 +48,9 @@ class GenerationRequest(BaseModel):
     stop: NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=MAX_STOP_STRINGS)] | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    # vLLM-style: logits of tokens already in the prompt or output divided by it (positive)
+    # or multiplied (negative); 1 = off. vLLM's own benchmark client sends 1.0.
+    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
     # Token id (as a string, as OpenAI sends it) -> bias added to its logit.
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]] | None = None
     stream: bool | None = False

@@ -64,6 +64,7 @@ def sampling_params(
         seed=body.seed,
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
+        repetition_penalty=body.repetition_penalty or 1.0,
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
         ignore_eos=bool(body.ignore_eos),

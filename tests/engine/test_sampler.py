@@ -23,6 +23,17 @@ def test_penalties_count_generated_tokens_only():
     assert logits[0].tolist() == [0.0, 0.0, 0.0, -(0.5 + 2 * 0.25), -(0.5 + 0.25), 0.0]
 
 
+def test_repetition_penalty_matches_transformers():
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 12)
+    seq = seq_with([3, 3, 9], repetition_penalty=1.3)  # prompt [1, 2], output [3, 3, 9]
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([seq.token_ids]), logits.clone())
+    apply_penalties(logits, [seq])
+    torch.testing.assert_close(logits, expected)
+
+
 def test_greedy_takes_argmax_after_penalties():
     logits = torch.tensor([[0.0, 3.0, 2.5]])
     assert sample(logits.clone(), [seq_with([], temperature=0.0)]) == [1]

@@ -165,3 +165,21 @@ def test_bad_logit_bias_names_the_parameter(http, model_name):
         response = http.post("/v1/completions", json={"model": model_name, "prompt": PROMPT, "max_tokens": 1,
                                                       "logit_bias": bias})
         assert_openai_error(response, 400, param="logit_bias")
+
+
+def test_unknown_fields_are_rejected_by_name(http, model_name):
+    for field, value in (("best_of", 2), ("not_a_field", 1), ("metadata", {"a": "b"})):
+        response = http.post("/v1/completions", json={"model": model_name, "prompt": PROMPT, field: value})
+        error = assert_openai_error(response, 400, param=field)
+        assert field in error["message"]
+    response = http.post("/v1/chat/completions", json={
+        "model": model_name, "messages": [{"role": "user", "content": "hi"}], "store": True})
+    assert_openai_error(response, 400, param="store")
+
+
+def test_repetition_penalty_is_honoured(client, model_name, http):
+    plain = complete(client, model_name, prompt=REPETITIVE, max_tokens=8)
+    penalised = complete(client, model_name, prompt=REPETITIVE, max_tokens=8, extra_body={"repetition_penalty": 2.0})
+    assert penalised.choices[0].text != plain.choices[0].text
+    response = http.post("/v1/completions", json={"model": model_name, "prompt": PROMPT, "repetition_penalty": 0})
+    assert_openai_error(response, 400, param="repetition_penalty")
