@@ -49,6 +49,14 @@ class AttentionMetadata:
     prefill_kernel: bool = False
 
 
+def chunk_mask(num_tokens: int, start: int, dtype: torch.dtype, device: str = "cpu") -> torch.Tensor:
+    """[num_tokens, start + num_tokens] additive mask of a chunk after `start` cached
+    tokens: query i (position start + i) sees keys 0..start + i, -inf above that diagonal.
+    Additive in the compute type: SDPA converts a boolean mask in every layer (8% of a
+    prefix-cached prefill iteration)."""
+    return torch.full((num_tokens, start + num_tokens), float("-inf"), dtype=dtype, device=device).triu_(start + 1)
+
+
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
     """k_cache, v_cache: [num_blocks, block_size, kv_heads, head_dim]; k, v: [num_tokens, kv_heads, head_dim]."""
     kv_heads, head_dim = k.shape[1:]
@@ -143,8 +151,7 @@ def prefill_kernel_is_faster(heads: int, kv_heads: int, head_dim: int, block_siz
     table = torch.arange(blocks)
     q = torch.randn(queries, heads, head_dim, dtype=torch.bfloat16)
     kv = q[:, :kv_heads]  # unused: the chunk's keys and values count as written
-    mask = torch.full((queries, context), float("-inf"), dtype=torch.bfloat16).triu_(cached + 1)
-    spans = [PrefillSpan(0, queries, cached, table, mask), PrefillSpan(0, queries, 0, table, None)]
+    spans = [PrefillSpan(0, queries, cached, table, chunk_mask(queries, cached, torch.bfloat16)), PrefillSpan(0, queries, 0, table, None)]
     no_tables, no_lens = torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, dtype=torch.long)
 
     def seconds(kernel: bool) -> float:

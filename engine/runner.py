@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import ops
-from engine.attention import AttentionMetadata, PrefillSpan, prefill_kernel_is_faster
+from engine.attention import AttentionMetadata, PrefillSpan, chunk_mask, prefill_kernel_is_faster
 from engine.lora.backend import LoRABackend, LoRAContext
 from engine.messages import TokenLogprobs
 from engine.model.llama import LlamaForCausalLM
@@ -115,11 +115,7 @@ class ModelRunner:
         for c in chunks[num_decodes:]:
             mask = None
             if c.start > 0 and not self.prefill_kernel:
-                # Query i (position start + i) sees keys 0..start + i: an additive mask,
-                # -inf above that diagonal, in the compute type (a boolean one is converted
-                # by SDPA in every layer; 8% of a prefix-cached prefill iteration).
-                mask = torch.full((c.num_new_tokens, c.end), float("-inf"), dtype=self.dtype, device=self.device)
-                mask.triu_(c.start + 1)  # [chunk, context]
+                mask = chunk_mask(c.num_new_tokens, c.start, self.dtype, self.device)  # [chunk, context]
             table = self._tensor(c.seq.block_table[: -(-c.end // bs)])
             prefills.append(PrefillSpan(offset, c.num_new_tokens, c.start, table, mask))
             offset += c.num_new_tokens
