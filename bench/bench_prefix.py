@@ -75,9 +75,11 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.bench_load import VLLM_CLI, _num, _ratio, run_bench, running_server, summarize  # noqa: E402
+from bench.bench_load import (  # noqa: E402
+    VLLM_CLI, _num, _ratio, run_bench, running_server, start_run, summarize, write_run,
+)
 from bench.bench_serving import (  # noqa: E402
-    BENCH, VLLM_ENV, WORK, _tail, bind_vllm_threads_to_all_cores, result_header, server_cmd, wait_healthy,
+    BENCH, VLLM_ENV, WORK, _tail, result_header, server_cmd, wait_healthy,
 )
 from bench.cpu_monitor import ForeignCpu, wait_for_quiet  # noqa: E402
 from bench.loadgen import warmup  # noqa: E402
@@ -493,23 +495,10 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    if not args.vllm_own_binding:
-        bind_vllm_threads_to_all_cores()
-    if not VLLM_CLI.exists():  # the client for every server
-        sys.exit("vLLM is not installed: run `bash bench/setup_vllm.sh` first")
     if os.environ.pop(ENV_FLAG, None) is not None:
         print(f"[prefix] ignoring {ENV_FLAG}: 'coserve-on' runs coserve's default, 'coserve-off' sets the flag",
               flush=True)
-    (PREFIX_WORK / "logs").mkdir(parents=True, exist_ok=True)
-    RAW.mkdir(parents=True, exist_ok=True)
-
-    from transformers import AutoTokenizer
-
-    from engine.model_files import resolve_model
-
-    # One converted directory for all servers, so they serve identical weights.
-    model_dir, name = resolve_model(None, WORK)
-    started = dt.datetime.now()
+    model_dir, name, started = start_run(args, [PREFIX_WORK / "logs", RAW])
     results: dict = {
         **result_header(started, name),
         "model_dir": str(model_dir),
@@ -520,6 +509,8 @@ def main() -> None:
     }
     chat = None
     if "chat" in args.workloads:
+        from transformers import AutoTokenizer
+
         chat = make_chat_dataset(AutoTokenizer.from_pretrained(model_dir), args)
         results["chat_dataset"] = chat
         print(f"[prefix] chat dataset: {len(chat['rows'])} rows, {chat['prompt_tokens']} prompt tokens "
@@ -528,13 +519,7 @@ def main() -> None:
         results["servers"][key] = bench_server(key, model_dir, name, args, chat)
     results["ratios"] = {w: ratios(results, w) for w in args.workloads}
     results["wall_s"] = (dt.datetime.now() - started).total_seconds()
-
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / started.strftime("%Y-%m-%d-%H%M%S-prefix")
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    md = report(results)
-    stem.with_suffix(".md").write_text(md + "\n")
-    print("\n" + md + f"\n\nwrote {stem}.json and {stem}.md (wall {results['wall_s']:.0f} s)")
+    write_run(results, report(results), args.out_dir, started, "prefix")
 
 
 if __name__ == "__main__":
