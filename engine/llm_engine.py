@@ -11,6 +11,7 @@ from pathlib import Path
 
 import msgspec
 import torch
+from transformers import AutoTokenizer
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, dtype_name, explicit_dtype, resolve_panel_rows
@@ -19,6 +20,7 @@ from engine.finetune.backward_work import BackwardAllowance
 from engine.finetune.coordinator import FinetuneCoordinator
 from engine.finetune.job import FinetuneJob
 from engine.finetune.runs import FinetuneRuns
+from engine.grammar.compiler import GrammarCompiler, GrammarError
 from engine.latency_model import (
     FINETUNE_BACKWARD,
     FINETUNE_LOSS,
@@ -122,6 +124,9 @@ class LLMEngine:
             eos_token_ids=_eos_token_ids(model_config, config.model_dir),
             adapter_slots=self.loras,
         )
+        self.grammars = GrammarCompiler(
+            lambda: AutoTokenizer.from_pretrained(config.model_dir), model_config.vocab_size, self.scheduler.eos_token_ids
+        )
         self.runner = ModelRunner(
             self.model, num_blocks, config.block_size, self.max_model_len, config.device,
             lora_backend=lambda: self.loras.backend,
@@ -198,6 +203,13 @@ class LLMEngine:
             except AdapterError as exc:
                 return RequestOutput(request.request_id, [], finish_reason="error", error=str(exc))
         seq = Sequence(request.request_id, request.prompt_token_ids, request.params, request.arrival_time, lora)
+        if request.params.structured is not None:
+            try:
+                seq.grammar = self.grammars.matcher(request.params.structured)
+            except (GrammarError, OSError) as exc:  # OSError: the model has no tokenizer files
+                if lora is not None:
+                    self.loras.release(lora)
+                return RequestOutput(request.request_id, [], finish_reason="error", error=f"structured output: {exc}")
         seq.ttft_slo_s = (request.ttft_slo_ms or self.config.ttft_slo_ms) / 1000
         seq.tpot_slo_s = (request.tpot_slo_ms or self.config.tpot_slo_ms) / 1000
         if request.kv_ttl_s:

@@ -11,6 +11,19 @@ from __future__ import annotations
 import msgspec
 
 
+class StructuredOutput(msgspec.Struct, frozen=True):
+    """A grammar the sampled tokens must follow, checked at the HTTP edge.
+
+    kind "json": `spec` is a JSON schema (JSON text); "regex": a regular expression;
+    "choice": a JSON list of the strings allowed. `any_whitespace`: JSON may put any
+    whitespace between its tokens (vLLM's default), else none at all ("," and ":").
+    Equal values compile to the same grammar (engine/grammar/compiler.py caches by it)."""
+
+    kind: str
+    spec: str
+    any_whitespace: bool = True
+
+
 class SamplingParams(msgspec.Struct, frozen=True):
     """How to pick tokens for one sequence. Validated at the HTTP edge."""
 
@@ -32,6 +45,9 @@ class SamplingParams(msgspec.Struct, frozen=True):
     stop_token_ids: tuple[int, ...] = ()
     # (token id, bias) pairs added to the raw logits before sampling (OpenAI's logit_bias).
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # Guided decoding: only tokens the grammar allows are sampled, and the sequence ends
+    # when the grammar is complete.
+    structured: StructuredOutput | None = None
 
     @property
     def greedy(self) -> bool:

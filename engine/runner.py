@@ -27,7 +27,7 @@ from engine.messages import TokenLogprobs
 from engine.model.llama import LlamaForCausalLM
 from engine.model.rope import rope_tables
 from engine.plan import IterationPlan, ScheduledChunk
-from engine.sampler import sample, token_logprobs
+from engine.sampler import mask_by_grammar, sample, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +196,7 @@ class ModelRunner:
         if sample_rows:
             seqs = [c.seq for c in sample_chunks]
             logits = self.model.compute_logits(hidden[self._tensor(sample_rows)])  # [n, vocab]
+            mask_by_grammar(logits, seqs)
             wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
             raw_logprobs = F.log_softmax(logits[wanted], dim=-1) if wanted else None
             tokens = sample(logits, seqs)

@@ -1,10 +1,12 @@
 """Token sampling for one iteration's sequences, vectorised over the batch.
 
-Order of operations (OpenAI semantics): logit biases and penalties on the raw
-logits, then temperature, then top-k / top-p / min-p truncation, then a draw. Greedy
-rows (temperature 0) take the argmax after biases and penalties. Reported logprobs are those of
-the raw model distribution, before any of this, so they describe the model and
-not the sampling settings.
+Order of operations (OpenAI semantics): a guided row's grammar mask first (tokens it
+does not allow become -inf), then logit biases and penalties, then temperature, then
+top-k / top-p / min-p truncation, then a draw. Greedy rows (temperature 0) take the
+argmax after masks, biases and penalties. Reported logprobs are those of the model's
+distribution after the grammar mask and before everything else, as vLLM reports them:
+they describe the model within what the request allows, not the sampling settings.
+Only guided rows are masked; the others are not read or written for it.
 
 Every random row draws one uniform number per step and inverts its CDF, all rows
 in one batched pass. A seeded request draws its number from its own generator, so
@@ -16,8 +18,17 @@ from __future__ import annotations
 
 import torch
 
+from engine.grammar.masks import mask_rows
 from engine.messages import SamplingParams, TokenLogprobs
 from engine.sequence import Sequence
+
+
+def mask_by_grammar(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """In place: each guided row keeps only the tokens its grammar allows next. Called
+    before logprobs are taken, so that they are those of the masked distribution."""
+    rows = [i for i, seq in enumerate(seqs) if seq.grammar is not None]
+    if rows:
+        mask_rows(logits, rows, [seqs[i].grammar for i in rows])
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
@@ -116,8 +127,8 @@ def _draw(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-    """logits: [n, vocab] float32, one row per sequence (modified in place). Returns one
-    token id per row."""
+    """logits: [n, vocab] float32, one row per sequence, guided rows already masked
+    (mask_by_grammar; modified in place). Returns one token id per row."""
     apply_logit_bias(logits, seqs)
     apply_penalties(logits, seqs)
     tokens = [0] * len(seqs)
@@ -140,11 +151,14 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
 
 
 def token_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, num_top: int) -> list[TokenLogprobs]:
-    """logprobs: [n, vocab]; chosen: [n] token ids. Per row: (chosen's logprob, top-`num_top` alternatives)."""
+    """logprobs: [n, vocab]; chosen: [n] token ids. Per row: (chosen's logprob, top-`num_top` alternatives).
+
+    Tokens a grammar ruled out (logprob -inf) are no alternatives: a guided row may list fewer."""
     picked = logprobs.gather(-1, chosen.unsqueeze(-1)).squeeze(-1).tolist()
     if num_top > 0:
         top_values, top_ids = logprobs.topk(num_top, dim=-1)
-        tops = [list(zip(ids, vals)) for ids, vals in zip(top_ids.tolist(), top_values.tolist())]
+        tops = [[(i, v) for i, v in zip(ids, vals) if v != float("-inf")]
+                for ids, vals in zip(top_ids.tolist(), top_values.tolist())]
     else:
         tops = [[] for _ in picked]
     return list(zip(picked, tops))

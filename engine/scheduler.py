@@ -259,6 +259,9 @@ class Scheduler:
             if token is None:
                 continue
             seq.token_ids.append(token)
+            if seq.grammar is not None:
+                # The mask let through only tokens the matcher accepts.
+                seq.grammar.accept_token(token)
             reason = self._stop_reason(seq, token)
             if reason is not None:
                 self.running.remove(seq)
@@ -269,6 +272,11 @@ class Scheduler:
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         params = seq.params
         if (not params.ignore_eos and token in self.eos_token_ids) or token in params.stop_token_ids:
+            seq.stop_token_id = token
+            return "stop"
+        # A complete grammar allows only EOS, and its matcher terminates on it: the
+        # output is done even where ignore_eos would go on.
+        if seq.grammar is not None and seq.grammar.is_terminated():
             seq.stop_token_id = token
             return "stop"
         if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:

@@ -16,6 +16,8 @@ import torch
 from engine.messages import SamplingParams, TokenLogprobs
 
 if TYPE_CHECKING:
+    from xgrammar import GrammarMatcher
+
     from engine.lora.manager import AdapterEntry
 
 
@@ -51,6 +53,10 @@ class Sequence:
         self.num_cached_tokens: int | None = None
         # Seconds its KV stays pinned after it finishes (None: freed at once).
         self.kv_ttl_s: float | None = None
+        # Guided decoding: where the output stands in the request's grammar. It advances
+        # once per token appended (Scheduler.update), so a recompute after preemption,
+        # which appends nothing until its next sample, leaves it where it was.
+        self.grammar: GrammarMatcher | None = None
         self.finish_reason: str | None = None
         self.stop_token_id: int | None = None
         self.num_preemptions = 0

@@ -49,3 +49,22 @@ def write_tiny_model(path: Path, config, seed: int = 0) -> torch.nn.Module:
                 param.normal_(std=0.02)
     model.save_pretrained(path)
     return model
+
+
+def write_char_tokenizer(path: Path, vocab_size: int = 97) -> None:
+    """A byte-level tokenizer for the tiny models' vocabulary: <unk>, <s> (1), </s> (2),
+    then one token per character: space and the printable ASCII characters from '!' on,
+    as many as fit. Grammars compile against it (any JSON of plain ASCII can be spelled
+    one character per token)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = ["Ġ"] + [chr(c) for c in range(ord("!"), ord("~") + 1)]  # byte-level 'Ġ' is the space
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for c in chars[: vocab_size - len(vocab)]:
+        vocab[c] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tokenizer.save_pretrained(path)
