@@ -1,9 +1,8 @@
 """OpenAI request and response shapes (pydantic), plus coserve's extras.
 
 Requests validate every value range here, so a bad value is a 400 naming the field
-before anything reaches the engine. Unknown request fields are ignored, as OpenAI
-clients send optional fields freely; features that would silently change meaning
-(tools, structured output, images) are rejected explicitly by the routes.
+before anything reaches the engine. Features that would silently change meaning
+(tools, images) are rejected explicitly by the routes.
 `None` always means "the default", because clients send explicit nulls.
 """
 
@@ -32,6 +31,46 @@ class RequestSLO(BaseModel):
 
     ttft_ms: float | None = Field(None, gt=0, description="Time-to-first-token target, ms")
     tpot_ms: float | None = Field(None, gt=0, description="Time-per-output-token target, ms")
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    description: str | None = None
+    # `schema` would shadow a BaseModel method, hence the alias.
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    # Accepted and always honoured: the output follows the schema either way.
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format` (vLLM takes it on completions too)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs` extra field: one constraint (json, regex, choice or
+    json_object) and its options. grammar, structural_tag and whitespace_pattern are
+    vLLM's too but not served here; they get a 400 naming them (server/structured.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_schema: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: Annotated[list[str], Field(min_length=1)] | None = None
+    json_object: bool | None = None
+    grammar: str | None = None
+    structural_tag: str | None = None
+    disable_any_whitespace: bool = False
+    # Properties a schema does not list are never generated, whatever this says
+    # (xgrammar's strict mode); accepted for vLLM's clients.
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
 
 
 class GenerationRequest(BaseModel):
@@ -67,6 +106,9 @@ class GenerationRequest(BaseModel):
     # so that a follow-up (an agent's next turn after a tool call) finds it even under
     # cache pressure; at most the server's max_kv_ttl_s.
     kv_ttl: float | None = Field(None, gt=0, allow_inf_nan=False)
+    # Guided decoding, OpenAI's way and vLLM's (server/structured.py).
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     @property
     def stop_strings(self) -> list[str]:
@@ -107,12 +149,6 @@ class ChatMessage(BaseModel):
     name: str | None = None
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    type: str
-
-
 class ChatCompletionRequest(GenerationRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: int | None = Field(None, ge=1, description="Deprecated alias of max_completion_tokens")
@@ -122,7 +158,6 @@ class ChatCompletionRequest(GenerationRequest):
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
-    response_format: ResponseFormat | None = None
 
 
 class TokenizeRequest(BaseModel):

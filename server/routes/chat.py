@@ -39,10 +39,6 @@ router = APIRouter()
 def _reject_unsupported(body: ChatCompletionRequest) -> None:
     if body.tools or body.functions:
         raise errors.bad_request("tools and function calling are not supported", "tools" if body.tools else "functions")
-    if body.response_format is not None and body.response_format.type != "text":
-        raise errors.bad_request(
-            f"response_format {body.response_format.type!r} is not supported; only 'text' is", "response_format"
-        )
     if body.top_logprobs is not None and not body.logprobs:
         raise errors.bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
 

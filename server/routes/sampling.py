@@ -9,6 +9,7 @@ from server.context import ServerContext
 from server.generation import Sequence
 from server import errors
 from server.protocol import GenerationRequest, PromptTokensDetails, Usage
+from server.structured import structured_output
 
 
 def new_request_id(prefix: str) -> str:
@@ -69,6 +70,7 @@ def sampling_params(
         prompt_logprobs=prompt_logprobs,
         ignore_eos=bool(body.ignore_eos),
         stop_token_ids=tuple(stop_token_ids),
+        structured=structured_output(body),
     )
 
 
