@@ -59,6 +59,15 @@ def apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> None:
             logits[i].index_add_(0, torch.tensor(ids), torch.tensor(biases, dtype=logits.dtype))
 
 
+# Logits this far below a row's maximum are raised to it before exp: float32 exp
+# underflows below about -87, and torch's vectorized exp takes a slow path there, 10x
+# slower over a row of -inf (a grammar's masked tokens: 3.5 ms instead of 0.35 for
+# 32 x 49k). e^-80 of the top token's weight cannot move a float32 running sum that has
+# reached a draw's target (at least 2^-24 of the total), so such tokens are still never
+# drawn, and they fall below any top-p or min-p cut.
+_EXP_FLOOR = -80.0
+
+
 def _truncation_wanted(params: SamplingParams, vocab: int) -> bool:
     return 0 < params.top_k < vocab or params.top_p < 1.0 or params.min_p > 0
 
@@ -79,7 +88,7 @@ def truncate(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor
     min_p = torch.tensor([p.min_p for p in asked], dtype=logits.dtype)
     sorted_logits, order = logits[rows].sort(dim=-1, descending=True)  # [t, vocab]
     drop = torch.arange(vocab).expand_as(sorted_logits) >= top_k
-    probs = sorted_logits.softmax(dim=-1)
+    probs = (sorted_logits - sorted_logits[:, :1]).clamp_(min=_EXP_FLOOR).softmax(dim=-1)
     # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass
     # before it already does.
     mass_before = probs.cumsum(dim=-1) - probs
@@ -116,11 +125,12 @@ def _draw(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     this costs a few percent of that. The CDF is left unnormalised and the target
     scaled by its total instead; the target (1 - u) * total lies in (0, total], so the
     first index whose CDF reaches it always has a non-zero probability (tokens masked
-    to -inf add nothing to the CDF and can never be the first to reach it)."""
+    to -inf weigh e^-80 of the top token, see _EXP_FLOOR: too little to move the CDF
+    where the target lies, so they can never be the first to reach it)."""
     tokens = []
     for start in range(0, logits.shape[0], _ROWS_PER_CHUNK):
         rows = logits[start : start + _ROWS_PER_CHUNK]
-        cdf = (rows - rows.amax(dim=-1, keepdim=True)).exp_().cumsum_(dim=-1)  # [chunk, vocab]
+        cdf = (rows - rows.amax(dim=-1, keepdim=True)).clamp_(min=_EXP_FLOOR).exp_().cumsum_(dim=-1)  # [chunk, vocab]
         target = (1.0 - u[start : start + _ROWS_PER_CHUNK]) * cdf[:, -1:]  # [chunk, 1]
         tokens.append(torch.searchsorted(cdf, target).squeeze(1))
     return torch.cat(tokens).clamp_(max=logits.shape[-1] - 1)

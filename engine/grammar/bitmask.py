@@ -25,19 +25,28 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) 
     """In place: in row rows[i] of logits [n, vocab], the tokens row i of bitmask
     [len(rows), words] disallows become -inf. Other rows are not read or written.
 
-    On the CPU through numpy, one row at a time: torch's masked_fill over a byte mask
-    took 1.3 ms for 32 rows of a 49k vocabulary on one core of the 2-core Xeon and
-    10-15 ms on two when another process wanted the cores; numpy's single-threaded
-    copyto takes 0.8 ms either way (bench/results/*-grammar.md)."""
+    On the CPU through numpy, one row at a time: torch's masked_fill over the unpacked
+    bits took 1.3 ms for 32 rows of a 49k vocabulary on one core of the 2-core Xeon and
+    10-15 ms on two when another process wanted the cores, numpy's single-threaded
+    copyto 0.8 ms either way (bench/bench_grammar.py times both)."""
+    if logits.is_cpu:
+        _apply_numpy(logits, bitmask, rows)
+    else:
+        apply_bitmask_torch(logits, bitmask, rows)
+
+
+def _apply_numpy(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
     vocab = logits.shape[-1]
-    if not logits.is_cpu:
-        banned = ~allowed(bitmask.to(logits.device), vocab)  # [len(rows), vocab]
-        index = torch.tensor(rows, device=logits.device)
-        logits[index] = logits[index].masked_fill_(banned, float("-inf"))
-        return
     # Little-endian int32 words read as bytes, least significant bit first, give the
     # bits in token order.
     banned = np.unpackbits((~bitmask.numpy()).view(np.uint8), axis=1, bitorder="little").view(bool)
     out = logits.numpy()
     for i, row in enumerate(rows):
         np.copyto(out[row], -np.inf, where=banned[i, :vocab])
+
+
+def apply_bitmask_torch(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+    """apply_bitmask in torch ops on the logits' device (a GPU's; the bitmask is moved there)."""
+    banned = ~allowed(bitmask.to(logits.device), logits.shape[-1])  # [len(rows), vocab]
+    index = torch.tensor(rows, device=logits.device)
+    logits[index] = logits[index].masked_fill_(banned, float("-inf"))

@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
-from engine.grammar.bitmask import apply_bitmask
+from engine.grammar.bitmask import apply_bitmask, apply_bitmask_torch
 from engine.grammar.compiler import GrammarCompiler
 from engine.llm_engine import LLMEngine
 from engine.messages import EngineRequest, SamplingParams, StructuredOutput
@@ -136,7 +136,8 @@ def check_follows(run: Run, tokenizer, request_id: str, spec: StructuredOutput) 
     return text
 
 
-def test_apply_bitmask_bans_exactly_the_cleared_bits_of_the_given_rows():
+@pytest.mark.parametrize("apply", [apply_bitmask, apply_bitmask_torch], ids=["cpu-numpy", "torch-ops"])
+def test_apply_bitmask_bans_exactly_the_cleared_bits_of_the_given_rows(apply):
     vocab = 70  # not a multiple of 32: the last word is partly padding
     gen = torch.Generator().manual_seed(0)
     bitmask = torch.randint(-(2**31), 2**31 - 1, (3, 3), dtype=torch.int32, generator=gen)
@@ -147,7 +148,7 @@ def test_apply_bitmask_bans_exactly_the_cleared_bits_of_the_given_rows():
         for token in range(vocab):
             if not (int(bitmask[i, token // 32]) >> (token % 32)) & 1:
                 expected[row, token] = float("-inf")
-    apply_bitmask(logits, bitmask, rows)
+    apply(logits, bitmask, rows)
     assert torch.equal(logits, expected)
 
 

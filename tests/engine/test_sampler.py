@@ -72,6 +72,20 @@ def test_sampling_follows_the_distribution():
     assert torch.allclose(freq, probs, atol=0.03)
 
 
+def test_masked_tokens_are_never_drawn_and_the_rest_keep_their_odds():
+    """Rows where a grammar left three tokens (the rest -inf), with and without top-p."""
+    probs = torch.tensor([0.5, 0.3, 0.2])
+    allowed = torch.tensor([7, 30000, 49151])
+    logits = torch.full((4000, 49152), float("-inf"))
+    logits[:, allowed] = torch.log(probs)
+    for top_p in (1.0, 0.999):
+        seqs = [seq_with([], temperature=1.0, top_p=top_p) for _ in range(4000)]
+        tokens = torch.tensor(sample(logits.clone(), seqs))
+        assert torch.isin(tokens, allowed).all()
+        freq = torch.stack([(tokens == t).float().mean() for t in allowed])
+        assert torch.allclose(freq, probs, atol=0.03)
+
+
 # Upper 0.1% points of the chi-square distribution, by degrees of freedom.
 _CHI2_999 = {2: 13.82, 5: 20.52}
 
