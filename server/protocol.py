@@ -67,8 +67,8 @@ class StructuredOutputs(BaseModel):
     grammar: str | None = None
     structural_tag: str | None = None
     disable_any_whitespace: bool = False
-    # Properties a schema does not list are never generated, whatever this says
-    # (xgrammar's strict mode); accepted for vLLM's clients.
+    # Accepted for vLLM's clients; properties a schema does not list are never generated
+    # anyway unless it allows them explicitly (xgrammar's strict mode).
     disable_additional_properties: bool = False
     whitespace_pattern: str | None = None
 
