@@ -253,6 +253,10 @@ class LLMEngine:
     def finetune_reports(self) -> list[FinetuneReport]:
         return self.finetune_runs.reports()
 
+    def save_finetune_progress(self) -> None:
+        """Before a planned exit: checkpoints of the steps taken since the last scheduled ones."""
+        self.finetune_runs.save_progress()
+
     def writing_checkpoints(self) -> bool:
         return self.finetune_runs.writing()
 

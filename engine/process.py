@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 # How often an idle engine looks for checkpoint writes that have finished.
 _CHECKPOINT_POLL_MS = 20
+# How long the last reports may take to leave when the engine stops.
+_SHUTDOWN_LINGER_MS = 2000
 
 
 def run_engine_process(config: EngineConfig, input_addr: str, output_addr: str) -> None:
@@ -104,7 +106,11 @@ def _serve(engine, inbox, outbox, encoder, decoder) -> None:
                     outbox.send(encoder.encode(EngineOutputs(outputs=[], stats=engine.stats())))
             elif isinstance(msg, Shutdown):
                 log.info("engine shutting down")
-                outbox.close(linger=0)
+                engine.save_finetune_progress()
+                # The steps and checkpoints not yet reported, for the server to record before it exits.
+                if reports := engine.idle_finetune_reports():
+                    outbox.send(encoder.encode(EngineOutputs(outputs=[], finetune=reports)))
+                outbox.close(linger=_SHUTDOWN_LINGER_MS)
                 inbox.close(linger=0)
                 return
             timeout = 0

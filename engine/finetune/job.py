@@ -176,6 +176,8 @@ class FinetuneJob:
         # Energy of the iterations' finetuning shares attributed to this job (the engine
         # adds to it when a power device is watched).
         self.energy_joules: float | None = None
+        # (tokens_trained, energy_joules) as the last optimizer step left them.
+        self._at_last_step: tuple[int, float | None] = (0, None)
         self.forwarding: list[TrainingSequence] = []  # in the order they started
         self.backward: _Backward | None = None
         # Forwards that finished while an earlier sequence's backward still ran, in order.
@@ -197,16 +199,20 @@ class FinetuneJob:
         return self.step == self.total_steps and not self.validating
 
     def trainer_state(self) -> dict:
-        """Everything to continue training from a step boundary (see checkpoint.py); taken
-        once the step's validation is done, so a resumed job never owes one."""
+        """Everything to continue training from the last step boundary (see checkpoint.py);
+        taken once the step's validation is done, so a resumed job never owes one. Taken
+        between two steps (the engine is stopping), it is still the boundary's: weights and
+        optimizer change only at a step, and the next batch's sequences that finished
+        their backward since are trained again (their gradients are not kept)."""
+        tokens_trained, energy_joules = self._at_last_step
         return {
             "lora": self.lora.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "lr_schedule": self.lr_schedule.state_dict(),
             "step": self.step,
-            "position": self.position,
-            "tokens_trained": self.tokens_trained,
-            "energy_joules": self.energy_joules,
+            "position": min(self.step * self.hyperparameters.batch_size, len(self.order)),
+            "tokens_trained": tokens_trained,
+            "energy_joules": energy_joules,
         }
 
     def load_trainer_state(self, state: dict) -> None:
@@ -216,6 +222,7 @@ class FinetuneJob:
         self.step, self.position, self.tokens_trained = state["step"], state["position"], state["tokens_trained"]
         self.started = self.position
         self.energy_joules = state.get("energy_joules")  # absent in checkpoints without a power device
+        self._at_last_step = (self.tokens_trained, self.energy_joules)
 
     def _batch_bounds(self) -> tuple[int, int]:
         start = self.step * self.hyperparameters.batch_size
@@ -334,6 +341,7 @@ class FinetuneJob:
         start, end = self._batch_bounds()
         batch_tokens = sum(self.examples[i].num_targets for i in self.order[start:end])
         self.step += 1
+        self._at_last_step = (self.tokens_trained, self.energy_joules)
         event = StepEvent(
             step=self.step,
             total_steps=self.total_steps,

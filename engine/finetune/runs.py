@@ -10,6 +10,7 @@ and the other jobs go on.
 from __future__ import annotations
 
 import logging
+import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ class _Run:
     checkpoint_every: int
     reported_steps: int = 0  # events already sent
     checked_step: int = 0  # last step considered for a checkpoint
+    saved_step: int = 0  # step of the newest checkpoint on disk (or being written)
     unreported_checkpoints: list[tuple[int, str]] = field(default_factory=list)
     writing: list[tuple[int, str, Future]] = field(default_factory=list)  # checkpoints being written
     snapshot: CheckpointSnapshot | None = None  # the latest one, refilled by the next
@@ -44,6 +46,14 @@ class _Run:
     status_reported: bool = False
     final_path: str | None = None
     error: str | None = None
+
+
+def remove_unfinished_checkpoints(output_dir: Path) -> None:
+    """Staging directories of checkpoint writes that a crash interrupted (checkpoint.py
+    writes aside, then renames)."""
+    for staging in (output_dir / "checkpoints").glob(".step-*"):
+        shutil.rmtree(staging, ignore_errors=True)
+        log.info("removed the unfinished checkpoint %s", staging)
 
 
 def newest_checkpoint(output_dir: Path) -> Path | None:
@@ -77,9 +87,11 @@ class FinetuneRuns:
             job = FinetuneJob(msg.job_id, self.model, self.layout, examples, hyperparameters, lora, s.seed,
                               validation, validate_every=checkpoint_every)
             run = _Run(job, output_dir, msg.base_model, checkpoint_every)
+            if msg.resume:
+                remove_unfinished_checkpoints(output_dir)
             if msg.resume and (checkpoint := newest_checkpoint(output_dir)) is not None:
                 load_checkpoint(job, checkpoint)
-                run.checked_step = job.step
+                run.checked_step = run.saved_step = job.step
                 log.info("finetuning job %s resumes from %s (step %d)", msg.job_id, checkpoint, job.step)
             self.coordinator.add_job(job)
         except (ValueError, OSError, RuntimeError) as exc:
@@ -122,6 +134,7 @@ class FinetuneRuns:
                         run.snapshot = take_snapshot(job, run.base_model, reuse=run.snapshot)
                         write = self._writer.submit(write_checkpoint, run.snapshot, path)
                         run.writing.append((job.step, str(path), write))
+                        run.saved_step = job.step
                 self._collect_written(run, wait=running and job.done)
                 if running and job.done:
                     final = run.output_dir / "final"
@@ -145,6 +158,25 @@ class FinetuneRuns:
             step, path, future = run.writing.pop(0)
             future.result()
             run.unreported_checkpoints.append((step, path))
+
+    def save_progress(self) -> None:
+        """The engine is stopping: each job that stepped since its newest checkpoint gets
+        one of its last step boundary, written before this returns, so that a restart
+        goes on from there rather than redoing the steps since the scheduled one. It is
+        not reported: it exists for the resume, not to be served. A job in the middle of
+        a validation pass keeps its scheduled checkpoint (it would owe the score)."""
+        for job_id, run in self.runs.items():
+            job = run.job
+            if run.status not in ("running", "paused") or job.validating or job.step <= run.saved_step:
+                continue
+            try:
+                self._collect_written(run, wait=True)
+                path = run.output_dir / "checkpoints" / f"step-{job.step}"
+                write_checkpoint(take_snapshot(job, run.base_model, reuse=run.snapshot), path)
+                run.saved_step = job.step
+                log.info("finetuning job %s saved at step %d for its resume", job_id, job.step)
+            except (OSError, RuntimeError) as exc:
+                log.error("finetuning job %s: progress not saved: %s", job_id, exc)
 
     def close(self) -> None:
         """Let checkpoints being written finish (the engine is exiting)."""

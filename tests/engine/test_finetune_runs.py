@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 from engine.config import EngineConfig
 from engine.finetune import runs
 from engine.finetune.checkpoint import TRAINER_STATE
+from engine.finetune.state_file import load_state
 from engine.llm_engine import LLMEngine
 from engine.messages import (
     ControlFinetune,
@@ -74,13 +75,26 @@ def test_job_checkpoints_and_final_adapter_loads_in_peft(tmp_path):
     assert not engine.has_work()
 
 
-def test_resume_from_checkpoint_ends_where_an_uninterrupted_job_ends(tmp_path):
+def _train_uninterrupted(tmp_path) -> Path:
+    """The tiny model's directory, after a job trained on it without a stop into `tmp_path / "straight"`."""
     model_dir = tmp_path / "model"
     write_tiny_model(model_dir, tiny_llama_config())
     straight = _engine(model_dir)
     _start(straight, model_dir, tmp_path / "straight")
     _run(straight)
+    return model_dir
 
+
+def _assert_same_final_adapter(job_dir: Path, straight_dir: Path) -> None:
+    expected = load_file(straight_dir / "final" / "adapter_model.safetensors")
+    resumed = load_file(job_dir / "final" / "adapter_model.safetensors")
+    assert set(expected) == set(resumed)
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key], atol=1e-6, rtol=1e-5)
+
+
+def test_resume_from_checkpoint_ends_where_an_uninterrupted_job_ends(tmp_path):
+    model_dir = _train_uninterrupted(tmp_path)
     first = _engine(model_dir)
     _start(first, model_dir, tmp_path / "crash")
     _run(first, until=lambda reports: any(c[0] == 4 for r in reports for c in r.checkpoints))
@@ -89,11 +103,41 @@ def test_resume_from_checkpoint_ends_where_an_uninterrupted_job_ends(tmp_path):
     _start(second, model_dir, tmp_path / "crash", resume=True)
     reports = _run(second)
     assert [s.step for r in reports for s in r.steps] == [5, 6]
-    expected = load_file(tmp_path / "straight" / "final" / "adapter_model.safetensors")
-    resumed = load_file(tmp_path / "crash" / "final" / "adapter_model.safetensors")
-    assert set(expected) == set(resumed)
-    for key in expected:
-        torch.testing.assert_close(resumed[key], expected[key], atol=1e-6, rtol=1e-5)
+    _assert_same_final_adapter(tmp_path / "crash", tmp_path / "straight")
+
+
+def test_a_stop_between_checkpoints_saves_the_last_step_and_resumes_there(tmp_path):
+    """Stopped in the middle of step 4's batch (after step 3; the scheduled checkpoint is
+    step 2's): the saved state is step 3's boundary, and the resumed job trains steps
+    4-6 to the same adapter as a job never stopped."""
+    model_dir = _train_uninterrupted(tmp_path)
+    first = _engine(model_dir)
+    _start(first, model_dir, tmp_path / "stop")
+    reports = _run(first, until=lambda reports: any(s.step == 3 for r in reports for s in r.steps))
+    job = first.finetune_runs.runs["ftjob-1"].job
+    while job.position == 6:  # into step 4's batch (2 examples each): one sequence done
+        first.step()
+    assert job.step == 3 and job.position == 7
+    first.save_finetune_progress()
+    assert (tmp_path / "stop" / "checkpoints" / "step-3" / TRAINER_STATE).is_file()
+    assert [c[0] for r in reports + first.finetune_reports() for c in r.checkpoints] == [2]  # not reported
+    del first
+    # What a crash in the middle of a checkpoint write leaves: its staging directory.
+    interrupted = tmp_path / "stop" / "checkpoints" / ".step-4-x1y2"
+    interrupted.mkdir()
+
+    second = _engine(model_dir)
+    _start(second, model_dir, tmp_path / "stop", resume=True)
+    assert not interrupted.exists()
+    reports = _run(second)
+    assert [s.step for r in reports for s in r.steps] == [4, 5, 6]
+    assert reports[-1].steps[-1].tokens_trained == straight_tokens(tmp_path / "straight")
+    _assert_same_final_adapter(tmp_path / "stop", tmp_path / "straight")
+
+
+def straight_tokens(job_dir: Path) -> int:
+    """Target tokens trained by the uninterrupted job, from its last checkpoint's state."""
+    return load_state(job_dir / "checkpoints" / "step-6" / TRAINER_STATE)["tokens_trained"]
 
 
 def test_pause_resume_and_cancel(tmp_path):
