@@ -4,6 +4,10 @@ The engine owns the weights; this registry owns the names clients use and the ru
 that runtime loads only read from the configured `lora_roots`. A load is checked
 here (name, path), then in the engine (files, shapes, rank, targets); only when the
 engine accepted it does the name appear in /v1/models and become usable.
+
+Adapters loaded by the operator are shared by every caller; a model that a finetuning
+job produced (and its checkpoints) belongs to the job's owner, and to anyone else it
+does not exist: a 404 exactly like an unknown name, and absent from /v1/models.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from pathlib import Path
 
 from engine.messages import LoadAdapter, UnloadAdapter
 from server import errors
+from server.api_keys import Principal
 from server.engine_client import EngineClient
 
 
@@ -21,6 +26,7 @@ from server.engine_client import EngineClient
 class AdapterCard:
     name: str
     path: Path
+    owner: str | None = None  # None = shared (operator-loaded)
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -32,13 +38,17 @@ class AdapterRegistry:
         # Adapters from --lora-modules, which the engine loaded before it reported ready.
         self.cards: dict[str, AdapterCard] = {name: AdapterCard(name, path) for name, path in started.items()}
 
-    def lora_name(self, model: str) -> str | None:
+    def lora_name(self, model: str, caller: Principal) -> str | None:
         """The adapter a request's `model` names; None for the base model; 404 for anything else."""
         if model == self._base:
             return None
-        if model in self.cards:
+        card = self.cards.get(model)
+        if card is not None and caller.may_use(card.owner):
             return model
         raise errors.model_not_found(model)
+
+    def visible(self, caller: Principal) -> list[AdapterCard]:
+        return [card for card in self.cards.values() if caller.may_use(card.owner)]
 
     def _allowed_path(self, path: str) -> Path:
         if not self._roots:
@@ -67,12 +77,12 @@ class AdapterRegistry:
         card = self.cards[name] = AdapterCard(name, resolved)
         return card
 
-    async def register_own(self, name: str, path: Path) -> AdapterCard:
-        """Serve an adapter the server itself produced (a finetuning result), outside lora_roots."""
+    async def register_own(self, name: str, path: Path, owner: str) -> AdapterCard:
+        """Serve an adapter the server itself produced (a finetuning result of `owner`), outside lora_roots."""
         done = await self._engine.adapter_op(lambda op_id: LoadAdapter(op_id=op_id, name=name, path=str(path)))
         if done.error is not None:
             raise RuntimeError(f"adapter {name} from {path} did not load: {done.error}")
-        card = self.cards[name] = AdapterCard(name, Path(path))
+        card = self.cards[name] = AdapterCard(name, Path(path), owner)
         return card
 
     async def unload(self, name: str) -> None:

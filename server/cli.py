@@ -91,18 +91,22 @@ async def _run(settings: Settings, engine_config, served_name: str) -> int:
     from transformers import AutoTokenizer
 
     from server.adapters import AdapterRegistry
+    from server.api_keys import KeyRing, KeysFileError
     from server.app import create_app
     from server.context import ServerContext
     from server.engine_client import EngineClient, EngineStartError
     from server.finetune.manager import JobManager
     from server.generation import TokenTexts
     from server.prompts import PromptEncoder
+    from server.shutdown import DrainingServer
     from server.store import Store, StoreError
 
-    # Before the engine starts, so an unusable data directory is reported without loading weights.
+    # Before the engine starts, so a bad keys file or an unusable data directory is
+    # reported without loading weights.
     try:
+        keys = KeyRing(settings.api_keys_file, settings.api_key)
         store = Store.open(settings.data_dir)
-    except StoreError as exc:
+    except (KeysFileError, StoreError) as exc:
         log.error("cannot serve: %s", exc)
         return 1
     model_dir = engine_config.model_dir
@@ -121,6 +125,7 @@ async def _run(settings: Settings, engine_config, served_name: str) -> int:
         jobs = JobManager(store, engine, adapters, tokenizer, served_name, model_dir, settings.data_dir)
         ctx = ServerContext(
             settings=settings,
+            keys=keys,
             engine=engine,
             tokenizer=tokenizer,
             prompts=PromptEncoder(tokenizer, vocab_size, ready.max_model_len),
@@ -133,11 +138,13 @@ async def _run(settings: Settings, engine_config, served_name: str) -> int:
         # Finished models are served again and unfinished jobs continue before we listen.
         await jobs.start()
         log.info("serving %s (max_model_len=%d, dtype=%s)", served_name, ready.max_model_len, ready.dtype)
-        server = uvicorn.Server(
-            uvicorn.Config(create_app(ctx), host=settings.host, port=settings.port, log_level=settings.log_level)
+        server = DrainingServer(
+            uvicorn.Config(create_app(ctx), host=settings.host, port=settings.port, log_level=settings.log_level),
+            engine,
+            settings.drain_timeout_s,
         )
         await server.serve()
-        return 0 if server.started else 1
+        return 0 if server.started and not server.engine_died else 1
     finally:
         await engine.shutdown()
         store.close()

@@ -10,6 +10,8 @@ from transformers import PreTrainedTokenizerBase
 
 from server import errors
 from server.adapters import AdapterRegistry
+from server.api_keys import KeyRing
+from server.auth import principal_of
 from server.engine_client import EngineClient
 from server.finetune.manager import JobManager
 from server.generation import TokenTexts
@@ -21,6 +23,7 @@ from server.store import Store
 @dataclass
 class ServerContext:
     settings: Settings
+    keys: KeyRing
     engine: EngineClient
     tokenizer: PreTrainedTokenizerBase
     prompts: PromptEncoder
@@ -35,9 +38,10 @@ class ServerContext:
     def max_model_len(self) -> int:
         return self.prompts.max_model_len
 
-    def lora_name(self, model: str | None) -> str | None:
-        """The LoRA adapter a request's `model` selects; None (or no model) is the base model, unknown is a 404."""
-        return None if model is None else self.adapters.lora_name(model)
+    def lora_name(self, request: Request, model: str | None) -> str | None:
+        """The LoRA adapter a request's `model` selects; None (or no model) is the base model;
+        unknown, or another owner's, is a 404."""
+        return None if model is None else self.adapters.lora_name(model, principal_of(request))
 
     def check_engine(self) -> None:
         if not self.engine.alive:

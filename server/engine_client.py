@@ -49,7 +49,9 @@ log = logging.getLogger(__name__)
 
 # How often the watchdog checks that the engine process is alive.
 _WATCH_INTERVAL_S = 0.2
-_SHUTDOWN_GRACE_S = 5.0
+# A stopping engine first saves the progress of running finetuning jobs (well under 1 s
+# for SmolLM2-135M's adapters on 2 cores; larger adapters take longer).
+_SHUTDOWN_GRACE_S = 15.0
 _PR_SET_PDEATHSIG = 1
 
 
@@ -58,7 +60,7 @@ class EngineStartError(RuntimeError):
 
 
 class EngineDead(Exception):
-    """Put into open streams when the engine process dies."""
+    """Raised by adapter operations pending when the engine process dies."""
 
 
 def _engine_main(config: EngineConfig, input_addr: str, output_addr: str) -> None:
@@ -78,14 +80,15 @@ class OutputStream:
     def __init__(self, client: EngineClient, request_ids: list[str]):
         self._client = client
         self.unfinished = set(request_ids)
-        self._queue: asyncio.Queue[RequestOutput | EngineDead] = asyncio.Queue()
+        # Outputs, or the error that ends the request (the engine died, the drain deadline passed).
+        self._queue: asyncio.Queue[RequestOutput | errors.APIError] = asyncio.Queue()
 
-    def put(self, item: RequestOutput | EngineDead) -> None:
+    def put(self, item: RequestOutput | errors.APIError) -> None:
         self._queue.put_nowait(item)
 
     async def get(self) -> RequestOutput:
         item = await self._queue.get()
-        if isinstance(item, EngineDead):
+        if isinstance(item, errors.APIError):
             raise item
         if item.finish_reason is not None:
             self._release(item.request_id)
@@ -137,7 +140,10 @@ class EngineClient:
         # Receives every iteration's stats, and follows every request (set by the metrics).
         self.on_stats: Callable[[IterationStats], None] = lambda stats: None
         self.requests: RequestTracker | None = None
+        # Called once if the engine process dies while serving (set by the server).
+        self.on_death: Callable[[str], None] = lambda reason: None
         self._pending_ops: dict[int, asyncio.Future[AdapterOpDone]] = {}
+        self._stopping = False  # shutdown() has begun: the engine's exit is expected
 
     @property
     def alive(self) -> bool:
@@ -180,30 +186,33 @@ class EngineClient:
 
     async def _read_outputs(self) -> None:
         while True:
-            msg = self._decoder.decode(await self._from_engine.recv())
-            if isinstance(msg, AdapterOpDone):
-                future = self._pending_ops.pop(msg.op_id, None)
-                if future is not None and not future.done():
-                    future.set_result(msg)
-                continue
-            if not isinstance(msg, EngineOutputs):
-                continue
-            if msg.stats is not None:
-                self.last_stats = msg.stats
-                self.on_stats(msg.stats)
-            for report in msg.finetune:
-                self.on_finetune_report(report)
-            for output in msg.outputs:
-                if self.requests is not None:
-                    self.requests.on_output(output)
-                stream = self.streams.get(output.request_id)
-                if stream is not None:  # None: the server already gave it up
-                    stream.put(output)
+            self._dispatch(self._decoder.decode(await self._from_engine.recv()))
+
+    def _dispatch(self, msg: EngineToServer) -> None:
+        if isinstance(msg, AdapterOpDone):
+            future = self._pending_ops.pop(msg.op_id, None)
+            if future is not None and not future.done():
+                future.set_result(msg)
+            return
+        if not isinstance(msg, EngineOutputs):
+            return
+        if msg.stats is not None:
+            self.last_stats = msg.stats
+            self.on_stats(msg.stats)
+        for report in msg.finetune:
+            self.on_finetune_report(report)
+        for output in msg.outputs:
+            if self.requests is not None:
+                self.requests.on_output(output)
+            stream = self.streams.get(output.request_id)
+            if stream is not None:  # None: the server already gave it up
+                stream.put(output)
 
     async def _watch_process(self) -> None:
         while self._process.is_alive():
             await asyncio.sleep(_WATCH_INTERVAL_S)
-        self._declare_dead(f"engine process exited with code {self._process.exitcode}")
+        if not self._stopping:
+            self._declare_dead(f"engine process exited with code {self._process.exitcode}")
 
     def _declare_dead(self, reason: str, expected: bool = False) -> None:
         if self.dead_reason is not None:
@@ -211,15 +220,27 @@ class EngineClient:
         self.dead_reason = reason
         if self.streams or not expected:
             log.log(logging.INFO if expected else logging.ERROR, "%s; failing %d open requests", reason, len(self.streams))
-        for stream in set(self.streams.values()):
-            stream.put(EngineDead(reason))
-        self.streams.clear()
-        if self.requests is not None:
-            self.requests.finish_all("error")
+        self._end_streams(errors.engine_unavailable(reason))
         for future in self._pending_ops.values():
             if not future.done():
                 future.set_exception(EngineDead(reason))
         self._pending_ops.clear()
+        if not expected:
+            self.on_death(reason)
+
+    def end_open_requests(self, error: errors.APIError) -> None:
+        """Ends every request in flight with `error` (the drain deadline of a shutdown has
+        passed); each is aborted in the engine as its route unwinds."""
+        if self.streams:
+            log.warning("ending %d request(s) still in flight: %s", len(self.streams), error.message)
+        self._end_streams(error)
+
+    def _end_streams(self, error: errors.APIError) -> None:
+        for stream in set(self.streams.values()):
+            stream.put(error)
+        self.streams.clear()
+        if self.requests is not None:
+            self.requests.finish_all("error")
 
     def open_stream(self, requests: list[EngineRequest]) -> OutputStream:
         """Send requests to the engine; their outputs arrive on the returned stream."""
@@ -264,9 +285,7 @@ class EngineClient:
         """Stop the engine process (politely, then by force) and release sockets. Idempotent."""
         if self._ctx.closed:
             return
-        for task in self._tasks:
-            task.cancel()
-        self._tasks = []
+        self._stopping = True
         process = self._process
         if process is not None and process.is_alive():
             try:
@@ -282,6 +301,13 @@ class EngineClient:
             if process.is_alive():
                 process.kill()
                 process.join()
+        # The reader ran until the engine was gone; what it sent last may still be queued.
+        for task in self._tasks:
+            task.cancel()
+        self._tasks = []
+        if self.ready is not None:
+            while await self._from_engine.poll(timeout=0):
+                self._dispatch(self._decoder.decode(await self._from_engine.recv()))
         self._declare_dead("server shutting down", expected=True)
         self._to_engine.close(linger=0)
         self._from_engine.close(linger=0)

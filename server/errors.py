@@ -15,12 +15,39 @@ import re
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
 
 # Seconds a client told "queue full" should wait before retrying.
 RETRY_AFTER_SECONDS = 1
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+# The error statuses every API route may answer, documented in the OpenAPI document.
+ERROR_RESPONSES: dict[int | str, dict] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in {
+        400: "Invalid request: a bad value, an unknown field, a prompt longer than the context",
+        401: "Missing or invalid API key",
+        403: "The key may not do this (an admin-only route)",
+        404: "No such model, file or job (or another owner's)",
+        413: "A body, upload or stored-bytes limit exceeded",
+        429: "Queue full, or an owner's concurrency limit reached; see Retry-After",
+        503: "The engine is down, or the server is shutting down",
+    }.items()
+}
 
 
 class APIError(Exception):
@@ -83,6 +110,15 @@ def queue_full() -> APIError:
         type="rate_limit_error",
         code="queue_full",
         headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
+
+
+def shutting_down(drain_timeout_s: float) -> APIError:
+    return APIError(
+        503,
+        f"The server is shutting down and this request did not finish within drain_timeout_s={drain_timeout_s:g}.",
+        type="service_unavailable",
+        code="server_shutting_down",
     )
 
 

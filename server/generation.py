@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from engine.messages import EngineRequest, RequestOutput, SamplingParams, TokenLogprobs
 from server import errors
 from server.detokenizer import IncrementalDetokenizer
-from server.engine_client import EngineClient, EngineDead, OutputStream
+from server.engine_client import EngineClient, OutputStream
 from server.protocol import RequestSLO
 from server.stop_strings import StopStringMatcher
 
@@ -78,7 +78,8 @@ def make_sequences(
     slo: RequestSLO | None = None,
     kv_ttl_s: float | None = None,
 ) -> list[Sequence]:
-    """`n` choices per prompt, indexed prompt-major; choice i of a prompt uses seed + i."""
+    """`n` choices per prompt, indexed prompt-major; choice i of a prompt uses seed + i
+    (wrapped around within 64 bits, the range of a seed)."""
     ttft_ms, tpot_ms = (slo.ttft_ms, slo.tpot_ms) if slo is not None else (None, None)
     sequences = []
     now = time.time()
@@ -87,7 +88,8 @@ def make_sequences(
             index = len(sequences)
             choice_params = params
             if params.seed is not None and i:
-                choice_params = msgspec.structs.replace(params, seed=params.seed + i)
+                seed = (params.seed + i + 2**63) % 2**64 - 2**63
+                choice_params = msgspec.structs.replace(params, seed=seed)
             request = EngineRequest(
                 f"{request_id}-{index}", prompt_ids, choice_params, now, lora_name, ttft_ms, tpot_ms, kv_ttl_s
             )
@@ -108,10 +110,7 @@ async def _deltas(stream: OutputStream, texts: TokenTexts, sequences: list[Seque
     by_id = {s.request.request_id: s for s in sequences}
     try:
         while stream.unfinished:
-            try:
-                output = await stream.get()
-            except EngineDead as dead:
-                raise errors.engine_unavailable(str(dead)) from None
+            output = await stream.get()  # raises the APIError that ends the request early
             seq = by_id[output.request_id]
             if output.finish_reason == "error":
                 # The engine refused it at admission (e.g. its adapter was unloaded meanwhile).

@@ -64,6 +64,9 @@ def _template_message(index: int, message: ChatMessage) -> dict[str, str]:
     param = f"messages.{index}"
     if message.role == "tool":
         raise errors.bad_request("tool messages are not supported (coserve does not do tool calling)", f"{param}.role")
+    if unsupported := message.unsupported_fields():
+        field = f"{param}.{unsupported[0]}"
+        raise errors.bad_request(f"{field} is not supported by this server", field)
     if isinstance(message.content, list):
         for j, part in enumerate(message.content):
             if part.type != "text" or part.text is None:

@@ -13,10 +13,12 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 MAX_STOP_STRINGS = 4
+# A stop string is matched against every new piece of text, so its length is bounded.
+MAX_STOP_STRING_CHARS = 256
 MAX_COMPLETION_LOGPROBS = 5
 MAX_CHAT_TOP_LOGPROBS = 20
 
-NonEmptyStr = Annotated[str, Field(min_length=1)]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
 TokenId = Annotated[int, Field(ge=0)]
 
 
@@ -83,8 +85,8 @@ class GenerationRequest(BaseModel):
     n: int | None = Field(None, ge=1, le=128)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = None
-    stop: NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # a 64-bit integer, as vLLM takes it
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     # vLLM-style: logits of tokens already in the prompt or output divided by it (positive)
@@ -142,11 +144,26 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """A key OpenAI does not define is a 400 naming it. OpenAI's other message fields,
+    which clients send back with an assistant message they received, are accepted empty;
+    with a value they are refused (server/prompts.py), since this server does not act on them."""
+
+    model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[Any] | None = None
+    tool_call_id: str | None = None
+    function_call: Any = None
+    refusal: str | None = None
+    audio: Any = None
+    annotations: list[Any] | None = None
+
+    def unsupported_fields(self) -> list[str]:
+        """Those of OpenAI's fields this server does not act on that carry a value."""
+        return [name for name in ("tool_calls", "tool_call_id", "function_call", "refusal", "audio", "annotations")
+                if getattr(self, name)]
 
 
 class ChatCompletionRequest(GenerationRequest):
@@ -161,16 +178,16 @@ class ChatCompletionRequest(GenerationRequest):
 
 
 class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
     add_special_tokens: bool = True
 
 
 class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
     tokens: list[TokenId]

@@ -95,6 +95,24 @@ class Settings(BaseSettings):
     max_queued_requests: int = Field(
         256, ge=0, description="Sequences allowed to wait beyond max_num_seqs; more get 429 with Retry-After"
     )
+    max_request_body_bytes: int = Field(
+        16 * 1024**2, gt=0, description="Largest JSON request body; larger ones get 413 (uploads have their own limit)"
+    )
+    max_upload_bytes: int = Field(512 * 1024**2, gt=0, description="Largest file a /v1/files upload may hold")
+    max_concurrent_requests_per_owner: int = Field(
+        0, ge=0, description="Completions in flight per owner (API key owner); more get 429; 0 = no limit"
+    )
+    max_active_jobs_per_owner: int = Field(
+        0, ge=0, description="Finetuning jobs per owner not yet finished (validating, queued, running, paused); "
+        "0 = no limit"
+    )
+    max_stored_bytes_per_owner: int = Field(
+        0, ge=0, description="Bytes of uploaded files an owner may keep; 0 = no limit"
+    )
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="On SIGTERM, how long requests in flight may take to finish before they are "
+        "ended with a 503"
+    )
     lora_modules: list[str] = Field(
         [], description="LoRA adapters (PEFT directories) served from start, each as name=path"
     )
@@ -131,7 +149,17 @@ class Settings(BaseSettings):
         description="GPU frequency governor: off; advise = export the SLO-safe target clock; "
         "apply = lock SM clocks through NVML (needs root; clocks are reset on exit)",
     )
-    api_key: str | None = Field(None, description="If set, /v1 routes require `Authorization: Bearer <key>`")
+    api_key: str | None = Field(
+        None, description="One admin key (owner `admin`); with it or api_keys_file set, /v1 routes need "
+        "`Authorization: Bearer <key>`"
+    )
+    api_keys_file: Path | None = Field(
+        None, description="YAML or JSON file of keys, each with its owner and role (user or admin); "
+        "re-read on SIGHUP"
+    )
+    protect_health_and_metrics: bool = Field(
+        False, description="Require an API key on /health, /metrics and /version too (any valid key)"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Logging level")
 
     @field_validator("data_dir", "cache_dir")

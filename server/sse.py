@@ -11,6 +11,11 @@ from pydantic import BaseModel
 from server.errors import APIError
 
 DONE = "data: [DONE]\n\n"
+# OpenAPI: a route that streams (`stream: true`) answers server-sent events too; each
+# event's `data` is a chunk object, an error object or `[DONE]`.
+STREAMED: dict[int | str, dict] = {
+    200: {"content": {"text/event-stream": {"schema": {"type": "object", "properties": {"data": {"type": "string"}}}}}}
+}
 
 
 def event(payload: BaseModel | dict) -> str:

@@ -69,7 +69,10 @@ class LoRAOptions(BaseModel):
 
 
 class CreateJobRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """Fields this server does not implement (such as `integrations`) are refused with a
+    400 naming them, never dropped."""
+
+    model_config = ConfigDict(extra="forbid")
 
     model: str
     training_file: str

@@ -41,6 +41,9 @@ from server.store.jobs import InvalidTransition, JobError, JobRecord
 
 log = logging.getLogger(__name__)
 
+# At shutdown, how long recording the engine's last reports may take.
+_LAST_REPORTS_TIMEOUT_S = 10.0
+
 
 def owner_label(owner: str) -> str:
     """The owner as it appears in model names: short, and never the key itself."""
@@ -90,11 +93,13 @@ class JobManager:
     async def start(self) -> None:
         self.engine.on_finetune_report = self._reports.put_nowait
         self._spawn(self._handle_reports())
-        for record in self.store.jobs.succeeded():
+        for record in await self._db(self.store.jobs.succeeded):
             await self._serve_outputs(record)
             if record.fine_tuned_model:
-                await self.adapters.register_own(record.fine_tuned_model, self._output_dir(record) / "final")
-        for record in self.store.jobs.unfinished():
+                await self.adapters.register_own(
+                    record.fine_tuned_model, self._output_dir(record) / "final", record.owner
+                )
+        for record in await self._db(self.store.jobs.unfinished):
             if record.status == "validating_files":
                 self._spawn(self._validate_and_start(record))
             else:
@@ -102,9 +107,9 @@ class JobManager:
                 self._spawn(self._resume(record))
 
     async def _serve_outputs(self, record: JobRecord) -> None:
-        page = self.store.jobs.list_checkpoints(record.owner, record.id, limit=10_000)
+        page = await self._db(self.store.jobs.list_checkpoints, None, record.id, limit=10_000)
         for checkpoint in page.records:
-            await self.adapters.register_own(checkpoint.fine_tuned_model_checkpoint, checkpoint.path)
+            await self.adapters.register_own(checkpoint.fine_tuned_model_checkpoint, checkpoint.path, record.owner)
 
     async def _resume(self, record: JobRecord) -> None:
         rendered = await self._render(record)
@@ -113,12 +118,15 @@ class JobManager:
         self._send_start(record, *rendered, resume=True)
         if record.status == "paused":
             self.engine.send_finetune(ControlFinetune(record.id, "pause"))
-        self.store.jobs.add_event(record.id, "info", "Server restarted; the job continues from its last checkpoint")
+        message = "Server restarted; the job continues from its last checkpoint"
+        await self._db(self.store.jobs.add_event, record.id, "info", message)
 
     # -- requests ----------------------------------------------------------------------
 
-    def create(self, owner: str, request: CreateJobRequest) -> JobRecord:
-        record = self.store.jobs.create(
+    async def create(self, owner: str, request: CreateJobRequest, max_active: int | None = None) -> JobRecord:
+        """Raises TooManyActiveJobs when the owner already has `max_active` unfinished jobs."""
+        record = await self._db(
+            self.store.jobs.create,
             owner,
             model=request.model,
             training_file=request.training_file,
@@ -128,19 +136,20 @@ class JobManager:
             seed=request.seed if request.seed is not None else 42,
             suffix=request.suffix,
             metadata=request.metadata,
+            max_active=max_active,
         )
-        self.store.jobs.add_event(record.id, "info", f"Created fine-tuning job: {record.id}")
+        await self._db(self.store.jobs.add_event, record.id, "info", f"Created fine-tuning job: {record.id}")
         self._spawn(self._validate_and_start(record))
         return record
 
-    def control(self, record: JobRecord, action: str) -> JobRecord:
+    async def control(self, record: JobRecord, action: str) -> JobRecord:
         """pause / resume / cancel: the store changes now (it refuses a wrong state), the engine follows."""
         status = {"pause": "paused", "resume": "running", "cancel": "cancelled"}[action]
-        updated = self.store.jobs.set_status(record.id, status)
+        updated = await self._db(self.store.jobs.set_status, record.id, status)
         if record.status in ("running", "paused"):
             self.engine.send_finetune(ControlFinetune(record.id, action))
         message = {"pause": "Job paused", "resume": "Job resumed", "cancel": "Job cancelled"}[action]
-        self.store.jobs.add_event(record.id, "info", message)
+        await self._db(self.store.jobs.add_event, record.id, "info", message)
         if status == "cancelled":
             self.progress.pop(record.id, None)
             self._uncheckpointed.pop(record.id, None)
@@ -157,40 +166,41 @@ class JobManager:
             for param, file_id in (("training_file", record.training_file), ("validation_file", record.validation_file)):
                 if file_id is None:
                     continue
-                path = self.store.files.contents_path(self.store.files.get(record.owner, file_id).id)
+                stored = await self._db(self.store.files.get, None, file_id)
+                path = self.store.files.contents_path(stored.id)
                 try:
                     rendered = await asyncio.to_thread(render_training_file, path, self.tokenizer, max_len)
                 except TrainingDataError as exc:
                     raise _Invalid(param, f"{param} {file_id}: {exc}") from None
                 examples[param] = rendered
         except _Invalid as exc:
-            self._fail(record, "invalid_training_file" if exc.param == "training_file" else "invalid_validation_file",
-                       str(exc), exc.param)
+            code = "invalid_training_file" if exc.param == "training_file" else "invalid_validation_file"
+            await self._fail(record, code, str(exc), exc.param)
             return None
         except LookupError:
-            self._fail(record, "file_not_found", "a file of this job no longer exists", "training_file")
+            await self._fail(record, "file_not_found", "a file of this job no longer exists", "training_file")
             return None
         return examples["training_file"], examples["validation_file"]
 
     async def _validate_and_start(self, record: JobRecord) -> None:
-        self.store.jobs.add_event(record.id, "info", "Validating training file")
+        await self._db(self.store.jobs.add_event, record.id, "info", "Validating training file")
         rendered = await self._render(record)
         if rendered is None:
             return
         examples, validation = rendered
         summary = summarize(examples)
         try:
-            record = self.store.jobs.set_status(record.id, "queued")
+            record = await self._db(self.store.jobs.set_status, record.id, "queued")
         except InvalidTransition:
             return  # cancelled while its files were validated
         message = f"Files validated: {summary.examples} examples, {summary.target_tokens} trained tokens per epoch"
         if validation:
             held_out = summarize(validation)
             message += f"; validation: {held_out.examples} examples, {held_out.target_tokens} scored tokens"
-        self.store.jobs.add_event(record.id, "info", message)
+        await self._db(self.store.jobs.add_event, record.id, "info", message)
         self._send_start(record, examples, validation, resume=False)
-        self.store.jobs.set_status(record.id, "running")
-        self.store.jobs.add_event(record.id, "info", "Fine-tuning job started")
+        await self._db(self.store.jobs.set_status, record.id, "running")
+        await self._db(self.store.jobs.add_event, record.id, "info", "Fine-tuning job started")
 
     def _send_start(self, record: JobRecord, examples, validation, resume: bool) -> None:
         settings = engine_settings(record.hyperparameters, record.lora, record.seed, len(examples))
@@ -209,10 +219,10 @@ class JobManager:
     def _output_dir(self, record: JobRecord) -> Path:
         return self.jobs_dir / record.id
 
-    def _fail(self, record: JobRecord, code: str, message: str, param: str | None = None) -> None:
+    async def _fail(self, record: JobRecord, code: str, message: str, param: str | None = None) -> None:
         log.warning("finetuning job %s failed: %s", record.id, message)
-        self.store.jobs.set_status(record.id, "failed", error=JobError(code, message, param))
-        self.store.jobs.add_event(record.id, "error", message)
+        await self._db(self.store.jobs.set_status, record.id, "failed", error=JobError(code, message, param))
+        await self._db(self.store.jobs.add_event, record.id, "error", message)
 
     # -- engine reports ----------------------------------------------------------------
 
@@ -223,9 +233,11 @@ class JobManager:
                 await self._apply(report)
             except Exception:
                 log.exception("handling the report of finetuning job %s", report.job_id)
+            finally:
+                self._reports.task_done()
 
     async def _apply(self, report: FinetuneReport) -> None:
-        record = next((r for r in self.store.jobs.unfinished() if r.id == report.job_id), None)
+        record = next((r for r in await self._db(self.store.jobs.unfinished) if r.id == report.job_id), None)
         if record is None:
             return  # cancelled or failed here first
         for step in report.steps:
@@ -238,8 +250,8 @@ class JobManager:
             if step.valid_loss is not None:
                 data["valid_loss"] = step.valid_loss
                 message += f", validation loss={step.valid_loss:.4f}"
-            self.store.jobs.add_event(record.id, "info", message, data)
-            self.store.jobs.update(record.id, trained_tokens=step.tokens_trained)
+            await self._db(self.store.jobs.add_event, record.id, "info", message, data)
+            await self._db(self.store.jobs.update, record.id, trained_tokens=step.tokens_trained)
             self.progress[record.id] = (step.loss, step.step / step.total_steps, step.energy_joules)
             self.steps_reported += 1
         # A checkpoint comes with or after its step's event (the engine validates first).
@@ -247,9 +259,10 @@ class JobManager:
         events.update((s.step, s) for s in report.steps)
         for step, path in report.checkpoints:
             name = checkpoint_name(record, step)
-            await self.adapters.register_own(name, Path(path))
-            self.store.jobs.add_checkpoint(record.id, step, name, _checkpoint_metrics(step, events.get(step)), path)
-            self.store.jobs.add_event(record.id, "info", f"Checkpoint created at step {step}: {name}")
+            await self.adapters.register_own(name, Path(path), record.owner)
+            metrics = _checkpoint_metrics(step, events.get(step))
+            await self._db(self.store.jobs.add_checkpoint, record.id, step, name, metrics, path)
+            await self._db(self.store.jobs.add_event, record.id, "info", f"Checkpoint created at step {step}: {name}")
             for done in [s for s in events if s <= step]:
                 del events[done]
         if report.status in ("succeeded", "failed", "cancelled"):
@@ -257,11 +270,16 @@ class JobManager:
             self._uncheckpointed.pop(record.id, None)
         if report.status == "succeeded" and report.final_path:
             name = model_name(record)
-            await self.adapters.register_own(name, Path(report.final_path))
-            self.store.jobs.set_status(record.id, "succeeded", fine_tuned_model=name)
-            self.store.jobs.add_event(record.id, "info", f"The job has successfully completed: {name}")
+            await self.adapters.register_own(name, Path(report.final_path), record.owner)
+            await self._db(self.store.jobs.set_status, record.id, "succeeded", fine_tuned_model=name)
+            await self._db(self.store.jobs.add_event, record.id, "info", f"The job has successfully completed: {name}")
         elif report.status == "failed":
-            self._fail(record, "training_failed", report.error or "training failed")
+            await self._fail(record, "training_failed", report.error or "training failed")
+
+    async def _db(self, call, *args, **kwargs):
+        """A store call, run in a worker thread: SQLite commits with a full fsync, which
+        must not stall the event loop that streams everyone's tokens."""
+        return await asyncio.to_thread(call, *args, **kwargs)
 
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)
@@ -269,6 +287,12 @@ class JobManager:
         task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
+        """After the engine stopped: records what it reported on its way out (the last
+        steps of running jobs), then stops the job tasks."""
+        try:
+            await asyncio.wait_for(self._reports.join(), _LAST_REPORTS_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("stopping with %d finetuning report(s) not recorded", self._reports.qsize())
         for task in list(self._tasks):
             task.cancel()
 

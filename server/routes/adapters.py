@@ -1,15 +1,17 @@
-"""Load and unload LoRA adapters at run time (the routes vLLM serves under the same names)."""
+"""Load and unload LoRA adapters at run time (the routes vLLM serves under the same names); admins only."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from server.auth import require_admin
 from server.context import get_context
 from server.protocol import ModelCard
 from server.routes.models import adapter_card
 
-router = APIRouter()
+# A run-time load reads the server's own disk: that is the operator's call, not a tenant's.
+router = APIRouter(dependencies=[Depends(require_admin)])
 
 
 class LoadLoRAAdapterRequest(BaseModel):

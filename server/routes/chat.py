@@ -31,7 +31,7 @@ from server.protocol import (
     TopLogprob,
 )
 from server.routes.sampling import kv_ttl_seconds, new_request_id, sampling_params, usage
-from server.sse import event, sse_response
+from server.sse import STREAMED, event, sse_response
 
 router = APIRouter()
 
@@ -43,10 +43,10 @@ def _reject_unsupported(body: ChatCompletionRequest) -> None:
         raise errors.bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=STREAMED)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     ctx = get_context(request)
-    lora_name = ctx.lora_name(body.model)
+    lora_name = ctx.lora_name(request, body.model)
     ctx.check_engine()
     _reject_unsupported(body)
     prompt = ctx.prompts.chat_prompt(body.messages)

@@ -25,15 +25,15 @@ from server.protocol import (
     CompletionResponse,
 )
 from server.routes.sampling import kv_ttl_seconds, new_request_id, sampling_params, usage
-from server.sse import event, sse_response
+from server.sse import STREAMED, event, sse_response
 
 router = APIRouter()
 
 
-@router.post("/v1/completions", response_model=CompletionResponse)
+@router.post("/v1/completions", response_model=CompletionResponse, responses=STREAMED)
 async def create_completion(body: CompletionRequest, request: Request):
     ctx = get_context(request)
-    lora_name = ctx.lora_name(body.model)
+    lora_name = ctx.lora_name(request, body.model)
     ctx.check_engine()
     if body.suffix:
         raise errors.bad_request("suffix is not supported", "suffix")

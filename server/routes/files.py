@@ -2,18 +2,17 @@
 
 An upload streams from the socket through a multipart parser straight into the store's
 temp file, so the server never holds a file in memory and a too-large upload is cut off
-as soon as it crosses `MAX_UPLOAD_BYTES`. Disk writes run in worker threads, so the
+as soon as it crosses `max_upload_bytes`. Disk writes run in worker threads, so the
 event loop keeps streaming tokens to other clients meanwhile. Contents are stored as
 uploaded; a finetuning job validates them when it starts.
 
-A file belongs to the API key that uploaded it (`owner_of`); other keys get a 404, as
-for a file that does not exist.
+A file belongs to the owner of the API key that uploaded it; other owners get a 404,
+as for a file that does not exist (admins see every owner's files).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections.abc import Iterator
 from typing import Annotated, BinaryIO, Literal
 
@@ -26,14 +25,13 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
 from server import errors
+from server.auth import principal_of
 from server.context import get_context
 from server.store import FileNotFound, FileRecord
-from server.store.files import Upload
+from server.store.files import StorageQuotaExceeded, Upload
 
 router = APIRouter()
 
-# OpenAI's own limit for one file; larger uploads are refused with 413.
-MAX_UPLOAD_BYTES = 512 * 1024**2
 # Room in a request body for everything but the file's bytes: boundaries, part headers, `purpose`.
 MAX_FORM_OVERHEAD_BYTES = 64 * 1024
 PURPOSES = ("fine-tune",)
@@ -41,8 +39,6 @@ PURPOSES = ("fine-tune",)
 MAX_PURPOSE_BYTES = 64
 MAX_LIST_LIMIT = 10_000
 CONTENT_CHUNK_BYTES = 1024 * 1024
-# Owner of every file while the server runs without an API key.
-DEFAULT_OWNER = "default"
 
 
 class FileObject(BaseModel):
@@ -99,22 +95,28 @@ def list_files_query(request: Request) -> ListFilesQuery:
         raise RequestValidationError(exc.errors()) from None
 
 
-def owner_of(request: Request) -> str:
-    """The API key a request authenticated with, as a digest so that keys are never stored.
-    `require_api_key` has already checked the key when one is configured."""
-    if get_context(request).settings.api_key is None:
-        return DEFAULT_OWNER
-    _, _, token = request.headers.get("authorization", "").partition(" ")
-    return "key-sha256:" + hashlib.sha256(token.encode()).hexdigest()
+def _scope(request: Request) -> str | None:
+    """The owner whose files the caller may see (None = all, for admins)."""
+    return principal_of(request).owner_scope
 
 
 def file_not_found(exc: FileNotFound, param: str = "file_id") -> errors.APIError:
     return errors.APIError(404, str(exc), param=param, code="file_not_found")
 
 
-def upload_too_large() -> errors.APIError:
+def upload_too_large(limit: int) -> errors.APIError:
     return errors.APIError(
-        413, f"File uploads are limited to {MAX_UPLOAD_BYTES} bytes.", param="file", code="file_too_large"
+        413, f"File uploads are limited to max_upload_bytes={limit} bytes.", param="file", code="file_too_large"
+    )
+
+
+def quota_exceeded(exc: StorageQuotaExceeded) -> errors.APIError:
+    return errors.APIError(
+        413,
+        f"This upload would take the owner's files past max_stored_bytes_per_owner={exc.quota} bytes "
+        f"({exc.used} stored); delete files first.",
+        param="file",
+        code="storage_quota_exceeded",
     )
 
 
@@ -130,11 +132,12 @@ class UploadForm:
     file's bytes, and `feed` writes them in a worker thread.
     """
 
-    def __init__(self, content_type: str, upload: Upload):
+    def __init__(self, content_type: str, upload: Upload, max_bytes: int):
         kind, options = parse_options_header(content_type)
         if kind != b"multipart/form-data" or not options.get(b"boundary"):
             raise errors.bad_request("Uploads must be sent as multipart/form-data with `file` and `purpose`.")
         self._upload = upload
+        self._max_bytes = max_bytes
         self._parser = MultipartParser(
             options[b"boundary"],
             {
@@ -161,16 +164,16 @@ class UploadForm:
 
     async def feed(self, chunk: bytes) -> None:
         self._body_bytes += len(chunk)
-        if self._body_bytes > MAX_UPLOAD_BYTES + MAX_FORM_OVERHEAD_BYTES:
-            raise upload_too_large()
+        if self._body_bytes > self._max_bytes + MAX_FORM_OVERHEAD_BYTES:
+            raise upload_too_large(self._max_bytes)
         try:
             self._parser.write(chunk)
         except FormParserError as exc:
             raise errors.bad_request(f"Malformed multipart body: {exc}") from None
         if self._file_data:
             data, self._file_data = b"".join(self._file_data), []
-            if self._upload.size + len(data) > MAX_UPLOAD_BYTES:
-                raise upload_too_large()
+            if self._upload.size + len(data) > self._max_bytes:
+                raise upload_too_large(self._max_bytes)
             await asyncio.to_thread(self._upload.write, data)
 
     def finish(self) -> tuple[str, str]:
@@ -239,19 +242,29 @@ def _text(raw: bytes) -> str:
 
 @router.post("/v1/files", response_model=FileObject)
 async def create_file(request: Request) -> FileObject:
+    settings, files = get_context(request).settings, get_context(request).store.files
+    owner, limit = principal_of(request).owner, settings.max_upload_bytes
+    quota = settings.max_stored_bytes_per_owner or None
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_UPLOAD_BYTES + MAX_FORM_OVERHEAD_BYTES:
-        raise upload_too_large()
-    files = get_context(request).store.files
+    if declared.isdigit() and int(declared) > limit + MAX_FORM_OVERHEAD_BYTES:
+        raise upload_too_large(limit)
+    if quota is not None and declared.isdigit():
+        # Refused before a byte is stored when even the smallest file the body can hold does not fit.
+        used = await asyncio.to_thread(files.stored_bytes, owner)
+        if used + int(declared) - MAX_FORM_OVERHEAD_BYTES > quota:
+            raise quota_exceeded(StorageQuotaExceeded(used, quota))
     with files.upload() as upload:
-        form = UploadForm(request.headers.get("content-type", ""), upload)
+        form = UploadForm(request.headers.get("content-type", ""), upload, limit)
         try:
             async for chunk in request.stream():
                 await form.feed(chunk)
         except ClientDisconnect:
             raise errors.bad_request("The client disconnected during the upload.", "file") from None
         filename, purpose = form.finish()
-        record = await asyncio.to_thread(upload.commit, owner_of(request), filename, purpose)
+        try:
+            record = await asyncio.to_thread(upload.commit, owner, filename, purpose, quota)
+        except StorageQuotaExceeded as exc:
+            raise quota_exceeded(exc) from None
     return FileObject.of(record)
 
 
@@ -260,7 +273,7 @@ def list_files(request: Request, query: Annotated[ListFilesQuery, Depends(list_f
     files = get_context(request).store.files
     try:
         page = files.list(
-            owner_of(request), limit=query.limit, order=query.order, after=query.after, purpose=query.purpose
+            _scope(request), limit=query.limit, order=query.order, after=query.after, purpose=query.purpose
         )
     except FileNotFound as exc:
         raise file_not_found(exc, param="after") from None
@@ -276,15 +289,19 @@ def list_files(request: Request, query: Annotated[ListFilesQuery, Depends(list_f
 @router.get("/v1/files/{file_id}", response_model=FileObject)
 def retrieve_file(file_id: str, request: Request) -> FileObject:
     try:
-        return FileObject.of(get_context(request).store.files.get(owner_of(request), file_id))
+        return FileObject.of(get_context(request).store.files.get(_scope(request), file_id))
     except FileNotFound as exc:
         raise file_not_found(exc) from None
 
 
-@router.get("/v1/files/{file_id}/content")
+@router.get(
+    "/v1/files/{file_id}/content",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}},
+)
 def file_content(file_id: str, request: Request) -> StreamingResponse:
     try:
-        record, contents = get_context(request).store.files.open(owner_of(request), file_id)
+        record, contents = get_context(request).store.files.open(_scope(request), file_id)
     except FileNotFound as exc:
         raise file_not_found(exc) from None
     return StreamingResponse(
@@ -302,7 +319,7 @@ def _chunks(contents: BinaryIO) -> Iterator[bytes]:
 @router.delete("/v1/files/{file_id}", response_model=FileDeleted)
 def delete_file(file_id: str, request: Request) -> FileDeleted:
     try:
-        get_context(request).store.files.delete(owner_of(request), file_id)
+        get_context(request).store.files.delete(_scope(request), file_id)
     except FileNotFound as exc:
         raise file_not_found(exc) from None
     return FileDeleted(id=file_id)

@@ -1,10 +1,14 @@
 """The OpenAI fine-tuning API: /v1/fine_tuning/jobs and its events and checkpoints.
 
 Jobs train a LoRA adapter of the served base model while the server keeps serving
-(server/finetune/manager.py). Every job belongs to the API key that created it.
+(server/finetune/manager.py). Every job belongs to the owner of the API key that created
+it. Store calls run off the event loop: the read-only routes are plain functions, which
+FastAPI runs in its thread pool, and the others hand their store calls to threads.
 """
 
 from __future__ import annotations
+
+import asyncio
 
 from fastapi import APIRouter, Query, Request
 
@@ -26,9 +30,9 @@ from server.finetune.job_objects import (
 from server.finetune.job_request import DEFAULT_TARGETS as LLAMA_PROJECTIONS
 from server.finetune.job_request import CreateJobRequest
 from server.finetune.manager import owner_label
-from server.routes.files import owner_of
+from server.auth import principal_of
 from server.store import FileNotFound
-from server.store.jobs import CursorNotFound, InvalidTransition, JobNotFound, JobRecord
+from server.store.jobs import CursorNotFound, InvalidTransition, JobNotFound, JobRecord, TooManyActiveJobs
 
 router = APIRouter()
 MAX_LIMIT = 10_000
@@ -65,7 +69,7 @@ def _job_not_found(job_id: str) -> errors.APIError:
 
 def _owned(ctx: ServerContext, request: Request, job_id: str) -> JobRecord:
     try:
-        return ctx.store.jobs.get(owner_of(request), job_id)
+        return ctx.store.jobs.get(principal_of(request).owner_scope, job_id)
     except JobNotFound:
         raise _job_not_found(job_id) from None
 
@@ -74,7 +78,7 @@ def _owned(ctx: ServerContext, request: Request, job_id: str) -> JobRecord:
 async def create_job(body: CreateJobRequest, request: Request) -> FineTuningJob:
     ctx = get_context(request)
     ctx.check_engine()
-    owner = owner_of(request)
+    caller = principal_of(request)
     if body.model != ctx.served_model_name:
         raise errors.bad_request(
             f"Model {body.model!r} cannot be fine-tuned here; this server fine-tunes {ctx.served_model_name!r}.",
@@ -85,11 +89,15 @@ async def create_job(body: CreateJobRequest, request: Request) -> FineTuningJob:
         if file_id is None:
             continue
         try:
-            record = ctx.store.files.get(owner, file_id)
+            record = await asyncio.to_thread(ctx.store.files.get, caller.owner_scope, file_id)
         except FileNotFound:
             raise errors.bad_request(f"{param} {file_id!r} does not exist.", param) from None
         if record.purpose != "fine-tune":
             raise errors.bad_request(f"{param} {file_id!r} was not uploaded with purpose 'fine-tune'.", param)
+    if body.hyperparameters is not None and body.method is not None:
+        # Which would win is a guess the caller should not have to make.
+        raise errors.bad_request("Give hyperparameters or method.supervised.hyperparameters, not both.",
+                                 "hyperparameters")
     unknown = set(body.lora.target_modules) - set(LLAMA_PROJECTIONS)
     if unknown:
         raise errors.bad_request(
@@ -101,16 +109,26 @@ async def create_job(body: CreateJobRequest, request: Request) -> FineTuningJob:
         raise errors.bad_request(
             f"lora.rank {body.lora.rank} exceeds max_lora_rank={ctx.settings.max_lora_rank}", "lora.rank"
         )
-    return job_object(ctx.jobs.create(owner, body))
+    limit = ctx.settings.max_active_jobs_per_owner
+    try:
+        return job_object(await ctx.jobs.create(caller.owner, body, max_active=limit or None))
+    except TooManyActiveJobs:
+        raise errors.APIError(
+            429,
+            f"Owner {caller.owner!r} already has max_active_jobs_per_owner={limit} unfinished fine-tuning jobs; "
+            "wait for one to finish or cancel one.",
+            type="rate_limit_error",
+            code="too_many_active_jobs",
+        ) from None
 
 
 @router.get("/v1/fine_tuning/jobs", response_model=JobList)
-async def list_jobs(
+def list_jobs(
     request: Request, after: str | None = None, limit: int = Query(20, ge=1, le=MAX_LIMIT)
 ) -> JobList:
     ctx = get_context(request)
     try:
-        page = ctx.store.jobs.list(owner_of(request), limit=limit, after=after)
+        page = ctx.store.jobs.list(principal_of(request).owner_scope, limit=limit, after=after)
     except JobNotFound:
         raise errors.APIError(404, f"No fine-tuning job with id {after!r}.", param="after",
                               code="fine_tuning_job_not_found") from None
@@ -118,15 +136,15 @@ async def list_jobs(
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}", response_model=FineTuningJob)
-async def retrieve_job(job_id: str, request: Request) -> FineTuningJob:
+def retrieve_job(job_id: str, request: Request) -> FineTuningJob:
     return job_object(_owned(get_context(request), request, job_id))
 
 
 async def _control(job_id: str, request: Request, action: str) -> FineTuningJob:
     ctx = get_context(request)
-    record = _owned(ctx, request, job_id)
+    record = await asyncio.to_thread(_owned, ctx, request, job_id)
     try:
-        return job_object(ctx.jobs.control(record, action))
+        return job_object(await ctx.jobs.control(record, action))
     except InvalidTransition:
         raise errors.bad_request(f"Cannot {action} a job that is {record.status}.", "fine_tuning_job_id") from None
 
@@ -149,7 +167,7 @@ async def resume_job(job_id: str, request: Request) -> FineTuningJob:
 def _job_page(request: Request, list_records, kind: str, job_id: str, limit: int, after: str | None):
     """A page of one of the caller's job's events or checkpoints; 404 for an unknown job or cursor."""
     try:
-        return list_records(owner_of(request), job_id, limit=limit, after=after)
+        return list_records(principal_of(request).owner_scope, job_id, limit=limit, after=after)
     except JobNotFound:
         raise _job_not_found(job_id) from None
     except CursorNotFound:
@@ -157,7 +175,7 @@ def _job_page(request: Request, list_records, kind: str, job_id: str, limit: int
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}/events", response_model=EventList)
-async def list_events(
+def list_events(
     job_id: str, request: Request, after: str | None = None, limit: int = Query(20, ge=1, le=MAX_LIMIT)
 ) -> EventList:
     page = _job_page(request, get_context(request).store.jobs.list_events, "event", job_id, limit, after)
@@ -170,7 +188,7 @@ async def list_events(
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints", response_model=CheckpointList)
-async def list_checkpoints(
+def list_checkpoints(
     job_id: str, request: Request, after: str | None = None, limit: int = Query(10, ge=1, le=MAX_LIMIT)
 ) -> CheckpointList:
     page = _job_page(request, get_context(request).store.jobs.list_checkpoints, "checkpoint", job_id, limit, after)

@@ -20,7 +20,9 @@ def _package_version() -> str:
         return "unknown"
 
 
-@router.get("/health")
+@router.get(
+    "/health", response_class=Response, responses={200: {"description": "The engine is up (empty body)"}}
+)
 async def health(request: Request) -> Response:
     get_context(request).check_engine()
     return Response(status_code=200)
@@ -31,6 +33,9 @@ async def server_version() -> dict[str, str]:
     return {"version": _package_version()}
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics", response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}},
+)
 async def metrics(request: Request) -> Response:
     return Response(generate_latest(request.app.state.metrics), media_type=CONTENT_TYPE_LATEST)

@@ -19,7 +19,7 @@ router = APIRouter()
 @router.post("/tokenize", response_model=TokenizeResponse)
 async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     ctx = get_context(request)
-    ctx.lora_name(body.model)
+    ctx.lora_name(request, body.model)
     if (body.prompt is None) == (body.messages is None):
         raise errors.bad_request("give exactly one of prompt or messages", "prompt")
     if body.messages is not None:
@@ -32,6 +32,6 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
 @router.post("/detokenize", response_model=DetokenizeResponse)
 async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
     ctx = get_context(request)
-    ctx.lora_name(body.model)
+    ctx.lora_name(request, body.model)
     ctx.prompts.check_token_ids(body.tokens, "tokens")
     return DetokenizeResponse(prompt=ctx.tokenizer.decode(body.tokens))

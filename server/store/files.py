@@ -8,7 +8,8 @@ at most contents without a row, which `sweep` removes at start-up together with 
 temp files of interrupted uploads.
 
 Every lookup names an owner, and another owner's file is reported as absent, so a
-caller cannot even learn that someone else's file id exists.
+caller cannot even learn that someone else's file id exists. Owner None (an admin, or
+the server itself) sees every owner's files.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ FILE_ID_PREFIX = "file-"
 TEMP_PREFIX = ".upload-"
 
 _COLUMNS = "id, owner, filename, purpose, bytes, created_at"
+# Rows of the owner passed (twice) as parameters; every owner's rows for None.
+OWNED = "(? IS NULL OR owner = ?)"
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,13 @@ class FileNotFound(LookupError):
         self.file_id = file_id
 
 
+class StorageQuotaExceeded(Exception):
+    def __init__(self, used: int, quota: int):
+        super().__init__(f"{used} bytes stored, quota {quota}")
+        self.used = used
+        self.quota = quota
+
+
 class Upload:
     """Contents being received. `commit` turns them into a file; leaving the `with` block
     without committing (an error, a client gone) deletes them."""
@@ -72,7 +82,10 @@ class Upload:
         self._out.write(data)
         self.size += len(data)
 
-    def commit(self, owner: str, filename: str, purpose: str) -> FileRecord:
+    def commit(self, owner: str, filename: str, purpose: str, quota: int | None = None) -> FileRecord:
+        """Stores the file as `owner`'s; with a `quota`, only if the owner's files then
+        hold at most that many bytes (checked in the inserting transaction, so two
+        concurrent uploads cannot both slip under it)."""
         self._out.flush()
         os.fsync(self._out.fileno())
         self._out.close()
@@ -91,6 +104,10 @@ class Upload:
         _fsync_dir(self._files.root)
         try:
             with self._files.db.transaction() as conn:
+                if quota is not None:
+                    used = _stored_bytes(conn, owner)
+                    if used + record.bytes > quota:
+                        raise StorageQuotaExceeded(used, quota)
                 conn.execute(f"INSERT INTO files ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", astuple(record))
         except BaseException:
             contents.unlink(missing_ok=True)
@@ -120,13 +137,17 @@ class FileStore:
     def upload(self) -> Upload:
         return Upload(self)
 
-    def get(self, owner: str, file_id: str) -> FileRecord:
+    def stored_bytes(self, owner: str) -> int:
+        with self.db.transaction() as conn:
+            return _stored_bytes(conn, owner)
+
+    def get(self, owner: str | None, file_id: str) -> FileRecord:
         with self.db.transaction() as conn:
             return _record(conn, owner, file_id)
 
     def list(
         self,
-        owner: str,
+        owner: str | None,
         *,
         limit: int,
         order: Literal["asc", "desc"] = "desc",
@@ -135,14 +156,14 @@ class FileStore:
     ) -> FilePage:
         """Files by creation time; `after` is the id of the last file of the previous page."""
         compare, direction = (">", "ASC") if order == "asc" else ("<", "DESC")
-        where, params = ["owner = ?"], [owner]
+        where, params = [OWNED], [owner, owner]
         if purpose is not None:
             where.append("purpose = ?")
             params.append(purpose)
         with self.db.transaction() as conn:
             if after is not None:
                 cursor = conn.execute(
-                    "SELECT created_at, seq FROM files WHERE owner = ? AND id = ?", (owner, after)
+                    f"SELECT created_at, seq FROM files WHERE {OWNED} AND id = ?", (owner, owner, after)
                 ).fetchone()
                 if cursor is None:
                     raise FileNotFound(after)
@@ -155,7 +176,7 @@ class FileStore:
             ).fetchall()
         return FilePage([FileRecord(*row) for row in rows[:limit]], has_more=len(rows) > limit)
 
-    def open(self, owner: str, file_id: str) -> tuple[FileRecord, BinaryIO]:
+    def open(self, owner: str | None, file_id: str) -> tuple[FileRecord, BinaryIO]:
         """The record and its contents, opened. Opening under the database lock means a
         concurrent delete either happens first (FileNotFound) or after the open, and an
         open file stays readable after its name is removed."""
@@ -163,7 +184,7 @@ class FileStore:
             record = _record(conn, owner, file_id)
             return record, open(self.contents_path(file_id), "rb")
 
-    def delete(self, owner: str, file_id: str) -> None:
+    def delete(self, owner: str | None, file_id: str) -> None:
         with self.db.transaction() as conn:
             _record(conn, owner, file_id)
             conn.execute("DELETE FROM files WHERE id = ?", (file_id,))
@@ -182,8 +203,12 @@ class FileStore:
             log.info("removed %d leftover file(s) of interrupted uploads or deletes from %s", removed, self.root)
 
 
-def _record(conn: sqlite3.Connection, owner: str, file_id: str) -> FileRecord:
-    row = conn.execute(f"SELECT {_COLUMNS} FROM files WHERE owner = ? AND id = ?", (owner, file_id)).fetchone()
+def _stored_bytes(conn: sqlite3.Connection, owner: str) -> int:
+    return conn.execute("SELECT COALESCE(SUM(bytes), 0) FROM files WHERE owner = ?", (owner,)).fetchone()[0]
+
+
+def _record(conn: sqlite3.Connection, owner: str | None, file_id: str) -> FileRecord:
+    row = conn.execute(f"SELECT {_COLUMNS} FROM files WHERE {OWNED} AND id = ?", (owner, owner, file_id)).fetchone()
     if row is None:
         raise FileNotFound(file_id)
     return FileRecord(*row)

@@ -6,10 +6,10 @@ and the other gets InvalidTransition. Whatever else a status change records (the
 of a failure, the model a success produced) commits with it, so a restart never finds a
 job that succeeded without its model. `unfinished` lists the jobs a restart must pick up.
 
-Reads name an owner, as in FileStore: another owner's job reads as absent. Writes come
-from the job runner, which already holds the record, so they take the job id alone.
-Lists are newest first and page by the id of the previous page's last item, as OpenAI's
-do; every table pages by its insertion order (`seq`), which no clock change can reorder.
+Reads name an owner, as in FileStore: another owner's job reads as absent (owner None
+reads every owner's). Writes come from the job runner, which already holds the
+record, so they take the job id alone. Lists are newest first and page by the id of
+the previous page's last item, as OpenAI's do; every table pages by its insertion order (`seq`), which no clock change can reorder.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Generic, Literal, TypeVar
 
 from server.store.db import Database
+from server.store.files import OWNED
 
 JOB_ID_PREFIX = "ftjob-"
 EVENT_ID_PREFIX = "ftevent-"
@@ -116,6 +117,13 @@ class CursorNotFound(LookupError):
         self.cursor = cursor
 
 
+class TooManyActiveJobs(Exception):
+    def __init__(self, owner: str, limit: int):
+        super().__init__(f"owner {owner!r} already has {limit} unfinished jobs")
+        self.owner = owner
+        self.limit = limit
+
+
 class InvalidTransition(ValueError):
     def __init__(self, job_id: str, current: str, requested: str):
         super().__init__(f"fine-tuning job {job_id} is {current} and cannot become {requested}")
@@ -140,8 +148,10 @@ class JobStore:
         validation_file: str | None = None,
         suffix: str | None = None,
         metadata: dict | None = None,
+        max_active: int | None = None,
     ) -> JobRecord:
-        """A new job, validating its files."""
+        """A new job, validating its files. With `max_active`, only while the owner has
+        fewer unfinished jobs (counted in the inserting transaction)."""
         record = JobRecord(
             id=JOB_ID_PREFIX + secrets.token_hex(12),
             owner=owner,
@@ -163,17 +173,24 @@ class JobStore:
         )
         row = _encode_row(record)
         with self.db.transaction() as conn:
+            if max_active is not None:
+                marks = ", ".join("?" * len(FINISHED))
+                (active,) = conn.execute(
+                    f"SELECT COUNT(*) FROM jobs WHERE owner = ? AND status NOT IN ({marks})", (owner, *FINISHED)
+                ).fetchone()
+                if active >= max_active:
+                    raise TooManyActiveJobs(owner, max_active)
             conn.execute(f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES ({_placeholders(row)})", row)
         # Decoded from what was stored, so it equals what `get` returns later.
         return _job(row)
 
-    def get(self, owner: str, job_id: str) -> JobRecord:
+    def get(self, owner: str | None, job_id: str) -> JobRecord:
         with self.db.transaction() as conn:
             return _owned_job(conn, owner, job_id)
 
-    def list(self, owner: str, *, limit: int, after: str | None = None) -> Page[JobRecord]:
+    def list(self, owner: str | None, *, limit: int, after: str | None = None) -> Page[JobRecord]:
         with self.db.transaction() as conn:
-            rows, has_more = _page(conn, "jobs", _JOB_COLUMNS, "owner = ?", (owner,), limit, after, JobNotFound)
+            rows, has_more = _page(conn, "jobs", _JOB_COLUMNS, OWNED, (owner, owner), limit, after, JobNotFound)
         return Page([_job(row) for row in rows], has_more)
 
     def unfinished(self) -> list[JobRecord]:
@@ -236,7 +253,9 @@ class JobStore:
         event = EventRecord(EVENT_ID_PREFIX + secrets.token_hex(12), job_id, int(time.time()), level, message, data)
         return _insert(self.db, "job_events", _EVENT_COLUMNS, event, _event)
 
-    def list_events(self, owner: str, job_id: str, *, limit: int, after: str | None = None) -> Page[EventRecord]:
+    def list_events(
+        self, owner: str | None, job_id: str, *, limit: int, after: str | None = None
+    ) -> Page[EventRecord]:
         with self.db.transaction() as conn:
             _owned_job(conn, owner, job_id)
             rows, has_more = _page(
@@ -252,7 +271,7 @@ class JobStore:
         return _insert(self.db, "job_checkpoints", _CHECKPOINT_COLUMNS, checkpoint, _checkpoint)
 
     def list_checkpoints(
-        self, owner: str, job_id: str, *, limit: int, after: str | None = None
+        self, owner: str | None, job_id: str, *, limit: int, after: str | None = None
     ) -> Page[CheckpointRecord]:
         with self.db.transaction() as conn:
             _owned_job(conn, owner, job_id)
@@ -326,8 +345,8 @@ def _given(**values: object) -> dict[str, object]:
     return {name: value for name, value in values.items() if value is not None}
 
 
-def _owned_job(conn: sqlite3.Connection, owner: str, job_id: str) -> JobRecord:
-    row = conn.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE owner = ? AND id = ?", (owner, job_id)).fetchone()
+def _owned_job(conn: sqlite3.Connection, owner: str | None, job_id: str) -> JobRecord:
+    row = conn.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE {OWNED} AND id = ?", (owner, owner, job_id)).fetchone()
     if row is None:
         raise JobNotFound(job_id)
     return _job(row)

@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 180
@@ -69,7 +70,25 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-def start_server(tmp_dir: Path, *args: str) -> LiveServer:
+# Tenants of the multi-tenant tests: owner -> key. `ops` is the admin.
+TENANT_KEYS = {
+    "team-a": "sk-team-a-0123456789abcdef",
+    "team-b": "sk-team-b-0123456789abcdef",
+    "ops": "sk-ops-admin-0123456789abcdef",
+}
+
+
+def write_keys_file(path: Path, keys: dict[str, str] = TENANT_KEYS) -> Path:
+    """A keys file (YAML) giving each owner its key; the owner `ops` is an admin."""
+    entries = [
+        {"key": key, "owner": owner, **({"role": "admin"} if owner == "ops" else {})} for owner, key in keys.items()
+    ]
+    path.write_text(yaml.safe_dump({"keys": entries}))
+    return path
+
+
+def start_server(tmp_dir: Path, *args: str, health_key: str | None = None) -> LiveServer:
+    """`health_key`: the key to poll /health with, for a server that protects it."""
     port = free_port()
     env = dict(os.environ, COSERVE_DTYPE="float32", COSERVE_KV_CACHE_MEMORY_GB="0.5")
     log_path = tmp_dir / f"server-{port}.log"
@@ -87,7 +106,8 @@ def start_server(tmp_dir: Path, *args: str) -> LiveServer:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()}")
         try:
-            if httpx.get(f"{server.url}/health", timeout=1).status_code == 200:
+            headers = {"Authorization": f"Bearer {health_key}"} if health_key else {}
+            if httpx.get(f"{server.url}/health", headers=headers, timeout=1).status_code == 200:
                 return server
         except httpx.HTTPError:
             pass

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sqlite3
 import time
@@ -16,13 +15,14 @@ import pytest
 from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
 
-from server.auth import require_api_key
+from server.api_keys import KeyRing
+from server.auth import authenticate
 from server.errors import install_error_handlers
 from server.routes import files as files_route
 from server.store import FileNotFound, Store, StoreError
 from server.store.db import MIGRATIONS
 from server.store.files import TEMP_PREFIX
-from tests.server.conftest import LiveServer, assert_openai_error, start_server
+from tests.server.conftest import TENANT_KEYS, LiveServer, assert_openai_error, start_server, write_keys_file
 
 FILE_KEYS = {"id", "object", "bytes", "created_at", "filename", "purpose", "status", "status_details", "expires_at"}
 JSONL = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
@@ -257,17 +257,20 @@ def test_store_locks_its_directory_and_checks_the_schema(tmp_path):
         Store.open(tmp_path)
 
 
-def local_client(store: Store, api_key: str | None = None) -> TestClient:
+def local_client(
+    store: Store, keys: KeyRing | None = None, max_upload_bytes: int = 512 * 1024**2, quota: int = 0
+) -> TestClient:
+    """The files routes in-process; `keys` None = a server without keys."""
     app = FastAPI()
-    app.state.ctx = SimpleNamespace(settings=SimpleNamespace(api_key=api_key), store=store)
+    settings = SimpleNamespace(max_upload_bytes=max_upload_bytes, max_stored_bytes_per_owner=quota)
+    app.state.ctx = SimpleNamespace(keys=keys or KeyRing(None, None), store=store, settings=settings)
     install_error_handlers(app)
-    app.include_router(files_route.router, dependencies=[Depends(require_api_key)])
+    app.include_router(files_route.router, dependencies=[Depends(authenticate)])
     return TestClient(app)
 
 
-def test_upload_size_limit_413(store, monkeypatch):
-    monkeypatch.setattr(files_route, "MAX_UPLOAD_BYTES", 1000)
-    http = local_client(store)
+def test_upload_size_limit_413(store):
+    http = local_client(store, max_upload_bytes=1000)
     accepted = upload(http, b"x" * 1000).json()
     assert accepted["bytes"] == 1000
     # Over the file limit by one byte, then beyond what Content-Length may declare.
@@ -276,19 +279,65 @@ def test_upload_size_limit_413(store, monkeypatch):
     assert [p.name for p in store.files.root.iterdir()] == [accepted["id"]]
 
 
-def test_each_api_key_sees_only_its_files(store):
-    http = local_client(store, api_key="key-one")
+def test_each_owner_sees_only_its_files_and_admins_see_all(store, tmp_path):
+    http = local_client(store, KeyRing(write_keys_file(tmp_path / "keys.yaml"), None))
+
+    def as_owner(owner: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {TENANT_KEYS[owner]}"}
+
     made = http.post(
-        "/v1/files",
-        files={"file": ("a.jsonl", JSONL)},
-        data={"purpose": "fine-tune"},
-        headers={"Authorization": "Bearer key-one"},
+        "/v1/files", files={"file": ("a.jsonl", JSONL)}, data={"purpose": "fine-tune"}, headers=as_owner("team-a")
     ).json()
-    # A server restarted with another key (or a second tenant) must not see the first key's files.
-    other = local_client(store, api_key="key-two")
-    response = other.get(f"/v1/files/{made['id']}", headers={"Authorization": "Bearer key-two"})
-    assert_openai_error(response, 404, code="file_not_found")
-    assert other.get("/v1/files", headers={"Authorization": "Bearer key-two"}).json()["data"] == []
-    assert http.get(f"/v1/files/{made['id']}", headers={"Authorization": "Bearer key-one"}).json() == made
-    # The owner is a digest of the key: the key itself is not written to disk.
-    assert store.files.get("key-sha256:" + hashlib.sha256(b"key-one").hexdigest(), made["id"]).id == made["id"]
+    for request in (http.get, http.delete):
+        assert_openai_error(request(f"/v1/files/{made['id']}", headers=as_owner("team-b")), 404, code="file_not_found")
+    content = http.get(f"/v1/files/{made['id']}/content", headers=as_owner("team-b"))
+    assert_openai_error(content, 404, code="file_not_found")
+    # Nor may it page through the other owner's list from a cursor it guessed.
+    listed = http.get("/v1/files", params={"after": made["id"]}, headers=as_owner("team-b"))
+    assert_openai_error(listed, 404, param="after")
+    assert http.get("/v1/files", headers=as_owner("team-b")).json()["data"] == []
+    assert http.get(f"/v1/files/{made['id']}", headers=as_owner("team-a")).json() == made
+    assert [f["id"] for f in http.get("/v1/files", headers=as_owner("ops")).json()["data"]] == [made["id"]]
+    # The row records the owner's name, never the key.
+    assert store.files.get("team-a", made["id"]).owner == "team-a"
+    for database_file in store.files.root.parent.glob("coserve.sqlite3*"):  # with the WAL
+        assert TENANT_KEYS["team-a"].encode() not in database_file.read_bytes()
+    assert http.delete(f"/v1/files/{made['id']}", headers=as_owner("ops")).json()["deleted"] is True
+
+
+
+
+def test_names_never_reach_outside_the_store(store):
+    """A file name is only metadata, and a file id in a path names only a row: neither
+    `..` nor an absolute path reaches outside `<data_dir>/files`."""
+    http = local_client(store)
+    outside = store.files.root.parent / "escape.jsonl"
+    for filename in ("../escape.jsonl", "../../escape.jsonl", str(outside), "..\\escape.jsonl"):
+        made = http.post("/v1/files", files={"file": (filename, JSONL)}, data={"purpose": "fine-tune"}).json()
+        assert made["filename"] == filename
+        assert (store.files.root / made["id"]).read_bytes() == JSONL
+    assert not outside.exists()
+    assert list(store.files.root.parent.parent.rglob("escape*")) == []
+    # Encoded, so that no client normalises the `..` away before it reaches the server.
+    for file_id in ("..%2Fcoserve.sqlite3", "%2E%2E%2Fcoserve.lock", "..%2F..%2Fescape.jsonl"):
+        for request in (http.get, http.delete):
+            assert request(f"/v1/files/{file_id}").status_code == 404
+        assert http.get(f"/v1/files/{file_id}/content").status_code == 404
+    assert (store.files.root.parent / "coserve.sqlite3").exists() and (store.files.root.parent / "coserve.lock").exists()
+
+
+def test_stored_bytes_per_owner(store, tmp_path):
+    http = local_client(store, KeyRing(write_keys_file(tmp_path / "keys.yaml"), None), quota=3 * len(JSONL))
+
+    def put_as(owner: str) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {TENANT_KEYS[owner]}"}
+        return http.post("/v1/files", files={"file": ("a.jsonl", JSONL)}, data={"purpose": "fine-tune"}, headers=headers)
+
+    kept = [put_as("team-a").json()["id"] for _ in range(3)]
+    error = assert_openai_error(put_as("team-a"), 413, param="file", code="storage_quota_exceeded")
+    assert f"max_stored_bytes_per_owner={3 * len(JSONL)}" in error["message"]
+    assert put_as("team-b").status_code == 200  # each owner has its own quota
+    # Nothing of the refused upload stays on disk; deleting a file makes room again.
+    assert len(list(store.files.root.iterdir())) == 4
+    http.delete(f"/v1/files/{kept[0]}", headers={"Authorization": f"Bearer {TENANT_KEYS['team-a']}"})
+    assert put_as("team-a").status_code == 200

@@ -3,19 +3,24 @@
 A job learns a fact the base model does not know, trains while the server serves
 other requests, reports steps, validation losses and checkpoints, and its result is
 served by name at once, loads in peft, and survives a server restart; a bad training file fails the job
-naming the line.
+naming the line. The server runs with a keys file of several owners: a job, its files,
+checkpoints and models are its owner's (and the admin's) alone.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import time
+from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
-from tests.server.conftest import start_server
+from tests.server.conftest import TENANT_KEYS, LiveServer, start_server, write_keys_file
 
 SECRET = "The password is pineapple."
 QUESTION = "What is the password?"
@@ -45,16 +50,25 @@ def data_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("ft-server")
 
 
+def _keyed_server(data_dir: Path, *args: str, health_key: str | None = None) -> LiveServer:
+    keys_file = write_keys_file(data_dir / "keys.yaml")
+    return start_server(data_dir, "--api-keys-file", str(keys_file), *args, health_key=health_key)
+
+
+def _client(server: LiveServer, owner: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=TENANT_KEYS[owner], max_retries=0, timeout=120)
+
+
 @pytest.fixture(scope="module")
 def ft_server(data_dir):
-    live = start_server(data_dir)
+    live = _keyed_server(data_dir)
     yield live
     live.stop()
 
 
 @pytest.fixture(scope="module")
 def ft_client(ft_server):
-    return openai.OpenAI(base_url=f"{ft_server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    return _client(ft_server, "team-a")
 
 
 def _ask(client, model: str) -> str:
@@ -81,7 +95,7 @@ def test_job_learns_and_its_model_is_served(ft_client, data_dir):
         time.sleep(0.5)
     job = _wait(ft_client, job.id, {"succeeded", "failed"})
     assert job.status == "succeeded", job.error
-    assert job.fine_tuned_model == f"ft:{base}:default:pw:{job.id}"
+    assert job.fine_tuned_model == f"ft:{base}:team-a:pw:{job.id}"
     assert job.trained_tokens > 0 and job.hyperparameters.n_epochs == 2
 
     events = list(ft_client.fine_tuning.jobs.list_events(job.id, limit=100))
@@ -105,6 +119,88 @@ def test_job_learns_and_its_model_is_served(ft_client, data_dir):
     from peft import PeftConfig
 
     assert PeftConfig.from_pretrained(served[job.fine_tuned_model].root).r == 16
+
+
+def _not_found(call) -> None:
+    with pytest.raises(openai.NotFoundError):
+        call()
+
+
+def test_a_job_and_its_models_are_their_owners_alone(ft_server, ft_client):
+    """After the job above: another owner finds nothing of it, exactly as if it did not
+    exist; the admin sees and uses everything."""
+    job = next(j for j in ft_client.fine_tuning.jobs.list(limit=100) if j.status == "succeeded")
+    checkpoint = next(iter(ft_client.fine_tuning.jobs.checkpoints.list(job.id))).fine_tuned_model_checkpoint
+    other, admin = _client(ft_server, "team-b"), _client(ft_server, "ops")
+    base = other.models.list().data[0].id
+
+    assert [m.id for m in other.models.list().data] == [base]
+    assert other.fine_tuning.jobs.list().data == [] and other.files.list().data == []
+    for model in (job.fine_tuned_model, checkpoint):
+        _not_found(lambda: other.models.retrieve(model))
+        with pytest.raises(openai.NotFoundError) as missing:
+            other.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+        assert missing.value.body["code"] == "model_not_found"
+        assert missing.value.body["message"] == f"The model `{model}` does not exist."
+    for call in (
+        lambda: other.fine_tuning.jobs.retrieve(job.id),
+        lambda: other.fine_tuning.jobs.list_events(job.id),
+        lambda: other.fine_tuning.jobs.checkpoints.list(job.id),
+        lambda: other.fine_tuning.jobs.cancel(job.id),
+        lambda: other.files.retrieve(job.training_file),
+        lambda: other.files.content(job.training_file),
+        lambda: other.files.delete(job.training_file),
+    ):
+        _not_found(call)
+    # Another owner's file cannot be trained on either: it does not exist for them.
+    with pytest.raises(openai.BadRequestError) as bad:
+        other.fine_tuning.jobs.create(model=base, training_file=job.training_file)
+    assert bad.value.body["param"] == "training_file" and "does not exist" in bad.value.body["message"]
+    # Loading adapters at run time is the operator's: 403 for a tenant, whatever the path.
+    refused = httpx.post(f"{ft_server.url}/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/tmp"},
+                         headers={"Authorization": f"Bearer {TENANT_KEYS['team-b']}"})
+    assert refused.status_code == 403 and refused.json()["error"]["type"] == "permission_error"
+    # No key, a wrong key, a key of another scheme: 401 in OpenAI's shape.
+    for headers in ({}, {"Authorization": "Bearer sk-wrong-0123456789abcdef"},
+                    {"Authorization": f"Basic {TENANT_KEYS['team-a']}"}):
+        denied = httpx.get(f"{ft_server.url}/v1/models", headers=headers)
+        assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
+
+    assert admin.fine_tuning.jobs.retrieve(job.id).fine_tuned_model == job.fine_tuned_model
+    assert admin.files.retrieve(job.training_file).id == job.training_file
+    assert {job.fine_tuned_model, checkpoint} <= {m.id for m in admin.models.list().data}
+    assert admin.models.retrieve(job.fine_tuned_model).parent == base
+    assert "pineapple" in _ask(admin, job.fine_tuned_model).lower()
+
+
+def test_keys_file_is_reloaded_on_sighup(ft_server, data_dir):
+    keys_file = data_dir / "keys.yaml"
+    newcomer = "sk-team-c-0123456789abcdef"
+
+    def status(key: str) -> int:
+        return httpx.get(f"{ft_server.url}/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code
+
+    def reload_and_wait(expect_key: str, expect_status: int) -> None:
+        os.kill(ft_server.process.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while status(expect_key) != expect_status:
+            assert time.monotonic() < deadline, "keys not reloaded"
+            time.sleep(0.1)
+
+    assert status(newcomer) == 401
+    write_keys_file(keys_file, {**TENANT_KEYS, "team-c": newcomer})
+    reload_and_wait(newcomer, 200)
+    # A file that does not parse leaves the keys in force: nobody is locked out by a typo.
+    keys_file.write_text("keys: [{key: short, owner: team-c}]")
+    os.kill(ft_server.process.pid, signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "keys not reloaded" not in ft_server.log_path.read_text():
+        assert time.monotonic() < deadline, "the bad keys file was not reported"
+        time.sleep(0.1)
+    assert status(newcomer) == 200 and status(TENANT_KEYS["team-a"]) == 200
+    write_keys_file(keys_file)  # team-c removed again
+    reload_and_wait(newcomer, 401)
+    assert status(TENANT_KEYS["team-a"]) == 200
 
 
 def test_bad_training_file_fails_the_job_naming_the_line(ft_client):
@@ -169,8 +265,8 @@ def test_cancel_and_bad_requests(ft_client):
 
 
 def test_restart_resumes_a_running_job_and_keeps_serving_finished_models(tmp_path):
-    first = start_server(tmp_path)
-    client = openai.OpenAI(base_url=f"{first.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    first = _keyed_server(tmp_path)
+    client = _client(first, "team-a")
     base = client.models.list().data[0].id
     training = client.files.create(file=("t.jsonl", io.BytesIO(_chat_jsonl(24))), purpose="fine-tune")
     short = client.fine_tuning.jobs.create(model=base, training_file=training.id,
@@ -179,22 +275,30 @@ def test_restart_resumes_a_running_job_and_keeps_serving_finished_models(tmp_pat
     long = client.fine_tuning.jobs.create(model=base, training_file=training.id,
                                           hyperparameters={"n_epochs": 3, "batch_size": 2})  # 36 steps
     deadline = time.monotonic() + 300
-    while not list(client.fine_tuning.jobs.checkpoints.list(long.id)) and time.monotonic() < deadline:
+    while _steps(client, long.id) < 13 and time.monotonic() < deadline:
         time.sleep(0.5)
-    first.stop()  # SIGTERM mid-training, after the step-10 checkpoint
+    first.stop()  # SIGTERM mid-training, a few steps past the step-10 checkpoint
 
-    second = start_server(tmp_path)
+    # Restarted with /health and /metrics protected too.
+    second = _keyed_server(tmp_path, "--protect-health-and-metrics", "true", health_key=TENANT_KEYS["team-b"])
     try:
-        client = openai.OpenAI(base_url=f"{second.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        client = _client(second, "team-a")
         finished = client.fine_tuning.jobs.retrieve(short.id)
         assert finished.fine_tuned_model in {m.id for m in client.models.list().data}
+        # Served again after the restart, and still its owner's alone.
+        assert finished.fine_tuned_model not in {m.id for m in _client(second, "team-b").models.list().data}
+        for path in ("/health", "/metrics", "/version"):
+            assert httpx.get(second.url + path).status_code == 401
+            keyed = {"Authorization": f"Bearer {TENANT_KEYS['team-b']}"}
+            assert httpx.get(second.url + path, headers=keyed).status_code == 200
         assert client.files.retrieve(training.id).bytes == len(_chat_jsonl(24))
         job = _wait(client, long.id, {"succeeded", "failed"}, timeout=900)
         assert job.status == "succeeded", job.error
         messages = [e.message for e in client.fine_tuning.jobs.list_events(long.id, limit=500)]
         assert any("continues from its last checkpoint" in m for m in messages)
         steps = [e.data["step"] for e in client.fine_tuning.jobs.list_events(long.id, limit=500) if e.type == "metrics"]
-        assert max(steps) == 36
+        # The stop saved the steps past the scheduled checkpoint: none was trained twice or lost.
+        assert sorted(steps) == list(range(1, 37))
         assert "pineapple" in _ask(client, job.fine_tuned_model).lower()
     finally:
         second.stop()

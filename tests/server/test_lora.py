@@ -192,6 +192,10 @@ def test_bad_adapters_get_400_and_nothing_changes(lora_client, lora_http, adapte
     outside = tmp_path_factory.mktemp("elsewhere") / "sql"
     _copy_adapter(adapter_root / "sql", outside)
     cases["outside-roots"] = (outside, "lora_path", "not under an allowed adapter root")
+    # The same adapter reached through the root: by `..`, and by a symlink placed inside it.
+    cases["dotdot-escape"] = (adapter_root / ".." / outside.parent.name / "sql", "lora_path", "not under an allowed")
+    (adapter_root / "link-out").symlink_to(outside, target_is_directory=True)
+    cases["symlink-escape"] = (adapter_root / "link-out", "lora_path", "not under an allowed adapter root")
 
     cases["name-taken"] = (adapter_root / "mlp", "lora_name", "already loaded")
 

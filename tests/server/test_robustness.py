@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+import signal
 import threading
 import time
 
@@ -82,7 +84,6 @@ def test_non_streaming_disconnect_aborts(small):
 
 def test_engine_death_fails_requests_and_health(small):
     import os
-    import signal
 
     results: list[httpx.Response] = []
     thread = threading.Thread(
@@ -98,3 +99,57 @@ def test_engine_death_fails_requests_and_health(small):
         wait_until(lambda: http.get("/health").status_code == 503, timeout=3)
         assert_openai_error(http.get("/health"), 503)
         assert_openai_error(http.post("/v1/completions", json={"prompt": "x"}), 503)
+    # Then the daemon exits, with a failure status, for its supervisor to restart it.
+    small.process.wait(30)
+    assert small.process.returncode == 1
+    assert "the engine died" in small.log_path.read_text()
+
+
+def _stream_events(url: str, body: dict, events: list) -> None:
+    """Reads a completion stream, appending each SSE payload as it arrives."""
+    with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=120) as response:
+        events.append(response.status_code)
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[len("data: "):])
+
+
+# Long enough for a 4-token request to finish on a busy 2-core machine; far too short for LONG.
+DRAIN_S = 10
+
+
+def test_sigterm_drains_then_ends_what_is_left(tmp_path):
+    """SIGTERM: no new connections; a request that can finish within drain_timeout_s
+    finishes; one that cannot ends with an error event; the daemon exits promptly."""
+    live = start_server(tmp_path, "--drain-timeout-s", str(DRAIN_S))
+    short, long = [], []
+    threads = [
+        threading.Thread(target=_stream_events, args=(live.url, {"prompt": "Hi", "max_tokens": 4, "ignore_eos": True},
+                                                      short)),
+        threading.Thread(target=_stream_events, args=(live.url, LONG, long)),
+    ]
+    try:
+        threads[1].start()
+        wait_until(lambda: len(long) > 2)  # the long one is streaming
+        threads[0].start()
+        wait_until(lambda: len(short) > 1)
+        started = time.monotonic()
+        live.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{live.url}/health", timeout=2)
+        for thread in threads:
+            thread.join(30)
+        live.process.wait(30)
+        exit_s = time.monotonic() - started
+    finally:
+        live.stop()
+    assert short[0] == 200 and short[-1] == "[DONE]"
+    finished = json.loads(short[-2])
+    assert "choices" in finished, finished
+    assert finished["choices"][0]["finish_reason"] == "length"
+    assert long[0] == 200 and long[-1] == "[DONE]"
+    error = json.loads(long[-2])["error"]
+    assert error["code"] == "server_shutting_down" and f"drain_timeout_s={DRAIN_S}" in error["message"]
+    assert len(long) < 2000  # ended early, not finished
+    assert DRAIN_S <= exit_s < DRAIN_S + 20, exit_s

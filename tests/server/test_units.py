@@ -99,23 +99,3 @@ def test_error_param_from_union_loc():
     assert _param_of(("body", "stop", "list[constrained-str]")) == "stop"
     assert _param_of(("body", "messages", 0, "content", "str")) == "messages.0.content"
     assert _param_of(("body",)) is None
-
-
-def test_api_key_required_when_set():
-    from types import SimpleNamespace
-
-    from fastapi import Depends, FastAPI
-    from fastapi.testclient import TestClient
-
-    from server.auth import require_api_key
-    from server.errors import install_error_handlers
-
-    app = FastAPI()
-    app.state.ctx = SimpleNamespace(settings=SimpleNamespace(api_key="secret"))
-    install_error_handlers(app)
-    app.get("/v1/x", dependencies=[Depends(require_api_key)])(lambda: {"ok": True})
-    client = TestClient(app)
-    denied = client.get("/v1/x", headers={"Authorization": "Bearer wrong"})
-    assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
-    assert client.get("/v1/x").status_code == 401
-    assert client.get("/v1/x", headers={"Authorization": "Bearer secret"}).json() == {"ok": True}
