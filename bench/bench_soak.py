@@ -22,7 +22,8 @@ One command, from the repository root:
    running and waiting requests, KV-cache blocks in use, LoRA requests running or
    waiting must all be 0. Memory: after warm-up (the first 60 s) against the end.
 
-Prints and writes bench/results/<date>-<time>-soak.json and .md: requests sent,
+`--no-finetune` leaves the job out (memory studies). Prints and writes
+bench/results/<date>-<time>-soak.json and .md: requests sent,
 completed, 429s, hang-ups, errors (anything else, with its status and message),
 /health worst latency, memory, leaks, the job's state. The run stops by itself:
 calibration + duration + at most 3 minutes of draining.
@@ -70,6 +71,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--calibrate-s", type=float, default=40.0)
     p.add_argument("--port", type=int, default=8335)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-finetune", action="store_true", help="soak without the fine-tuning job (memory studies)")
     p.add_argument("--out-dir", type=Path, default=REPO / "bench/results")
     return p.parse_args()
 
@@ -189,6 +191,16 @@ async def start_job(http: httpx.AsyncClient, model: str) -> str:
     return job.json()["id"]
 
 
+async def stop_job(http: httpx.AsyncClient, job_id: str) -> tuple[dict, int]:
+    """The job as the soak left it and its optimizer steps; cancelled if still going."""
+    headers = {"Authorization": f"Bearer {OWNERS['team-a']}"}
+    job = (await http.get(f"/v1/fine_tuning/jobs/{job_id}", headers=headers)).json()
+    events = (await http.get(f"/v1/fine_tuning/jobs/{job_id}/events?limit=10000", headers=headers)).json()["data"]
+    if job["status"] in ("running", "paused", "queued", "validating_files"):
+        await http.post(f"/v1/fine_tuning/jobs/{job_id}/cancel", headers=headers)
+    return job, len([e for e in events if e.get("data")])
+
+
 async def follow_checkpoints(http: httpx.AsyncClient, soak: Soak, job_id: str, stop: asyncio.Event) -> None:
     headers = {"Authorization": f"Bearer {OWNERS['team-a']}"}
     while not stop.is_set():
@@ -210,12 +222,12 @@ async def run(args: argparse.Namespace, base_url: str, model: str, server_pid: i
         rate = args.overload * sustainable
         print(f"[soak] sustainable {sustainable:.2f} req/s; soaking at {rate:.2f} req/s for {args.duration:.0f} s",
               flush=True)
-        job_id = await start_job(http, model)
+        job_id = None if args.no_finetune else await start_job(http, model)
         stop = asyncio.Event()
         samples: list[dict] = []
         started = time.monotonic()
         watchers = [asyncio.create_task(sample(http, server_pid, samples, started, stop)),
-                    asyncio.create_task(follow_checkpoints(http, soak, job_id, stop))]
+                    *([asyncio.create_task(follow_checkpoints(http, soak, job_id, stop))] if job_id else [])]
         in_flight: set[asyncio.Task] = set()
         sent = Counter()
         with ForeignCpu() as foreign:
@@ -233,12 +245,8 @@ async def run(args: argparse.Namespace, base_url: str, model: str, server_pid: i
         stuck = len(in_flight)
         for task in in_flight:
             task.cancel()
-        headers = {"Authorization": f"Bearer {OWNERS['team-a']}"}
-        job = (await http.get(f"/v1/fine_tuning/jobs/{job_id}", headers=headers)).json()
-        steps_during_soak = len([e for e in (await http.get(f"/v1/fine_tuning/jobs/{job_id}/events?limit=10000",
-                                                             headers=headers)).json()["data"] if e.get("data")])
-        if job["status"] in ("running", "paused", "queued", "validating_files"):
-            await http.post(f"/v1/fine_tuning/jobs/{job_id}/cancel", headers=headers)
+        job, steps_during_soak = ({"status": "none (--no-finetune)"}, 0) if job_id is None else \
+            await stop_job(http, job_id)
         await asyncio.sleep(SAMPLE_EVERY_S)  # the engine lets the cancelled job's sequence go
         stop.set()
         await asyncio.gather(*watchers)
