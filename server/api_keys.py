@@ -109,6 +109,13 @@ class KeyRing:
             return Principal(UNAUTHENTICATED_OWNER, True)
         return self._principals.get(_digest(token))
 
+    def principal_for(self, authorization: str) -> Principal | None:
+        """The caller an `Authorization` header names (`Bearer <key>`); None = refused."""
+        scheme, _, token = authorization.partition(" ")
+        if not self.open and scheme.lower() != "bearer":
+            return None
+        return self.authenticate(token.strip())
+
     def reload(self) -> None:
         """Re-reads the keys file (SIGHUP); keeps the keys in force when it does not parse."""
         if self._keys_file is None:

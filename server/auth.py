@@ -13,9 +13,7 @@ from server.errors import APIError
 
 
 async def authenticate(request: Request) -> None:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    keys = request.app.state.ctx.keys
-    principal = keys.authenticate(token.strip()) if keys.open or scheme.lower() == "bearer" else None
+    principal = request.app.state.ctx.keys.principal_for(request.headers.get("authorization", ""))
     if principal is None:
         raise APIError(
             401,

@@ -85,11 +85,7 @@ class RequestLimits:
 
     def _owner(self, scope: Scope) -> str | None:
         """The caller's owner; None for a request the route will answer with 401."""
-        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-        scheme, _, token = header.partition(" ")
-        if not self._keys.open and scheme.lower() != "bearer":
-            return None
-        principal = self._keys.authenticate(token.strip())
+        principal = self._keys.principal_for(dict(scope["headers"]).get(b"authorization", b"").decode("latin-1"))
         return principal.owner if principal is not None else None
 
 

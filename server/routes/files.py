@@ -242,7 +242,8 @@ def _text(raw: bytes) -> str:
 
 @router.post("/v1/files", response_model=FileObject)
 async def create_file(request: Request) -> FileObject:
-    settings, files = get_context(request).settings, get_context(request).store.files
+    ctx = get_context(request)
+    settings, files = ctx.settings, ctx.store.files
     owner, limit = principal_of(request).owner, settings.max_upload_bytes
     quota = settings.max_stored_bytes_per_owner or None
     declared = request.headers.get("content-length", "")
