@@ -12,19 +12,12 @@ Content-Length is read here up to the limit and replayed to the app.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api_keys import KeyRing
 from server.errors import RETRY_AFTER_SECONDS, APIError
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 UPLOAD_PATH = "/v1/files"
@@ -60,12 +53,12 @@ class RequestLimits:
         if path != UPLOAD_PATH:
             declared = _content_length(scope)
             if declared is not None and declared > self._max_body:
-                await _reply(send, body_too_large(self._max_body))
+                await body_too_large(self._max_body).response()(scope, receive, send)
                 return
             if declared is None and scope["method"] in ("POST", "PUT", "PATCH"):
                 body = await _read_at_most(receive, self._max_body)
                 if body is None:
-                    await _reply(send, body_too_large(self._max_body))
+                    await body_too_large(self._max_body).response()(scope, receive, send)
                     return
                 receive = _replay(body, receive)
         owner = self._owner(scope) if path in GENERATION_PATHS and self._max_in_flight else None
@@ -73,7 +66,7 @@ class RequestLimits:
             await self._app(scope, receive, send)
             return
         if self.in_flight[owner] >= self._max_in_flight:
-            await _reply(send, too_many_requests(owner, self._max_in_flight))
+            await too_many_requests(owner, self._max_in_flight).response()(scope, receive, send)
             return
         self.in_flight[owner] += 1
         try:
@@ -122,10 +115,3 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 
     return replay
 
-
-async def _reply(send: Send, error: APIError) -> None:
-    body = json.dumps(error.body()).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers += [(name.lower().encode(), value.encode()) for name, value in (error.headers or {}).items()]
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
