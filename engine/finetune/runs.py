@@ -48,6 +48,11 @@ class _Run:
     error: str | None = None
 
 
+def _checkpoint_dir(run: _Run) -> Path:
+    """Where the checkpoint of the run's current step goes."""
+    return run.output_dir / "checkpoints" / f"step-{run.job.step}"
+
+
 def remove_unfinished_checkpoints(output_dir: Path) -> None:
     """Staging directories of checkpoint writes that a crash interrupted (checkpoint.py
     writes aside, then renames)."""
@@ -129,7 +134,7 @@ class FinetuneRuns:
                 if running and job.step > run.checked_step and not job.validating:
                     run.checked_step = job.step
                     if job.step % run.checkpoint_every == 0 or job.done:
-                        path = run.output_dir / "checkpoints" / f"step-{job.step}"
+                        path = _checkpoint_dir(run)
                         self._collect_written(run, wait=True)  # the snapshot's buffers are free again
                         run.snapshot = take_snapshot(job, run.base_model, reuse=run.snapshot)
                         write = self._writer.submit(write_checkpoint, run.snapshot, path)
@@ -171,7 +176,7 @@ class FinetuneRuns:
                 continue
             try:
                 self._collect_written(run, wait=True)
-                path = run.output_dir / "checkpoints" / f"step-{job.step}"
+                path = _checkpoint_dir(run)
                 write_checkpoint(take_snapshot(job, run.base_model, reuse=run.snapshot), path)
                 run.saved_step = job.step
                 log.info("finetuning job %s saved at step %d for its resume", job_id, job.step)

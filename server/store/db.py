@@ -88,6 +88,11 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 
+# WHERE condition selecting the rows of the owner passed (twice) as parameters; every
+# owner's rows for None (an admin, or the server itself).
+OWNED = "(? IS NULL OR owner = ?)"
+
+
 class StoreError(Exception):
     """The data directory cannot be used: locked by another server, unreadable, or from a newer coserve."""
 

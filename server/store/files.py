@@ -24,7 +24,7 @@ from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
 
-from server.store.db import Database
+from server.store.db import OWNED, Database
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,6 @@ FILE_ID_PREFIX = "file-"
 TEMP_PREFIX = ".upload-"
 
 _COLUMNS = "id, owner, filename, purpose, bytes, created_at"
-# Rows of the owner passed (twice) as parameters; every owner's rows for None.
-OWNED = "(? IS NULL OR owner = ?)"
 
 
 @dataclass(frozen=True)

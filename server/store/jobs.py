@@ -23,8 +23,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Generic, Literal, TypeVar
 
-from server.store.db import Database
-from server.store.files import OWNED
+from server.store.db import OWNED, Database
 
 JOB_ID_PREFIX = "ftjob-"
 EVENT_ID_PREFIX = "ftevent-"
