@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from engine.finetune.lora_params import TrainableLoRA
 from engine.lora.layout import LoRATarget
 from engine.model.llama import DecoderLayer, LlamaForCausalLM
+from engine.model.packed_linear import linear_on_row_buckets
 from engine.model.rope import apply_rope
 
 
@@ -31,7 +32,7 @@ def _projection(module, x: torch.Tensor, target: LoRATarget, layer: int, lora: T
     All parts in two matmuls, the second accumulating into the base output: per-part
     matmuls and a concatenation of their deltas cost more in calls and passes over
     [T, out] than the arithmetic of a rank-16 adapter."""
-    y = F.linear(x.to(module.weight.dtype), module.weight, module.bias).float()  # [T, out]
+    y = linear_on_row_buckets(x.to(module.weight.dtype), module.weight, module.bias).float()  # [T, out]
     stacked = lora.stacked(layer, target)
     if stacked is None:
         return y
@@ -78,7 +79,7 @@ def loss_sum(model: LlamaForCausalLM, hidden: torch.Tensor, targets: torch.Tenso
     total = 0.0
     for start in range(0, hidden.shape[0], rows_per_chunk):
         rows = slice(start, start + rows_per_chunk)
-        logits = F.linear(model.norm(hidden[rows]), model.lm_head.weight).float()  # [rows, vocab]
+        logits = linear_on_row_buckets(model.norm(hidden[rows]), model.lm_head.weight, None).float()  # [rows, vocab]
         loss = F.cross_entropy(logits, targets[rows], reduction="sum")
         loss.backward()
         total += loss.item()

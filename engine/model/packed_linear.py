@@ -33,6 +33,15 @@ plain call was faster (1024 rows: 206 against 226).
 Up to how many rows the packed weight is used is measured per CPU
 (engine/model/gemm_probe.py). Outputs are those of `F.linear` to bfloat16 rounding.
 
+oneDNN builds (JIT-compiles) and caches one primitive per distinct input shape, and a
+packed-weight primitive holds about 0.6 MiB: with every row count from 2 to 256 seen
+(a serving engine sees them all) that is ~470 MiB kept by its cache of 1,024
+primitives, and once the cache evicts, rebuilt primitives fragment the heap until
+resident memory grows without bound (`bench/engine_memory.py`; 2026-12-06, the soak
+grew 1.5 GiB in 5 minutes). bfloat16 calls therefore run on row counts rounded up to a
+few buckets (`bucket_rows`), the extra rows zeros, cut off the result: at most a few
+dozen shapes per weight, and the padded rows of a call this small cost little.
+
 Used only where it applies: the CPU, float32 (MKL packing, with a torch built with
 MKL), bfloat16 (oneDNN packing) or panels. Everything else runs the layers as they are.
 """
@@ -49,6 +58,12 @@ from engine import ops
 _PACKING_ROWS = 32
 # Largest call that takes the packed path (see the module docstring).
 _PACKED_MAX_ROWS = 64
+# bfloat16 calls run on row counts rounded up to a multiple of these (see the module
+# docstring): fine steps up to _SMALL_ROWS (decodes, where oneDNN's packed weights
+# serve), coarser ones above (prefill and training chunks).
+_SMALL_ROWS = 256
+_SMALL_ROW_STEP = 8
+_LARGE_ROW_STEP = 32
 # Row count handed to oneDNN's packing call (its hint for the kernel to prepare): the
 # packed weight serves any row count; timed alike for hints 16-128.
 _ONEDNN_PACKING_ROWS = 64
@@ -93,6 +108,33 @@ def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
+def bucket_rows(rows: int, onednn_max_rows: int) -> int:
+    """The row count a bfloat16 call of `rows` runs on (see the module docstring)."""
+    step = _SMALL_ROW_STEP if rows <= _SMALL_ROWS else _LARGE_ROW_STEP
+    padded = -(-rows // step) * step
+    # A call on the packed path stays there.
+    return min(padded, onednn_max_rows) if rows <= onednn_max_rows else padded
+
+
+def on_bucketed_rows(linear, x: torch.Tensor, rows: int, padded_rows: int) -> torch.Tensor:
+    """linear(x) computed on x's rows padded with zeros to `padded_rows`.
+    x: [..., in] with `rows` rows in all -> [..., out]."""
+    flat = x.reshape(rows, x.shape[-1])
+    if padded_rows != rows:
+        flat = F.pad(flat, (0, 0, 0, padded_rows - rows))
+    y = linear(flat)[:rows]
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def linear_on_row_buckets(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear, on bucketed row counts where the weight is bfloat16 (oneDNN's GEMM);
+    differentiable, so a backward's GEMMs see the same few shapes."""
+    rows = x.numel() // x.shape[-1]
+    if weight.dtype != torch.bfloat16 or rows == 0:
+        return F.linear(x, weight, bias)
+    return on_bucketed_rows(lambda flat: F.linear(flat, weight, bias), x, rows, bucket_rows(rows, 0))
+
+
 class PackedLinear(nn.Module):
     """y = x W^T + b with W packed once. x: [rows, in] -> [rows, out]."""
 
@@ -120,7 +162,10 @@ class PackedLinear(nn.Module):
             y = ops.bf16_linear(x.float(), self.bf16_panels, self.weight.shape[0], self.panel_bias)
             return y.to(x.dtype)
         if 0 < rows <= self.onednn_max_rows:
-            return onednn_linear(x, self.onednn, self.bias)
+            return on_bucketed_rows(lambda flat: onednn_linear(flat, self.onednn, self.bias), x, rows,
+                                    bucket_rows(rows, self.onednn_max_rows))
+        if self.weight.dtype == torch.bfloat16:
+            return linear_on_row_buckets(x, self.weight, self.bias)
         if self.packed is None or rows > _PACKED_MAX_ROWS:
             return F.linear(x, self.weight, self.bias)
         return mkl_linear(x, self.packed, self.weight, self.bias)

@@ -8,7 +8,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import ops
-from engine.model.packed_linear import PackedLinear, mkl_packing_available, onednn_packing_available, pack_linears
+from engine.model.packed_linear import (
+    PackedLinear,
+    bucket_rows,
+    linear_on_row_buckets,
+    mkl_packing_available,
+    onednn_packing_available,
+    pack_linears,
+)
 
 pytestmark = pytest.mark.skipif(
     not mkl_packing_available(torch.empty(1)), reason="torch built without MKL: layers run unpacked"
@@ -83,3 +90,41 @@ def test_pack_linears_packs_bfloat16_for_onednn_only_when_asked():
     assert isinstance(model[0], nn.Linear)
     pack_linears(model, onednn_max_rows=64)
     assert isinstance(model[0], PackedLinear) == onednn_packing_available(model[0].weight)
+
+
+def test_bfloat16_calls_run_on_few_row_counts_and_stay_on_their_path():
+    # Every row count up to 2,048 maps to at most 96 shapes (oneDNN builds one primitive each).
+    limit = 200
+    buckets = {bucket_rows(rows, limit) for rows in range(1, 2049)}
+    assert len(buckets) <= 96
+    for rows in range(1, 2049):
+        padded = bucket_rows(rows, limit)
+        assert padded >= rows and padded - rows < 32
+        assert (padded <= limit) == (rows <= limit)  # the packed path keeps its calls
+
+
+@pytest.mark.parametrize("rows", [1, 5, 8, 9, 255, 257, 300])
+def test_row_buckets_give_the_plain_result_and_gradients(rows):
+    torch.manual_seed(3)
+    weight = torch.randn(40, 24).to(torch.bfloat16)
+    bias = torch.randn(40).to(torch.bfloat16)
+    x = torch.randn(rows, 24).to(torch.bfloat16).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    y = linear_on_row_buckets(x, weight, bias)
+    y_ref = F.linear(x_ref, weight, bias)
+    torch.testing.assert_close(y, y_ref, atol=0, rtol=0)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_ref.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+def test_packed_bfloat16_layer_keeps_leading_dimensions():
+    torch.manual_seed(4)
+    weight = torch.randn(32, 16).to(torch.bfloat16)
+    layer = PackedLinear(weight, None, onednn_max_rows=64)
+    for shape in ((3, 5, 16), (2, 150, 16)):
+        x = torch.randn(shape).to(torch.bfloat16)
+        y = layer(x)
+        assert y.shape == (*shape[:-1], 32)
+        torch.testing.assert_close(y, F.linear(x, weight))
