@@ -36,7 +36,10 @@ class GrammarError(ValueError):
 
 
 def parse(spec: StructuredOutput) -> xgr.Grammar:
-    """The grammar a spec describes; raises GrammarError with xgrammar's reason."""
+    """The grammar a spec describes; raises GrammarError with xgrammar's reason.
+
+    Besides the kinds StructuredOutput lists, kind "structural_tag" takes an xgrammar
+    structural tag (JSON text): the server's tool-call grammars (server/tools/grammar.py)."""
     try:
         if spec.kind == "json":
             return xgr.Grammar.from_json_schema(
@@ -48,6 +51,8 @@ def parse(spec: StructuredOutput) -> xgr.Grammar:
             # JSON string literals are EBNF string literals (quotes and escapes alike).
             choices = json.loads(spec.spec)
             return xgr.Grammar.from_ebnf("root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices))
+        if spec.kind == "structural_tag":
+            return xgr.Grammar.from_structural_tag(spec.spec)
     except RuntimeError as exc:
         raise GrammarError(_reason(exc)) from None
     raise GrammarError(f"unknown structured output kind {spec.kind!r}")
