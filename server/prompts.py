@@ -11,6 +11,8 @@ from transformers import PreTrainedTokenizerBase
 
 from server import errors
 from server.protocol import ChatMessage
+from server.tools.history import template_tool_call
+from server.tools.rendering import render_chat
 
 
 class PromptEncoder:
@@ -43,13 +45,15 @@ class PromptEncoder:
         if bad is not None:
             raise errors.bad_request(f"token id {bad} is out of range (vocabulary size {self.vocab_size})", param)
 
-    def chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
+    def chat_prompt(self, messages: list[ChatMessage], tools: list[dict] | None = None) -> list[int]:
+        """tools: OpenAI's tool objects to show the model, or None."""
         if not self.tokenizer.chat_template:
             raise errors.bad_request("this model has no chat template; use /v1/completions", "messages")
-        conversation = [_template_message(i, m) for i, m in enumerate(messages)]
+        called: dict[str, str] = {}  # tool call id -> function name, from the assistant messages so far
+        conversation = [_template_message(i, m, called) for i, m in enumerate(messages)]
         # Rendered to text, then encoded without extra specials: the template already
         # wrote every special token the model expects.
-        text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        text = render_chat(self.tokenizer, conversation, tools, add_generation_prompt=True)
         return self.encode(text, add_special_tokens=False)
 
     def fit_max_tokens(self, prompt_len: int, max_tokens: int | None, prompt_param: str) -> int:
@@ -60,10 +64,10 @@ class PromptEncoder:
         return room if max_tokens is None else max_tokens
 
 
-def _template_message(index: int, message: ChatMessage) -> dict[str, str]:
+def _template_message(index: int, message: ChatMessage, called: dict[str, str]) -> dict:
+    """The message as chat templates take it; `called` collects the assistant's tool call
+    ids, which a later tool message must answer."""
     param = f"messages.{index}"
-    if message.role == "tool":
-        raise errors.bad_request("tool messages are not supported (coserve does not do tool calling)", f"{param}.role")
     if unsupported := message.unsupported_fields():
         field = f"{param}.{unsupported[0]}"
         raise errors.bad_request(f"{field} is not supported by this server", field)
@@ -78,4 +82,26 @@ def _template_message(index: int, message: ChatMessage) -> dict[str, str]:
         content = message.content or ""
     # Templates know system/user/assistant; OpenAI's newer "developer" role means system.
     role = "system" if message.role == "developer" else message.role
-    return {"role": role, "content": content}
+    rendered = {"role": role, "content": content}
+    if message.tool_calls and role != "assistant":
+        raise errors.bad_request("only assistant messages may have tool_calls", f"{param}.tool_calls")
+    if message.tool_call_id is not None and role != "tool":
+        raise errors.bad_request("only tool messages may have a tool_call_id", f"{param}.tool_call_id")
+    if message.tool_calls:
+        calls = []
+        for j, call in enumerate(message.tool_calls):
+            where = f"{param}.tool_calls.{j}.function.arguments"
+            try:
+                calls.append(template_tool_call(call.id, call.function.name, call.function.arguments))
+            except ValueError as exc:
+                raise errors.bad_request(f"{where}: {exc}", where) from None
+            called[call.id] = call.function.name
+        rendered["tool_calls"] = calls
+    if role == "tool":
+        if message.tool_call_id not in called:
+            raise errors.bad_request(
+                "a tool message must answer a tool call of an earlier assistant message (its tool_call_id)",
+                f"{param}.tool_call_id",
+            )
+        rendered.update(tool_call_id=message.tool_call_id, name=called[message.tool_call_id])
+    return rendered

@@ -2,7 +2,7 @@
 
 Requests validate every value range here, so a bad value is a 400 naming the field
 before anything reaches the engine. Features that would silently change meaning
-(tools, images) are rejected explicitly by the routes.
+(images, the legacy `functions`) are rejected explicitly by the routes.
 `None` always means "the default", because clients send explicit nulls.
 """
 
@@ -10,13 +10,18 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+
+from server.tools.schema import check_parameters_schema
 
 MAX_STOP_STRINGS = 4
 # A stop string is matched against every new piece of text, so its length is bounded.
 MAX_STOP_STRING_CHARS = 256
 MAX_COMPLETION_LOGPROBS = 5
 MAX_CHAT_TOP_LOGPROBS = 20
+
+# OpenAI's rule for function names.
+FUNCTION_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
 TokenId = Annotated[int, Field(ge=0)]
@@ -136,6 +141,66 @@ class CompletionRequest(GenerationRequest):
     suffix: str | None = None
 
 
+class FunctionDefinition(BaseModel):
+    """A function the model may call (`tools[].function`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, Field(pattern=FUNCTION_NAME_PATTERN)]
+    description: str | None = None
+    # A JSON schema of an object; None: no arguments.
+    parameters: dict[str, Any] | None = None
+    # Accepted and always honoured: whenever a call is generated, its arguments follow
+    # the schema (server/tools/grammar.py).
+    strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _an_object_schema(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
+        if schema is not None:
+            check_parameters_schema(schema)
+        return schema
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    """`tool_choice` naming the one function the model must call."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionName
+
+
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class ToolCall(BaseModel):
+    """A call the assistant made: in a response, and in the history a client sends back."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -146,14 +211,15 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     """A key OpenAI does not define is a 400 naming it. OpenAI's other message fields,
     which clients send back with an assistant message they received, are accepted empty;
-    with a value they are refused (server/prompts.py), since this server does not act on them."""
+    with a value they are refused (server/prompts.py), since this server does not act on them.
+    Which role may carry tool_calls and tool_call_id is checked there too, naming the message."""
 
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
-    tool_calls: list[Any] | None = None
+    tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
     function_call: Any = None
     refusal: str | None = None
@@ -162,8 +228,7 @@ class ChatMessage(BaseModel):
 
     def unsupported_fields(self) -> list[str]:
         """Those of OpenAI's fields this server does not act on that carry a value."""
-        return [name for name in ("tool_calls", "tool_call_id", "function_call", "refusal", "audio", "annotations")
-                if getattr(self, name)]
+        return [name for name in ("function_call", "refusal", "audio", "annotations") if getattr(self, name)]
 
 
 class ChatCompletionRequest(GenerationRequest):
@@ -172,9 +237,13 @@ class ChatCompletionRequest(GenerationRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_CHAT_TOP_LOGPROBS)
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: Annotated[list[Tool], Field(min_length=1)] | None = None
+    # Unset: "auto" with tools, as OpenAI has it.
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # unset: true
+    # OpenAI's deprecated function calling: refused by name (server/tools/policy.py).
     functions: list[Any] | None = None
+    function_call: Any = None
 
 
 class TokenizeRequest(BaseModel):
@@ -253,7 +322,12 @@ class ChatLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None  # None: only tool calls
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _tool_calls_only_when_made(self, handler) -> dict:
+        return {k: v for k, v in handler(self).items() if k != "tool_calls" or v is not None}
 
 
 class ChatChoice(BaseModel):
@@ -272,9 +346,33 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_fields(self, handler) -> dict:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ToolCallDelta(BaseModel):
+    """A call's first delta has its id, type and name (arguments ""); the following ones
+    carry only its index and the next piece of its arguments, as OpenAI streams them."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_fields(self, handler) -> dict:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
     @model_serializer(mode="wrap")
     def _omit_unset_fields(self, handler) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from engine.messages import SamplingParams
+from engine.messages import SamplingParams, StructuredOutput
 from server.context import ServerContext
 from server.generation import Sequence
 from server import errors
@@ -51,7 +51,10 @@ def sampling_params(
     max_tokens: int,
     logprobs: int | None,
     prompt_logprobs: int | None = None,
+    grammar: StructuredOutput | None = None,
 ) -> SamplingParams:
+    """grammar: a constraint of the route's own (tool calls) in place of the request's
+    response_format / structured_outputs, which the route has refused beside it."""
     stop_token_ids = body.stop_token_ids or []
     ctx.prompts.check_token_ids(stop_token_ids, "stop_token_ids")
     top_k = body.top_k or 0
@@ -70,7 +73,7 @@ def sampling_params(
         prompt_logprobs=prompt_logprobs,
         ignore_eos=bool(body.ignore_eos),
         stop_token_ids=tuple(stop_token_ids),
-        structured=structured_output(body),
+        structured=grammar if grammar is not None else structured_output(body),
     )
 
 

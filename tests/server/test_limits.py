@@ -123,9 +123,9 @@ def test_message_fields_are_acted_on_or_refused():
     echoed = {"role": "assistant", "content": "Hello", "refusal": None, "tool_calls": None, "function_call": None,
               "audio": None, "annotations": []}
     body = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}, echoed]})
-    assert _template_message(1, body.messages[1]) == {"role": "assistant", "content": "Hello"}
-    called = {**echoed, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}
-    body = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}, called]})
+    assert _template_message(1, body.messages[1], {}) == {"role": "assistant", "content": "Hello"}
+    refusing = {**echoed, "refusal": "I will not"}
+    body = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}, refusing]})
     with pytest.raises(APIError) as refused:
-        _template_message(1, body.messages[1])
-    assert refused.value.status == 400 and refused.value.param == "messages.1.tool_calls"
+        _template_message(1, body.messages[1], {})
+    assert refused.value.status == 400 and refused.value.param == "messages.1.refusal"
