@@ -6,6 +6,14 @@ must then use it:
     {"messages": [{"role": "system" | "user" | "assistant", "content": "...", "weight": 0 | 1}, ...]}
     {"prompt": "...", "completion": "..."}
 
+A chat example may teach tool use in OpenAI's format for function calling: `tools` (as
+/v1/chat/completions takes them, checked the same way), assistant messages with
+`tool_calls` (content then optional; arguments as JSON text), `tool` messages answering
+them by `tool_call_id`, and `parallel_tool_calls: false` to say no turn makes more than
+one call. Tools and tool history are rendered by server/tools/rendering.py, as serving
+renders them, so an assistant turn trains on the very call blocks the served model is
+held to by its grammar.
+
 A chat example is rendered with the model's chat template, as /v1/chat/completions
 renders a prompt, and is trained only on what the model itself would generate: each
 assistant turn's content and the end-of-turn token that stops generation (`<|im_end|>`
@@ -32,14 +40,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jinja2 import TemplateError
+from pydantic import TypeAdapter, ValidationError
 from transformers import PreTrainedTokenizerBase
+
+from server.protocol import Tool
+from server.tools.history import template_tool_call
+from server.tools.rendering import render_chat
 
 MAX_REPORTED_ERRORS = 10
 CHAT = "chat"
 PROMPT_COMPLETION = "prompt/completion"
-ROLES = ("system", "user", "assistant")
-MESSAGE_KEYS = ("role", "content", "weight")
+ROLES = ("system", "user", "assistant", "tool")
+CHAT_KEYS = ("messages", "tools", "parallel_tool_calls")
+# weight is refused on other roles with its own message, below.
+MESSAGE_KEYS = ("role", "content", "weight", "tool_calls", "tool_call_id")
+ROLE_ONLY_KEYS = {"tool_calls": "assistant", "tool_call_id": "tool"}
+TOOL_CALL_KEYS = ("id", "type", "function")
+FUNCTION_KEYS = ("name", "arguments")
 PROMPT_KEYS = ("prompt", "completion")
+_TOOLS = TypeAdapter(list[Tool])
 
 
 class TrainingDataError(ValueError):
@@ -117,18 +136,19 @@ class _Renderer:
         return example
 
     def _chat(self, value: dict) -> RenderedExample:
-        messages = _chat_messages(value)
+        _check_keys(value, ("messages",), CHAT_KEYS, "the example")
+        tools = _tools(value)
+        messages, conversation = _chat_messages(value, tools)
         if not self.tokenizer.chat_template:
             raise TrainingDataError("this model has no chat template; use the prompt/completion format")
-        conversation = [{"role": m["role"], "content": m["content"]} for m in messages]
-        whole = self._template(conversation, generation_prompt=False)
+        whole = self._template(conversation, tools, generation_prompt=False)
         pieces: list[tuple[str, bool]] = []  # the rendering, cut around assistant turns; trained or not
         cut = 0
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            start = self._cut(conversation[:i], True, whole, cut, i)
-            end = self._cut(conversation[: i + 1], False, whole, start, i)
+            start = self._cut(conversation[:i], tools, True, whole, cut, i)
+            end = self._cut(conversation[: i + 1], tools, False, whole, start, i)
             pieces += [(whole[cut:start], False), (whole[start:end], message.get("weight", 1) == 1)]
             cut = end
         pieces.append((whole[cut:], False))
@@ -143,9 +163,10 @@ class _Renderer:
             target[0] = False  # nothing precedes it to predict it from
         return RenderedExample(token_ids, target)
 
-    def _cut(self, conversation: list[dict], generation_prompt: bool, whole: str, not_before: int, index: int) -> int:
+    def _cut(self, conversation: list[dict], tools: list[dict] | None, generation_prompt: bool, whole: str,
+             not_before: int, index: int) -> int:
         """Where the rendering of `conversation` ends inside `whole`."""
-        text = self._template(conversation, generation_prompt)
+        text = self._template(conversation, tools, generation_prompt)
         if len(text) < not_before or not whole.startswith(text):
             raise TrainingDataError(
                 f"cannot locate the tokens of messages[{index}]: the model's chat template renders the "
@@ -154,11 +175,9 @@ class _Renderer:
             )
         return len(text)
 
-    def _template(self, conversation: list[dict], generation_prompt: bool) -> str:
+    def _template(self, conversation: list[dict], tools: list[dict] | None, generation_prompt: bool) -> str:
         try:
-            return self.tokenizer.apply_chat_template(
-                conversation, add_generation_prompt=generation_prompt, tokenize=False
-            )
+            return render_chat(self.tokenizer, conversation, tools, add_generation_prompt=generation_prompt)
         except TemplateError as exc:
             raise TrainingDataError(f"the model's chat template refused the conversation: {exc}") from None
 
@@ -202,24 +221,64 @@ def _format_of(value: object) -> str:
     )
 
 
-def _chat_messages(value: dict) -> list[dict]:
-    _check_keys(value, ("messages",), ("messages",), "the example")
+def _tools(value: dict) -> list[dict] | None:
+    """The example's tools, checked as /v1/chat/completions checks them; None without."""
+    if "parallel_tool_calls" in value and type(value["parallel_tool_calls"]) is not bool:
+        raise TrainingDataError(
+            f"parallel_tool_calls must be true or false, not {json.dumps(value['parallel_tool_calls'])}"
+        )
+    if "tools" not in value:
+        return None
+    try:
+        tools = _TOOLS.validate_python(value["tools"])
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = "tools" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
+        raise TrainingDataError(f"{where}: {error['msg']}") from None
+    if not tools:
+        raise TrainingDataError("tools must be a non-empty array")
+    return [tool.model_dump(exclude_none=True) for tool in tools]
+
+
+def _chat_messages(value: dict, tools: list[dict] | None) -> tuple[list[dict], list[dict]]:
+    """The checked messages, and the conversation the chat template takes."""
     messages = value["messages"]
     if not isinstance(messages, list) or not messages:
         raise TrainingDataError("messages must be a non-empty array")
+    tool_names = {tool["function"]["name"] for tool in tools or []}
+    one_call_a_turn = value.get("parallel_tool_calls") is False
+    called: dict[str, str] = {}  # tool call id -> function name, so far
+    conversation = []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
             raise TrainingDataError(f"{where} must be an object, not {_json_type(message)}")
-        _check_keys(message, ("role", "content"), MESSAGE_KEYS, where)
-        role = message["role"]
+        role = message.get("role")
+        has_calls = role == "assistant" and "tool_calls" in message
+        required = ("role",) if has_calls else ("role", "content", "tool_call_id")[: 3 if role == "tool" else 2]
+        _check_keys(message, required, MESSAGE_KEYS, where)
         if role not in ROLES:
             raise TrainingDataError(f"{where}.role must be one of {', '.join(ROLES)}, not {json.dumps(role)}")
+        for key, owner in ROLE_ONLY_KEYS.items():
+            if key in message and role != owner:
+                raise TrainingDataError(f"{where}.{key} is only allowed on {owner} messages")
         if i == 0 and role == "assistant":
             # Nothing would prompt it, and templates cannot render the empty conversation before it.
             raise TrainingDataError("messages[0] is an assistant message; a conversation starts with system or user")
-        if not isinstance(message["content"], str):
-            raise TrainingDataError(f"{where}.content must be a string, not {_json_type(message['content'])}")
+        content = message.get("content")
+        if not isinstance(content, str) and not (has_calls and content is None):
+            raise TrainingDataError(f"{where}.content must be a string, not {_json_type(content)}")
+        turn = {"role": role, "content": content or ""}
+        if has_calls:
+            turn["tool_calls"] = _tool_calls(message["tool_calls"], where, tool_names, one_call_a_turn, called)
+        if role == "tool":
+            call_id = message["tool_call_id"]
+            if not isinstance(call_id, str) or call_id not in called:
+                raise TrainingDataError(
+                    f"{where}.tool_call_id {json.dumps(call_id)} answers no tool call of an earlier assistant message"
+                )
+            turn.update(tool_call_id=call_id, name=called[call_id])
+        conversation.append(turn)
         if "weight" in message:
             if role != "assistant":
                 raise TrainingDataError(f"{where}.weight is only allowed on assistant messages")
@@ -231,7 +290,42 @@ def _chat_messages(value: dict) -> list[dict]:
         raise TrainingDataError("the conversation has no assistant message to train on")
     if all(m.get("weight", 1) == 0 for m in assistant):
         raise TrainingDataError("every assistant message has weight 0, so there is nothing to train on")
-    return messages
+    return messages, conversation
+
+
+def _tool_calls(
+    calls: object, where: str, tool_names: set[str], one_call_a_turn: bool, called: dict[str, str]
+) -> list[dict]:
+    """An assistant message's tool_calls, checked, as the chat template takes them."""
+    if not isinstance(calls, list) or not calls:
+        raise TrainingDataError(f"{where}.tool_calls must be a non-empty array")
+    if one_call_a_turn and len(calls) > 1:
+        raise TrainingDataError(f"{where} makes {len(calls)} tool calls, but parallel_tool_calls is false")
+    rendered = []
+    for j, call in enumerate(calls):
+        at = f"{where}.tool_calls[{j}]"
+        if not isinstance(call, dict):
+            raise TrainingDataError(f"{at} must be an object, not {_json_type(call)}")
+        _check_keys(call, TOOL_CALL_KEYS, TOOL_CALL_KEYS, at)
+        if not isinstance(call["id"], str) or not call["id"]:
+            raise TrainingDataError(f"{at}.id must be a non-empty string")
+        if call["type"] != "function":
+            raise TrainingDataError(f'{at}.type must be "function", not {json.dumps(call["type"])}')
+        function = call["function"]
+        if not isinstance(function, dict):
+            raise TrainingDataError(f"{at}.function must be an object, not {_json_type(function)}")
+        _check_keys(function, FUNCTION_KEYS, FUNCTION_KEYS, f"{at}.function")
+        name, arguments = function["name"], function["arguments"]
+        if name not in tool_names:
+            raise TrainingDataError(f"{at}.function.name {json.dumps(name)} is not among the example's tools")
+        if not isinstance(arguments, str):
+            raise TrainingDataError(f"{at}.function.arguments must be a string of JSON, not {_json_type(arguments)}")
+        try:
+            rendered.append(template_tool_call(call["id"], name, arguments))
+        except ValueError as exc:
+            raise TrainingDataError(f"{at}.function.arguments: {exc}") from None
+        called[call["id"]] = name
+    return rendered
 
 
 def _check_keys(value: dict, required: tuple[str, ...], allowed: tuple[str, ...], where: str) -> None:

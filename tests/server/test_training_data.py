@@ -164,7 +164,7 @@ GOOD_PC = {"prompt": "a", "completion": "b"}
         ([b"\xff\xfe{}"], 1, "not valid UTF-8"),
         (["[1, 2]"], 1, "must be a JSON object, not an array"),
         ([{"text": "hi"}], 1, "expected a chat example"),
-        ([{**GOOD, "tools": []}], 1, "unknown key(s) 'tools'"),
+        ([{**GOOD, "tools": []}], 1, "tools must be a non-empty array"),
         ([{"messages": []}], 1, "messages must be a non-empty array"),
         ([{"messages": "hi"}], 1, "messages must be a non-empty array"),
         ([{"messages": ["hi"]}], 1, "messages[0] must be an object, not a string"),
@@ -173,7 +173,7 @@ GOOD_PC = {"prompt": "a", "completion": "b"}
         (
             [chat(("user", "Hi"), ("tool", "42"), ("assistant", "ok"))],
             1,
-            'messages[1].role must be one of system, user, assistant, not "tool"',
+            "messages[1] is missing 'tool_call_id'",
         ),
         (
             [{"messages": [{"role": "user", "content": None}, GOOD["messages"][1]]}],
@@ -259,3 +259,88 @@ def test_template_problems(tokenizer, write, monkeypatch):
     monkeypatch.setattr(tokenizer, "chat_template", None)
     with pytest.raises(TrainingDataError, match="^line 1: this model has no chat template"):
         render_training_file(path, tokenizer, MAX_SEQ_LEN)
+
+
+# ---- OpenAI's fine-tuning format for function calling ---------------------------------
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather now",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+ASKED = {"role": "user", "content": "Weather in Paris?"}
+CALLED = {"role": "assistant", "tool_calls": [CALL]}
+ANSWERED = {"role": "tool", "tool_call_id": "call_1", "content": "18 C"}
+TOOL_EXAMPLE = {"messages": [ASKED, CALLED, ANSWERED, {"role": "assistant", "content": "It is 18 C."}],
+                "tools": [WEATHER_TOOL]}
+
+
+def test_tool_calls_are_trained_as_the_served_model_writes_them(tokenizer, write):
+    from server.prompts import PromptEncoder
+    from server.protocol import ChatMessage
+    from server.tools import markup
+
+    [rendered] = render_training_file(write(TOOL_EXAMPLE), tokenizer, MAX_SEQ_LEN)
+    call = markup.call_block("get_weather", {"city": "Paris"})
+    assert trained_runs(rendered, tokenizer) == [f"{call}<|im_end|>", "It is 18 C.<|im_end|>"]
+    # Serving renders the same prompt for the first turn (server/prompts.py), tools and all.
+    encoder = PromptEncoder(tokenizer, len(tokenizer), MAX_SEQ_LEN)
+    served = encoder.chat_prompt([ChatMessage.model_validate(ASKED)], [WEATHER_TOOL])
+    assert rendered.token_ids[: len(served)] == served and not any(rendered.target[: len(served)])
+    assert rendered.target[len(served)]  # the call is the first thing trained
+    # ... and the conversation through the tool result, with the result as context only.
+    history = [ChatMessage.model_validate(m) for m in TOOL_EXAMPLE["messages"][:3]]
+    served = encoder.chat_prompt(history, [WEATHER_TOOL])
+    assert rendered.token_ids[: len(served)] == served
+    assert tokenizer.decode([t for t, trained in zip(served, rendered.target) if trained]) == f"{call}<|im_end|>"
+
+
+def test_parallel_calls_and_content_beside_calls(tokenizer, write):
+    second = {**CALL, "id": "call_2", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}
+    example = {"messages": [ASKED, {"role": "assistant", "content": "Checking.", "tool_calls": [CALL, second]}],
+               "tools": [WEATHER_TOOL], "parallel_tool_calls": True}
+    [rendered] = render_training_file(write(example), tokenizer, MAX_SEQ_LEN)
+    from server.tools import markup
+
+    calls = markup.call_block("get_weather", {"city": "Paris"}) + "\n" + markup.call_block("get_weather", {"city": "Rome"})
+    assert trained_runs(rendered, tokenizer) == [f"Checking.\n{calls}<|im_end|>"]
+
+
+def with_messages(*messages: dict, **extra) -> dict:
+    return {"messages": [ASKED, *messages], "tools": [WEATHER_TOOL], **extra}
+
+
+@pytest.mark.parametrize(
+    "example, problem",
+    [
+        ({**TOOL_EXAMPLE, "tools": [{"type": "function"}]}, "tools[0].function: Field required"),
+        ({**TOOL_EXAMPLE, "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "strng"}}}]},
+         "tools[0].function.parameters: Value error, not a valid JSON schema"),
+        ({**TOOL_EXAMPLE, "tools": {"name": "f"}}, "tools: Input should be a valid list"),
+        ({**TOOL_EXAMPLE, "functions": []}, "unknown key(s) 'functions'"),
+        ({**TOOL_EXAMPLE, "parallel_tool_calls": "no"}, 'parallel_tool_calls must be true or false, not "no"'),
+        (with_messages({"role": "robot", "content": "x"}), 'messages[1].role must be one of system, user, assistant, tool'),
+        (with_messages({"role": "assistant", "tool_calls": []}), "messages[1].tool_calls must be a non-empty array"),
+        (with_messages({"role": "assistant", "tool_calls": [{**CALL, "type": "code"}]}),
+         'messages[1].tool_calls[0].type must be "function", not "code"'),
+        (with_messages({"role": "assistant", "tool_calls": [{"id": "c", "type": "function"}]}),
+         "messages[1].tool_calls[0] is missing 'function'"),
+        (with_messages({"role": "assistant", "tool_calls": [{**CALL, "function": {"name": "launch", "arguments": "{}"}}]}),
+         'messages[1].tool_calls[0].function.name "launch" is not among the example\'s tools'),
+        (with_messages({"role": "assistant", "tool_calls": [{**CALL, "function": {"name": "get_weather", "arguments": {}}}]}),
+         "messages[1].tool_calls[0].function.arguments must be a string of JSON, not an object"),
+        (with_messages({"role": "assistant", "tool_calls": [{**CALL, "function": {"name": "get_weather", "arguments": "[1]"}}]}),
+         "messages[1].tool_calls[0].function.arguments: must be a JSON object"),
+        (with_messages({"role": "assistant", "tool_calls": [CALL, {**CALL, "id": "call_2"}]}, parallel_tool_calls=False),
+         "messages[1] makes 2 tool calls, but parallel_tool_calls is false"),
+        (with_messages({"role": "assistant", "content": None}), "messages[1].content must be a string, not null"),
+        (with_messages({"role": "user", "content": "x", "tool_calls": [CALL]}),
+         "messages[1].tool_calls is only allowed on assistant messages"),
+        (with_messages(CALLED, {"role": "tool", "tool_call_id": "call_9", "content": "1"}, {"role": "assistant", "content": "x"}),
+         'messages[2].tool_call_id "call_9" answers no tool call of an earlier assistant message'),
+        (with_messages(CALLED, {"role": "tool", "content": "1"}), "messages[2] is missing 'tool_call_id'"),
+    ],
+)
+def test_refused_tool_examples_name_the_line_and_field(tokenizer, write, example, problem):
+    with pytest.raises(TrainingDataError) as raised:
+        render_training_file(write(GOOD, example), tokenizer, MAX_SEQ_LEN)
+    assert str(raised.value).startswith("line 2: ") and problem in str(raised.value), str(raised.value)
