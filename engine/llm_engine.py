@@ -14,19 +14,14 @@ import torch
 from transformers import AutoTokenizer
 
 from engine.block_manager import BlockManager
+from engine.coserving_policy import CoServingPolicy
 from engine.config import EngineConfig, dtype_name, explicit_dtype, resolve_panel_rows
 from engine.energy import split_energy
-from engine.finetune.backward_work import BackwardAllowance
 from engine.finetune.coordinator import FinetuneCoordinator
 from engine.finetune.job import FinetuneJob
 from engine.finetune.runs import FinetuneRuns
 from engine.grammar.compiler import GrammarCompiler, GrammarError
-from engine.latency_model import (
-    FINETUNE_BACKWARD,
-    FINETUNE_LOSS,
-    IterationShape,
-    LatencyModel,
-)
+from engine.latency_model import IterationShape, LatencyModel
 from engine.lora.adapter import AdapterError
 from engine.lora.layout import lora_layout
 from engine.lora.manager import LoRAManager
@@ -48,15 +43,8 @@ from engine.power.monitor import PowerMonitor
 from engine.runner import ModelRunner
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
-from engine.tpot_pacer import TpotPacer
 
 log = logging.getLogger(__name__)
-
-# Until the latency model has seen this many iterations, finetuning next to inference
-# is held to a few tokens: its predictions are still the prior's.
-_WARMUP_ITERATIONS = 20
-_WARMUP_FINETUNE_TOKENS = 16
-_WARMUP_BACKWARD_LAYERS = 1
 
 
 def _eos_token_ids(config, model_dir) -> set[int]:
@@ -133,13 +121,14 @@ class LLMEngine:
         )
         self.sequences: dict[str, Sequence] = {}
         self.latency = LatencyModel()
-        self.pacer = TpotPacer()
+        self.policy = CoServingPolicy(
+            self.latency, config.tpot_slo_ms / 1000, config.finetune_backward_layers_per_iteration
+        )
         self.power = PowerMonitor.create(
             config.power_device, config.power_mode, config.device, self.latency,
             config.ttft_slo_ms, config.tpot_slo_ms, config.max_num_batched_tokens,
         )
         self.arrivals = ArrivalTracker()
-        self._clock_mhz: int | None = None  # SM clock of the current iteration; None on the CPU
         self._finetune_forward_tokens = 0  # of the last iteration, for the governor's projection
         self.finetune = FinetuneCoordinator(
             self.loras, self.scheduler, self.runner.cos, self.runner.sin, config.finetune_backward_layers_per_iteration
@@ -265,58 +254,22 @@ class LLMEngine:
         self.finetune_runs.after_iteration()
         return self.finetune_runs.reports()
 
-    def _finetune_budget(self, plan: IterationPlan, tokens_left: int) -> int:
-        """Finetuning forward tokens this iteration: all that is left when no inference
-        runs, else what keeps the predicted iteration time within the TPOT SLO."""
-        if not plan.chunks:
-            return tokens_left
-        if self.latency.num_observations < _WARMUP_ITERATIONS:
-            return min(tokens_left, _WARMUP_FINETUNE_TOKENS)
-        shape = iteration_shape(plan, self.finetune.expected_backward())
-        return self.latency.max_finetune_tokens(shape, self._tpot_budget_s(plan), self._clock_mhz, limit=tokens_left)
-
-    def _tpot_budget_s(self, plan: IterationPlan) -> float:
-        """This iteration's time budget: the strictest TPOT SLO among the plan's requests,
-        paced (see tpot_pacer.py)."""
-        slo = min((c.seq.tpot_slo_s for c in plan.chunks), default=self.config.tpot_slo_ms / 1000)
-        return self.pacer.budget(slo)
-
-    def _decoding_tpot_slos(self) -> dict[str, float]:
-        """The TPOT SLO of each request this iteration decodes for."""
-        return {s.request_id: s.tpot_slo_s for s in self.scheduler.decoding()}
-
-    def _backward_allowance(self, plan: IterationPlan, elapsed_s: float) -> BackwardAllowance:
-        """Backward this iteration: whole backwards when no inference waits, else at most
-        the configured layer slice, and only what the TPOT budget has left after the
-        `elapsed_s` the iteration has taken so far (measured: the plan has run)."""
-        if not self.scheduler.has_work():
-            return BackwardAllowance()
-        configured = self.config.finetune_backward_layers_per_iteration
-        if not plan.chunks:
-            return BackwardAllowance(max_layers=configured)
-        if self.latency.num_observations < _WARMUP_ITERATIONS:
-            return BackwardAllowance(max_layers=min(configured, _WARMUP_BACKWARD_LAYERS))
-        spare = self._tpot_budget_s(plan) - elapsed_s
-        prior = self.latency.costs(self._clock_mhz)
-        measured = self.finetune.backward_costs
-        return BackwardAllowance(
-            max_layers=configured,
-            seconds=max(0.0, spare),
-            seconds_per_layer_token=measured.per_layer_token(prior=float(prior[FINETUNE_BACKWARD])),
-            seconds_per_loss_token=measured.per_loss_token(prior=float(prior[FINETUNE_LOSS])),
-        )
-
     # -- the iteration -----------------------------------------------------------------
 
     def step(self) -> tuple[list[RequestOutput], IterationStats]:
         started = time.perf_counter()
-        self.pacer.tick(started, self._decoding_tpot_slos())
+        clock_mhz = None
         if self.power is not None:
             self.power.tick(time.time(), self._load_state)
             self.power.begin_iteration()
-            self._clock_mhz = self.power.clock_mhz()
+            clock_mhz = self.power.clock_mhz()
+        decoding = {s.request_id: s.tpot_slo_s for s in self.scheduler.decoding()}
+        self.policy.begin_iteration(started, decoding, clock_mhz)
         self.finetune.before_schedule()
-        plan = self.scheduler.schedule(self._finetune_budget)
+        plan = self.scheduler.schedule(
+            lambda plan, left: self.policy.finetune_tokens(plan, left, self.finetune.expected_backward())
+        )
+        plan.backward = self.policy.backward_allowance(plan, self.scheduler.has_work(), self.finetune.backward_costs)
         now = time.time()
         for chunk in plan.chunks:
             if chunk.seq.first_scheduled_time is None:
@@ -330,13 +283,13 @@ class LLMEngine:
                 self.sequences[request_id].prompt_logprobs.extend(entries)
             self.scheduler.update(plan, result.sampled)
             sampled, logprobs = result.sampled, result.logprobs
-        self.finetune.run_backward(self._backward_allowance(plan, time.perf_counter() - started))
+        self.finetune.run_backward(plan.backward)
         shape = iteration_shape(plan, self.finetune.backward_work)
         energy = self._spend_energy(plan, shape)
-        predicted = self.latency.predict(shape, self._clock_mhz)
+        predicted = self.latency.predict(shape, clock_mhz)
         # Measured before checkpoint writes: the latency model times compute, not disk.
         elapsed = time.perf_counter() - started
-        self.latency.observe(shape, elapsed, self._clock_mhz)
+        self.latency.observe(shape, elapsed, clock_mhz)
         outputs = [self._output(request_id, token, logprobs) for request_id, token in sampled.items()]
         self.finetune_runs.after_iteration()
         self._finetune_forward_tokens = shape.finetune_forward_tokens
@@ -349,7 +302,7 @@ class LLMEngine:
             decode_tokens=shape.decode_tokens,
             prefill_tokens=shape.prefill_tokens,
             predicted_seconds=predicted,
-            budget_seconds=self._tpot_budget_s(plan) if plan.chunks else None,
+            budget_seconds=self.policy.tpot_budget_s(plan) if plan.chunks else None,
             latency_model_error=self.latency.mean_error,
             **energy,
         )
@@ -384,7 +337,7 @@ class LLMEngine:
             return {}
         joules = self.power.end_iteration(shape)
         shares = split_energy(
-            joules, plan, self.finetune.backward_work_by_job, self.latency.costs(self._clock_mhz)
+            joules, plan, self.finetune.backward_work_by_job, self.latency.costs(self.policy.clock_mhz)
         )
         for request_id, share in shares.requests.items():
             self.sequences[request_id].energy_joules += share
@@ -396,7 +349,7 @@ class LLMEngine:
         return {
             "energy_joules": joules,
             "finetune_energy_joules": shares.finetune_joules,
-            "sm_clock_mhz": self._clock_mhz,
+            "sm_clock_mhz": self.policy.clock_mhz,
             "target_sm_clock_mhz": reading.target_sm_clock_mhz,
             "power_watts": reading.power_watts,
         }

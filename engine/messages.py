@@ -15,7 +15,8 @@ class StructuredOutput(msgspec.Struct, frozen=True):
     """A grammar the sampled tokens must follow, checked at the HTTP edge.
 
     kind "json": `spec` is a JSON schema (JSON text); "regex": a regular expression;
-    "choice": a JSON list of the strings allowed. `any_whitespace`: JSON may put any
+    "choice": a JSON list of the strings allowed; "structural_tag": an xgrammar structural
+    tag (JSON text; the server's tool-call grammars, server/tools/grammar.py). `any_whitespace`: JSON may put any
     whitespace between its tokens (vLLM's default), else none at all ("," and ":").
     Equal values compile to the same grammar (engine/grammar/compiler.py caches by it)."""
 

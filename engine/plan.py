@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.finetune.backward_work import BackwardWork
+from engine.finetune.backward_work import BackwardAllowance, BackwardWork
 from engine.latency_model import IterationShape
 from engine.sequence import Sequence
 
@@ -40,6 +40,9 @@ class IterationPlan:
     # Forward chunks of training sequences, after all inference; never sampled.
     finetune_chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    # The finetuning backward that runs after the forward: set by the co-serving policy
+    # from predicted costs before the plan runs (coserving_policy.py).
+    backward: BackwardAllowance = field(default_factory=BackwardAllowance)
 
     @property
     def num_tokens(self) -> int:
