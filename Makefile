@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed-stamp
 # Converted models are cached here across test runs (the server's own default is ~/.cache/coserve).
 TEST_CACHE := $(CURDIR)/.data/cache
 
-.PHONY: serve test bench bench-load clean
+.PHONY: serve test test-fast bench bench-load clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,6 +23,10 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	COSERVE_CACHE_DIR=$${COSERVE_CACHE_DIR:-$(TEST_CACHE)} $(PY) -m pytest
+
+# Units and tiny-model parity only (tests/conftest.py: the tiers): well under a minute.
+test-fast: $(STAMP)
+	COSERVE_CACHE_DIR=$${COSERVE_CACHE_DIR:-$(TEST_CACHE)} $(PY) -m pytest --tiers unit,tiny
 
 bench: $(STAMP)
 	$(PY) -m bench.bench_serving

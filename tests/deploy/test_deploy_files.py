@@ -13,6 +13,8 @@ import yaml
 
 from tests.deploy.dashboards import DASHBOARDS_DIR, REPO, dashboard_queries, dashboards, evaluable, panels
 
+pytestmark = pytest.mark.unit
+
 DOCKER = REPO / "docker"
 DATASOURCE_UID = "coserve-prometheus"
 DATA_DIR = "/var/lib/coserve"

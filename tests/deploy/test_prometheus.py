@@ -24,7 +24,7 @@ import pytest
 from tests.deploy.dashboards import dashboard_queries, evaluable
 from tests.server.conftest import free_port, paused_after_first_step, start_server
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.server
 
 SCRAPE_INTERVAL_S = 1
 # Grafana's $__rate_interval is at least four scrape intervals; a little more keeps a

@@ -6,6 +6,8 @@ import pytest
 
 from engine.finetune.backward_costs import WINDOW, BackwardCosts
 
+pytestmark = pytest.mark.unit
+
 
 def test_the_prior_holds_until_a_unit_is_timed():
     costs = BackwardCosts()

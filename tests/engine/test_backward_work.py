@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from engine.finetune.backward_work import BackwardAllowance, BackwardWork
+
+pytestmark = pytest.mark.unit
 
 PRICED = BackwardAllowance(max_layers=8, seconds=1.0, seconds_per_layer_token=1e-3, seconds_per_loss_token=1e-2,
                            loss_tokens_per_pass=32)

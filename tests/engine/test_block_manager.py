@@ -9,6 +9,8 @@ from engine.messages import SamplingParams
 from engine.prefix_hash import block_hashes
 from engine.sequence import Sequence
 
+pytestmark = pytest.mark.unit
+
 BS = 4
 
 

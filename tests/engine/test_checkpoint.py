@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import torch
 
 from engine.finetune.checkpoint import load_checkpoint, take_snapshot, write_checkpoint
@@ -11,6 +13,8 @@ from engine.lora.layout import lora_layout
 from engine.model.loader import load_model
 from tests.engine.test_finetune_equivalence import make_examples
 from tests.engine.tiny_models import tiny_llama_config, write_tiny_model
+
+pytestmark = pytest.mark.tiny
 
 
 def _job(tmp_path) -> FinetuneJob:

@@ -16,6 +16,8 @@ from engine.plan import IterationPlan, ScheduledChunk, iteration_shape
 from engine.sequence import Sequence
 from engine.tpot_pacer import target
 
+pytestmark = pytest.mark.unit
+
 TPOT_SLO_S = 0.2
 BACKWARD_LAYERS = 8
 # Seconds per unit of each feature of the "true" machine the latency model learns.

@@ -13,6 +13,8 @@ from engine.messages import EngineRequest, SamplingParams
 from tests.engine.test_finetune_engine import _job
 from tests.engine.tiny_models import tiny_llama_config, write_tiny_model
 
+pytestmark = pytest.mark.tiny
+
 
 @pytest.fixture
 def engine(tmp_path) -> LLMEngine:

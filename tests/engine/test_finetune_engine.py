@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import time
 
 import torch
@@ -13,6 +15,8 @@ from engine.llm_engine import LLMEngine
 from engine.messages import EngineRequest, SamplingParams
 from tests.engine.test_finetune_equivalence import make_examples
 from tests.engine.tiny_models import tiny_llama_config, write_tiny_model
+
+pytestmark = pytest.mark.tiny
 
 
 def _engine(model_dir, tpot_slo_ms: float) -> LLMEngine:

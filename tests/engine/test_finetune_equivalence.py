@@ -36,6 +36,8 @@ from engine.scheduler import Scheduler
 from engine.sequence import Sequence
 from tests.engine.tiny_models import tiny_llama_config, write_tiny_model
 
+pytestmark = pytest.mark.tiny
+
 HP = Hyperparameters(n_epochs=3, batch_size=3, learning_rate=3e-3, warmup_steps=2, weight_decay=0.01)
 LORA = LoRAConfig(rank=8, alpha=16, target_modules=("q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"))
 
@@ -146,7 +148,7 @@ def test_engine_training_equals_peft_training(tmp_path, with_inference):
     assert moved == len(reference), "every adapter tensor should have trained"
 
 
-@pytest.mark.slow
+@pytest.mark.model
 @pytest.mark.parametrize("with_inference", [False, True], ids=["alone", "with-inference"])
 def test_default_model_training_equals_peft_training(with_inference):
     """The real SmolLM2-135M, 10 optimizer steps, 1e-4 per tensor (1.5e-4 next to inference).

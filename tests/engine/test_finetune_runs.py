@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import threading
 from pathlib import Path
 
@@ -23,6 +25,8 @@ from engine.messages import (
 )
 from tests.engine.test_finetune_equivalence import make_examples
 from tests.engine.tiny_models import tiny_llama_config, write_tiny_model
+
+pytestmark = pytest.mark.tiny
 
 SETTINGS = FinetuneSettings(
     n_epochs=2, batch_size=2, learning_rate=1e-3, warmup_steps=1, weight_decay=0.0, rank=4, alpha=8,

@@ -8,6 +8,8 @@ only reads the weights, so a job trains to exactly the same adapter with or with
 
 from __future__ import annotations
 
+import pytest
+
 import shutil
 import time
 from pathlib import Path
@@ -27,6 +29,8 @@ from engine.messages import (
 from tests.engine.test_finetune_equivalence import make_examples
 from tests.engine.test_finetune_runs import SETTINGS, _engine
 from tests.engine.tiny_models import tiny_llama_config, write_tiny_model
+
+pytestmark = pytest.mark.tiny
 
 VOCAB = tiny_llama_config().vocab_size
 

@@ -11,6 +11,8 @@ from engine.model import gemm_probe
 from engine.model.gemm_probe import DTYPE_ROWS, PANEL_ROWS, GemmChoice, pick
 from tests.engine.tiny_models import tiny_llama_config
 
+pytestmark = pytest.mark.tiny
+
 
 def _timings(float32, bfloat16, panels, bfloat16_packed=None) -> dict[str, dict[str, float]]:
     """ms per row count from functions of the row count; panels keyed as measure() keys them."""

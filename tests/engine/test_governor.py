@@ -21,6 +21,8 @@ from engine.power.what_if import (
     governed_against_top_clock,
 )
 
+pytestmark = pytest.mark.unit
+
 TTFT_SLO_MS = 600.0
 TPOT_SLO_MS = 30.0
 TOP_MHZ = 1980

@@ -27,6 +27,8 @@ from engine.scheduler import Scheduler
 from engine.sequence import Sequence
 from tests.engine.tiny_models import tiny_llama_config, write_char_tokenizer, write_tiny_model
 
+pytestmark = pytest.mark.tiny
+
 VOCAB = 97
 EOS = 2
 BS = 4

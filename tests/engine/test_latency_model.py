@@ -11,6 +11,8 @@ import pytest
 from engine.latency_model import IterationShape, LatencyModel, LatencyPrior
 from engine.power.simulated_device import SimulatedGpu, SimulatedGpuConfig
 
+pytestmark = pytest.mark.unit
+
 # A CPU-sized machine, far from the default (H100) prior on purpose: seconds per
 # iteration, decode token, prefill token, decode / prefill context token,
 # finetuning forward token, backward layer-token, loss-head token.

@@ -6,6 +6,8 @@ import pytest
 
 from engine.power.load_projection import ArrivalTracker, project_load
 
+pytestmark = pytest.mark.unit
+
 
 def test_no_arrivals_seen_projects_none():
     assert ArrivalTracker().project(now=5.0, interval_s=0.1) == (0, 0)

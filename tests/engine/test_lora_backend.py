@@ -10,6 +10,8 @@ from engine.lora.backend import NativeLoRABackend, find_runs
 from engine.lora.layout import LoRALayout, LoRATarget
 from engine.lora.slots import LoRASlots
 
+pytestmark = pytest.mark.unit
+
 LAYOUT = LoRALayout(
     num_layers=2,
     targets=(LoRATarget("qkv_proj", "self_attn", 32, (("q_proj", 32), ("k_proj", 16), ("v_proj", 16))),),

@@ -28,6 +28,8 @@ from tests.engine.teacher_forcing import run_teacher_forced
 from tests.engine.tiny_models import tiny_llama_config, write_tiny_model
 from tests.peft_adapters import peft_reference, write_peft_adapter
 
+pytestmark = pytest.mark.tiny
+
 ATOL = 1e-4
 
 ADAPTERS = {
@@ -104,7 +106,7 @@ def test_mixed_adapter_batch_matches_peft(tiny_with_adapters, max_loras):
     _mixed_batch_matches_peft(model_dir, root, list(ADAPTERS), max_loras, prompt_lens, budget=24)
 
 
-@pytest.mark.slow
+@pytest.mark.model
 def test_default_model_adapters_match_peft(tmp_path):
     """The real SmolLM2-135M with three peft adapters of different ranks and targets.
 

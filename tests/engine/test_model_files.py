@@ -11,11 +11,14 @@ import pytest
 from engine.model_files import ModelFilesError, default_model_path, resolve_model
 from tests.engine.tiny_models import tiny_llama_config, write_tiny_model
 
+pytestmark = pytest.mark.tiny
+
 
 def cache_dir() -> Path:
     return Path(os.environ.get("COSERVE_CACHE_DIR", "~/.cache/coserve")).expanduser()
 
 
+@pytest.mark.model
 def test_default_gguf_is_converted_once_and_then_reused():
     gguf = default_model_path()
     assert gguf.suffix == ".gguf"

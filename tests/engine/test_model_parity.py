@@ -29,6 +29,8 @@ from tests.engine.tiny_models import (
     write_tiny_model,
 )
 
+pytestmark = pytest.mark.tiny
+
 ATOL = 1e-4
 
 

@@ -12,7 +12,10 @@ from engine import ops
 from engine.attention import AttentionMetadata, _gathered_decode_attention, write_kv
 from engine.model.rope import apply_rope
 
-pytestmark = pytest.mark.skipif(not ops.cpu_kernels_available(), reason="C++ CPU kernels did not build here")
+pytestmark = [
+    pytest.mark.unit,
+    pytest.mark.skipif(not ops.cpu_kernels_available(), reason="C++ CPU kernels did not build here"),
+]
 
 
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])

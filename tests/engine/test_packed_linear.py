@@ -17,9 +17,10 @@ from engine.model.packed_linear import (
     pack_linears,
 )
 
-pytestmark = pytest.mark.skipif(
-    not mkl_packing_available(torch.empty(1)), reason="torch built without MKL: layers run unpacked"
-)
+pytestmark = [
+    pytest.mark.unit,
+    pytest.mark.skipif(not mkl_packing_available(torch.empty(1)), reason="torch built without MKL: layers run unpacked"),
+]
 
 
 @pytest.mark.parametrize("rows", [1, 5, 32, 77, 300])

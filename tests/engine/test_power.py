@@ -12,6 +12,8 @@ from engine.power.device import PowerControlError
 from engine.power.nvml_device import NvmlDevice
 from engine.power.simulated_device import SimulatedGpu, SimulatedGpuConfig
 
+pytestmark = pytest.mark.unit
+
 # -- NVML ----------------------------------------------------------------------------------
 
 

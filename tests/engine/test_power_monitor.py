@@ -24,6 +24,8 @@ from engine.power.simulated_device import SimulatedGpu
 from engine.sequence import Sequence
 from tests.engine.test_power import FakeNvml
 
+pytestmark = pytest.mark.unit
+
 
 def monitor(kind: str, mode: str, torch_device: str = "cuda") -> PowerMonitor | None:
     return PowerMonitor.create(kind, mode, torch_device, LatencyModel(), 2000.0, 200.0, 2048)

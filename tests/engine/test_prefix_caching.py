@@ -25,6 +25,8 @@ from tests.engine.teacher_forcing import run_teacher_forced
 from tests.engine.tiny_models import tiny_llama_config, write_tiny_model
 from tests.peft_adapters import write_peft_adapter
 
+pytestmark = pytest.mark.tiny
+
 BS = 4
 VOCAB = 97
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import threading
 
 import msgspec
@@ -21,6 +23,8 @@ from engine.process import _serve
 from tests.engine.test_finetune_equivalence import make_examples
 from tests.engine.test_finetune_runs import SETTINGS, _engine
 from tests.engine.tiny_models import tiny_llama_config, write_tiny_model
+
+pytestmark = pytest.mark.tiny
 
 
 def test_a_paused_engine_reports_the_checkpoint_written_after_the_pause(tmp_path, monkeypatch):

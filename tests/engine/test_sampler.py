@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
+
 import torch
 
 from engine.messages import SamplingParams
 from engine.sampler import apply_penalties, sample, token_logprobs, truncate
 from engine.sequence import Sequence
+
+pytestmark = pytest.mark.unit
 
 
 def seq_with(output: list[int], **params) -> Sequence:

@@ -17,6 +17,8 @@ from engine.plan import IterationPlan
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SequenceStatus
 
+pytestmark = pytest.mark.unit
+
 EOS = 0
 
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
 import torch
 
 from engine.finetune.state_file import load_state, save_state
+
+pytestmark = pytest.mark.unit
 
 
 def test_an_optimizer_state_round_trips_and_resumes_identically(tmp_path):

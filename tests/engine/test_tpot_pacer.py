@@ -11,6 +11,8 @@ import pytest
 
 from engine.tpot_pacer import BURST, TpotPacer, target
 
+pytestmark = pytest.mark.unit
+
 SLO = 0.2
 TARGET = target(SLO)
 

@@ -16,6 +16,8 @@ from server.auth import authenticate, principal_of, require_admin
 from server.errors import install_error_handlers
 from tests.server.conftest import TENANT_KEYS, assert_openai_error, write_keys_file
 
+pytestmark = pytest.mark.server
+
 
 def whoami_app(keys: KeyRing) -> TestClient:
     app = FastAPI()

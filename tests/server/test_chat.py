@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 import math
+
+pytestmark = pytest.mark.server
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 

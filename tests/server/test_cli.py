@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import subprocess
 import sys
 
 from tests.server.conftest import REPO
+
+pytestmark = pytest.mark.server
 
 
 def serve(*args: str) -> subprocess.CompletedProcess:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
 import math
 
 from tests.server.conftest import assert_openai_error
+
+pytestmark = pytest.mark.server
 
 PROMPT = "The capital of France is"
 REPETITIVE = "one two one two one two one two"

@@ -5,6 +5,8 @@ checkpoint to success."""
 
 from __future__ import annotations
 
+import pytest
+
 import hashlib
 import io
 import os
@@ -17,6 +19,8 @@ import openai
 
 from tests.server.conftest import start_server
 from tests.server.test_fine_tuning import _chat_jsonl, _steps, _wait
+
+pytestmark = pytest.mark.server
 
 
 def _sha256(data: bytes) -> str:

@@ -6,6 +6,8 @@ import pytest
 
 from tests.server.conftest import assert_openai_error
 
+pytestmark = pytest.mark.server
+
 
 def test_models(client, http, model_name):
     card = http.get("/v1/models").json()["data"][0]

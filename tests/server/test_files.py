@@ -24,6 +24,8 @@ from server.store.db import MIGRATIONS
 from server.store.files import TEMP_PREFIX
 from tests.server.conftest import TENANT_KEYS, LiveServer, assert_openai_error, start_server, write_keys_file
 
+pytestmark = pytest.mark.server
+
 FILE_KEYS = {"id", "object", "bytes", "created_at", "filename", "purpose", "status", "status_details", "expires_at"}
 JSONL = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
 

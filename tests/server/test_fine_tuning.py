@@ -22,6 +22,8 @@ import pytest
 
 from tests.server.conftest import TENANT_KEYS, LiveServer, start_server, write_keys_file
 
+pytestmark = pytest.mark.server
+
 SECRET = "The password is pineapple."
 QUESTION = "What is the password?"
 

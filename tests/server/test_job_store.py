@@ -13,6 +13,8 @@ from server.store import InvalidTransition, JobNotFound, Store
 from server.store import jobs as jobs_module
 from server.store.jobs import FINISHED, TRANSITIONS, CursorNotFound, JobError, JobRecord
 
+pytestmark = pytest.mark.unit
+
 HYPERPARAMETERS = {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 1.0}
 LORA = {"rank": 16, "alpha": 32.0, "target_modules": ["q_proj", "v_proj"], "learning_rate": 1e-3, "max_seq_len": 1024}
 STATUSES = tuple(TRANSITIONS)

@@ -17,6 +17,8 @@ from server.store import Store
 from server.store.jobs import TooManyActiveJobs
 from tests.server.conftest import TENANT_KEYS, write_keys_file
 
+pytestmark = pytest.mark.server
+
 LIMIT_BODY = 1000
 
 

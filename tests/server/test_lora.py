@@ -21,6 +21,8 @@ from safetensors.torch import load_file, save_file
 from tests.peft_adapters import peft_reference, write_peft_adapter
 from tests.server.conftest import assert_openai_error, start_server
 
+pytestmark = pytest.mark.server
+
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTERS = {
     "sql": {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]},

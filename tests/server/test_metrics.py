@@ -30,7 +30,7 @@ from tests.server.conftest import (
     start_server,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.server
 
 TRAINING = "\n".join(
     json.dumps({"messages": [{"role": "user", "content": f"Say the code number {i}."},

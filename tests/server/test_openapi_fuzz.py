@@ -20,6 +20,8 @@ from schemathesis.specs.openapi.checks import (
 
 from tests.server.conftest import start_server
 
+pytestmark = pytest.mark.server
+
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 # Generated completions are bounded by the context (prompt + output <= 32 tokens), so
 # n=128 and a long max_tokens stay cheap on two cores.

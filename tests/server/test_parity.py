@@ -16,6 +16,8 @@ import torch
 
 from engine.ops import bf16_linear_available
 
+pytestmark = pytest.mark.server
+
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):",
@@ -65,14 +67,12 @@ def _check_greedy(client, model_name, ids, model, tokenizer):
         assert abs(got_lp - want_lp) < 1e-3
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_greedy_matches_transformers(client, model_name, http, reference, prompt):
     model, tokenizer = reference
     _check_greedy(client, model_name, http.post("/tokenize", json={"prompt": prompt}).json()["tokens"], model, tokenizer)
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not bf16_linear_available(), reason="bf16_linear needs the C++ build on an AVX-512 CPU")
 def test_float32_with_bfloat16_panels_equals_rounded_weights(tmp_path, reference):
     """float32 compute with every call of up to 16 rows reading bfloat16 panels (what
@@ -98,7 +98,6 @@ def test_float32_with_bfloat16_panels_equals_rounded_weights(tmp_path, reference
         live.stop()
 
 
-@pytest.mark.slow
 def test_default_dtype_is_the_measured_choice(tmp_path):
     """`dtype: auto` serves with what the CPU probe measured, and says so."""
     from tests.server.conftest import start_server

@@ -11,7 +11,7 @@ import pytest
 
 from tests.server.conftest import REPO, start_server
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.server
 
 
 def test_apply_mode_resets_clocks_when_the_server_is_terminated(tmp_path):

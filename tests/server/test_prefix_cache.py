@@ -11,6 +11,8 @@ import pytest
 from tests.server.conftest import assert_openai_error
 from tests.server.test_metrics import scrape, value
 
+pytestmark = pytest.mark.server
+
 BLOCK_SIZE = 16  # the server's default
 SYSTEM = ("You are a meticulous assistant for a shipping company. Answer questions about parcels, "
           "delivery windows, customs forms and returns briefly and politely, and never invent tracking data.")

@@ -20,6 +20,8 @@ from server.finetune.job_request import CreateJobRequest
 from server.finetune.training_data import TrainingDataError, render_training_file
 from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
+pytestmark = pytest.mark.server
+
 SCHEMAS = {
     "/v1/completions": CompletionRequest,
     "/v1/chat/completions": ChatCompletionRequest,

@@ -13,6 +13,8 @@ import pytest
 
 from tests.server.conftest import assert_openai_error, start_server
 
+pytestmark = pytest.mark.server
+
 LONG = {"prompt": "Count: 1 2 3", "max_tokens": 2000, "ignore_eos": True, "temperature": 0}
 
 

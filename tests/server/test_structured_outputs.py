@@ -20,6 +20,8 @@ from pydantic import BaseModel, Field
 
 from tests.server.conftest import assert_openai_error
 
+pytestmark = pytest.mark.server
+
 MAX_TOKENS = 300
 # Sampled requests run at this temperature: at 1.0 the 135M model now and then spends
 # its tokens on the whitespace JSON allows between elements (vLLM's default grammar).

@@ -20,6 +20,8 @@ from server.tools.parser import ToolCallParser, parse_tool_calls
 from server.tools.policy import tool_policy
 from server.tools.rendering import render_chat, template_supports_tools
 
+pytestmark = pytest.mark.unit
+
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}},
            "required": ["city"]}
 TOOLS = [
@@ -126,6 +128,7 @@ HISTORY = [
 ]
 
 
+@pytest.mark.model
 def test_default_template_gets_the_fallback(tokenizer):
     assert not template_supports_tools(tokenizer.chat_template)
     text = render_chat(tokenizer, HISTORY, TOOLS, add_generation_prompt=True)
@@ -140,6 +143,7 @@ def test_default_template_gets_the_fallback(tokenizer):
     assert text.endswith("<|im_start|>assistant\n") and "tool_call_id" not in text
 
 
+@pytest.mark.model
 def test_fallback_appends_to_a_system_message_and_is_absent_without_tools(tokenizer):
     conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     text = render_chat(tokenizer, conversation, TOOLS, add_generation_prompt=True)
@@ -158,6 +162,7 @@ NATIVE_TEMPLATE = (
 )
 
 
+@pytest.mark.model
 def test_template_with_tool_support_renders_them_itself(tokenizer, monkeypatch):
     assert template_supports_tools(NATIVE_TEMPLATE)
     monkeypatch.setattr(tokenizer, "chat_template", NATIVE_TEMPLATE)
@@ -202,5 +207,6 @@ NOON = markup.call_block("get_time", {})
         ({}, "Let me see. " + markup.CALL_BEGIN + "\nnot a call" + markup.CALL_END, False),
     ],
 )
+@pytest.mark.model
 def test_grammar_holds_the_output_to_the_policy(tokenizer, body, text, accepted):
     assert grammar_accepts(tokenizer, {"tools": TOOLS, **body}, text) is accepted

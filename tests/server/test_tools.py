@@ -17,6 +17,8 @@ import pytest
 
 from tests.server.conftest import assert_openai_error
 
+pytestmark = pytest.mark.server
+
 MAX_TOKENS = 160  # one call takes up to ~110 tokens when the model spends them on whitespace
 TIMEOUT_S = 600
 SAMPLED = 0.7

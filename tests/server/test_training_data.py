@@ -19,6 +19,8 @@ from server.finetune.training_data import (
     summarize,
 )
 
+pytestmark = pytest.mark.model
+
 MAX_SEQ_LEN = 512
 
 

@@ -11,6 +11,8 @@ from server.errors import _param_of
 from server.settings import Settings
 from server.stop_strings import StopStringMatcher
 
+pytestmark = pytest.mark.unit
+
 
 def feed_all(matcher: StopStringMatcher, pieces: list[str]) -> str:
     out = "".join(matcher.feed(p) for p in pieces)
@@ -47,6 +49,7 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(resolve_model(None, cache)[0])
 
 
+@pytest.mark.model
 def test_incremental_detokenizer_matches_full_decode(tokenizer):
     text = " héllo 日本語 wörld 🙂 done"
     ids = tokenizer.encode(text)
