@@ -281,6 +281,10 @@ def report(results: dict) -> str:
     r, m = results["soak"], results["machine"]
     leaks = {name: value for name, value in r["final_gauges"].items() if value}
     growth = (r["rss_end_mib"] - r["rss_after_warmup_mib"]) if r["rss_after_warmup_mib"] else None
+    # Flat or still growing: the memory of the later half, where warm-up is long past.
+    late = [s["rss_mib"] for s in r["samples"] if r["duration_s"] / 2 <= s["t"] <= r["duration_s"]]
+    second_half = (f"{late[0]:.0f} / {min(late):.0f} / {max(late):.0f} / {late[-1]:.0f} MiB "
+                   f"({late[-1] - late[0]:+.0f} MiB)" if late else "n/a")
     lines = [
         f"# Soak, {results['date']}",
         "",
@@ -301,6 +305,7 @@ def report(results: dict) -> str:
         f"| RSS of the server tree: start / after {WARMUP_S:.0f} s / peak / end | {r['rss_start_mib']:.0f} / "
         f"{r['rss_after_warmup_mib'] or 0:.0f} / {r['rss_peak_mib']:.0f} / {r['rss_end_mib']:.0f} MiB"
         + (f" (end - warm: {growth:+.0f} MiB)" if growth is not None else "") + " |",
+        f"| RSS over the second half of the soak: first / min / max / last | {second_half} |",
         f"| gauges at the end (running, waiting, KV in use, LoRA) | "
         f"{'all 0' if not leaks else 'LEAK: ' + json.dumps(leaks)} |",
         f"| finetuning job | {r['job']['status_at_end']} at the end, {r['job']['steps']} steps |",

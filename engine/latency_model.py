@@ -69,6 +69,12 @@ import numpy as np
 NUM_FEATURES = FINETUNE_LOSS + 1
 
 
+def causal_context(start, count):
+    """Context tokens that `count` new tokens at positions start..start+count-1 attend
+    in all, causally (each itself and everything before it). Works on numpy arrays too."""
+    return count * start + count * (count + 1) // 2
+
+
 @dataclass(frozen=True)
 class IterationShape:
     """What one iteration computes, in the units its cost scales with."""

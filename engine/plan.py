@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.finetune.backward_work import BackwardAllowance, BackwardWork
-from engine.latency_model import IterationShape
+from engine.latency_model import IterationShape, causal_context
 from engine.sequence import Sequence
 
 
@@ -59,7 +59,7 @@ class IterationPlan:
 
 def attended_context(chunk: ScheduledChunk) -> int:
     """Context tokens the chunk's queries attend in all: query p sees positions 0..p."""
-    return sum(range(chunk.start + 1, chunk.end + 1))
+    return causal_context(chunk.start, chunk.num_new_tokens)
 
 
 _NO_BACKWARD = BackwardWork()

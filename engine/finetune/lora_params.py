@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from engine.lora.adapter import CONFIG_FILE, WEIGHTS_FILE, LoRAWeights
+from engine.lora.adapter import CONFIG_FILE, WEIGHTS_FILE, LoRAWeights, lora_scaling
 from engine.lora.layout import LoRALayout, LoRATarget
 
 
@@ -32,7 +32,7 @@ class LoRAConfig:
 
     @property
     def scaling(self) -> float:
-        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+        return lora_scaling(self.alpha, self.rank, self.use_rslora)
 
 
 class TrainableLoRA(nn.Module):

@@ -28,6 +28,11 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 _KEY = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 
 
+def lora_scaling(alpha: float, rank: int, rslora: bool) -> float:
+    """The factor on B @ A: lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA (PEFT's)."""
+    return alpha / (math.sqrt(rank) if rslora else rank)
+
+
 class AdapterError(ValueError):
     def __init__(self, message: str, param: str = "lora_path"):
         super().__init__(message)
@@ -140,6 +145,6 @@ def load_adapter(path: Path, layout: LoRALayout, max_rank: int, dtype: torch.dty
             )
         if rank > max_rank:
             raise AdapterError(f"adapter rank {rank} ({module_key}) exceeds max_lora_rank={max_rank}")
-        scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+        scale = lora_scaling(alpha, rank, bool(config.get("use_rslora")))
         modules[(layer, module)] = (a.to(dtype).contiguous(), (b.float() * scale).to(dtype).contiguous())
     return LoRAWeights(path=path, rank=max(a.shape[0] for a, _ in modules.values()), modules=modules)

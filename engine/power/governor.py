@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.latency_model import IterationShape, LatencyModel
+from engine.latency_model import IterationShape, LatencyModel, causal_context
 from engine.power.device import GpuDevice
 
 MODES = ("off", "advise", "apply")
@@ -110,7 +110,7 @@ class _Checks:
         # Request i gets its first token once the prompts up to and including its own
         # are prefilled, in iterations that also carry the running decodes.
         self.prefilled = np.cumsum(p)
-        self.prompt_context = np.cumsum(p * (p + 1) / 2)  # causal attention over each prompt
+        self.prompt_context = np.cumsum(causal_context(0, p))  # causal attention over each prompt
         self.iterations = np.ceil(self.prefilled / max(1, max_num_batched_tokens - self.running))
 
         total_prompt = int(p.sum())
@@ -129,7 +129,7 @@ class _Checks:
         # full token budget of prefill (a fresh prompt's first chunk). It must fit
         # in one interval at the chosen clock (see the module docstring).
         chunk = max(0, max_num_batched_tokens - self.running)
-        chunk_context = chunk * (chunk + 1) // 2
+        chunk_context = causal_context(0, chunk)
         self.longest_iteration = IterationShape(
             decode_tokens=self.running,
             prefill_tokens=chunk,

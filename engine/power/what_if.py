@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine.latency_model import IterationShape, LatencyModel
+from engine.latency_model import IterationShape, LatencyModel, causal_context
 from engine.power.governor import FrequencyGovernor
 from engine.power.load_projection import ArrivalTracker, project_load
 from engine.power.simulated_device import SimulatedGpu
@@ -227,9 +227,7 @@ def serve(
             chunks.append((request, take))
             left -= take
         decode_context = sum(r.prompt + r.generated for r in running)
-        prefill_context = sum(
-            take * r.prefilled + take * (take + 1) // 2 for r, take in chunks
-        )
+        prefill_context = sum(causal_context(r.prefilled, take) for r, take in chunks)
         shape = IterationShape(
             decode_tokens=len(running),
             prefill_tokens=sum(take for _, take in chunks),
