@@ -83,14 +83,13 @@ def measure_coserve(model_dir: Path) -> dict:
     from engine.finetune.coordinator import FinetuneCoordinator
     from engine.finetune.job import FinetuneJob, Hyperparameters, TrainingExample
     from engine.finetune.lora_params import LoRAConfig
-    from engine.lora.layout import lora_layout
     from engine.lora.manager import LoRAManager
     from engine.model.loader import load_model
     from engine.runner import ModelRunner
     from engine.scheduler import Scheduler
 
     model = load_model(model_dir, torch.float32)
-    layout = lora_layout(model)
+    layout = model.lora_layout()
     loras = LoRAManager(layout, max_loras=1, max_cpu_loras=1, max_rank=16, dtype=torch.float32, device="cpu")
     blocks = BlockManager(num_blocks=SEQ_LEN // 16 + 1, block_size=16)
     runner = ModelRunner(model, blocks.num_blocks, 16, SEQ_LEN + 16, "cpu", lora_backend=lambda: loras.backend)

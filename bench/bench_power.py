@@ -5,7 +5,7 @@ One command, from the repository root:
     .venv/bin/python bench/bench_power.py      # 3 seeds x 10 simulated minutes, ~1 min
 
 Nothing runs on a GPU and no model is loaded: everything here is simulated. For each
-seed, engine/power/what_if.py generates a bursty, Azure-conversation-like request
+seed, bench/power_what_if.py generates a bursty, Azure-conversation-like request
 trace (its comments say what it is shaped after and what is assumed) and serves it
 on `SimulatedGpu` (an H100 SXM serving a Llama-3-8B-like model; its constants and
 their sources are in engine/power/simulated_device.py) by a continuous-batching loop,
@@ -36,15 +36,15 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.bench_serving import BENCH, result_header
-from engine.power.simulated_device import SimulatedGpuConfig
-from engine.power.what_if import (
+from bench.bench_serving import BENCH, result_header  # noqa: E402
+from bench.power_what_if import (  # noqa: E402
     ServingSetup,
     TraceShape,
     WhatIf,
     azure_like_trace,
     governed_against_top_clock,
 )
+from engine.power.simulated_device import SimulatedGpuConfig  # noqa: E402
 
 MODEL = "SIMULATED: Llama-3-8B-like model on a simulated H100 SXM (SimulatedGpu)"
 TARGET_SAVING = 0.25
@@ -193,7 +193,7 @@ def markdown(results: dict) -> str:
             "",
             (
                 "**Every number here is simulated**: no GPU ran. The request trace is "
-                "generated (Azure-conversation-like, bursty: engine/power/what_if.py) and "
+                "generated (Azure-conversation-like, bursty: bench/power_what_if.py) and "
                 "served on `SimulatedGpu`, a model of an H100 SXM serving a "
                 "Llama-3-8B-like model (engine/power/simulated_device.py), governed "
                 "(mode apply, cold latency model learning online) and at the top clock."
@@ -207,7 +207,7 @@ def markdown(results: dict) -> str:
             (
                 f"Trace: {results['duration_s']:g} simulated s per seed, "
                 f"{shape['mean_rate']:g} req/s on average (the Azure conversation "
-                "trace's own mean is 5.5 req/s, for a fleet; engine/power/what_if.py "
+                "trace's own mean is 5.5 req/s, for a fleet; bench/power_what_if.py "
                 "says why one simulated GPU gets less by default), bursts at "
                 f"{shape['burst_factor']:g}x the calm rate for "
                 f"{100 * shape['burst_share']:g}% of the time (mean "

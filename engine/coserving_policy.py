@@ -57,7 +57,9 @@ class CoServingPolicy:
         shape = iteration_shape(plan, expected_backward)
         return self.latency.max_finetune_tokens(shape, self.tpot_budget_s(plan), self.clock_mhz, limit=tokens_left)
 
-    def backward_allowance(self, plan: IterationPlan, inference_pending: bool, costs: BackwardCosts) -> BackwardAllowance:
+    def backward_allowance(
+        self, plan: IterationPlan, inference_pending: bool, costs: BackwardCosts
+    ) -> BackwardAllowance:
         """The backward the planned iteration may run. `inference_pending`: requests are
         running or waiting; `costs`: the backward units as measured so far."""
         if not inference_pending:

@@ -16,14 +16,13 @@ from transformers import AutoTokenizer
 from engine.block_manager import BlockManager
 from engine.coserving_policy import CoServingPolicy
 from engine.config import EngineConfig, dtype_name, explicit_dtype, resolve_panel_rows
-from engine.energy import split_energy
 from engine.finetune.coordinator import FinetuneCoordinator
 from engine.finetune.job import FinetuneJob
 from engine.finetune.runs import FinetuneRuns
 from engine.grammar.compiler import GrammarCompiler, GrammarError
+from engine.iteration_observers import IterationObserver, LatencyFit, PowerAccounting
 from engine.latency_model import IterationShape, LatencyModel
 from engine.lora.adapter import AdapterError
-from engine.lora.layout import lora_layout
 from engine.lora.manager import LoRAManager
 from engine.messages import (
     ControlFinetune,
@@ -95,7 +94,7 @@ class LLMEngine:
             max_pinned_blocks=int(num_blocks * config.max_pinned_kv_fraction) if config.enable_prefix_caching else 0,
         )
         self.loras = LoRAManager(
-            lora_layout(self.model),
+            self.model.lora_layout(),
             max_loras=config.max_loras,
             max_cpu_loras=config.max_cpu_loras,
             max_rank=config.max_lora_rank,
@@ -129,10 +128,16 @@ class LLMEngine:
             config.ttft_slo_ms, config.tpot_slo_ms, config.max_num_batched_tokens,
         )
         self.arrivals = ArrivalTracker()
-        self._finetune_forward_tokens = 0  # of the last iteration, for the governor's projection
         self.finetune = FinetuneCoordinator(
             self.loras, self.scheduler, self.runner.cos, self.runner.sin, config.finetune_backward_layers_per_iteration
         )
+        self.power_accounting = (
+            None if self.power is None
+            else PowerAccounting(self.power, self.latency, self.policy, self.sequences, self.finetune)
+        )
+        self.observers: list[IterationObserver] = [LatencyFit(self.latency, self.policy)]
+        if self.power_accounting is not None:
+            self.observers.insert(0, self.power_accounting)  # charges energy at the costs before the fit moves
         self.finetune_runs = FinetuneRuns(self.finetune, self.model, self.loras.layout)
         log.info(
             "engine ready: %s, dtype=%s%s%s, %d KV blocks of %d tokens, max_model_len=%d",
@@ -258,11 +263,22 @@ class LLMEngine:
 
     def step(self) -> tuple[list[RequestOutput], IterationStats]:
         started = time.perf_counter()
-        clock_mhz = None
-        if self.power is not None:
-            self.power.tick(time.time(), self._load_state)
-            self.power.begin_iteration()
-            clock_mhz = self.power.clock_mhz()
+        plan = self._schedule(started)
+        sampled, logprobs = self._execute(plan)
+        shape = iteration_shape(plan, self.finetune.backward_work)
+        # Measured before checkpoint writes: the latency model times compute, not disk.
+        elapsed = time.perf_counter() - started
+        observed = {}
+        for observer in self.observers:
+            observed |= observer.after_iteration(plan, shape, elapsed)
+        outputs = [self._output(request_id, token, logprobs) for request_id, token in sampled.items()]
+        self.finetune_runs.after_iteration()
+        return outputs, self._iteration_stats(plan, shape, elapsed, observed)
+
+    def _schedule(self, started: float) -> IterationPlan:
+        """The plan: inference chunks, the finetuning tokens and backward the co-serving
+        policy grants beside them, at the clock the governor chose."""
+        clock_mhz = self.power_accounting.before_iteration(self._load_state) if self.power_accounting else None
         decoding = {s.request_id: s.tpot_slo_s for s in self.scheduler.decoding()}
         self.policy.begin_iteration(started, decoding, clock_mhz)
         self.finetune.before_schedule()
@@ -274,6 +290,11 @@ class LLMEngine:
         for chunk in plan.chunks:
             if chunk.seq.first_scheduled_time is None:
                 chunk.seq.first_scheduled_time = now
+        return plan
+
+    def _execute(self, plan: IterationPlan) -> tuple[dict[str, int], dict]:
+        """Runs the plan (forward, then the finetuning backward) and moves the sequences
+        on; the sampled token and, where asked, its logprobs per request."""
         sampled: dict[str, int] = {}
         logprobs: dict[str, object] = {}
         if not plan.is_empty:
@@ -284,16 +305,12 @@ class LLMEngine:
             self.scheduler.update(plan, result.sampled)
             sampled, logprobs = result.sampled, result.logprobs
         self.finetune.run_backward(plan.backward)
-        shape = iteration_shape(plan, self.finetune.backward_work)
-        energy = self._spend_energy(plan, shape)
-        predicted = self.latency.predict(shape, clock_mhz)
-        # Measured before checkpoint writes: the latency model times compute, not disk.
-        elapsed = time.perf_counter() - started
-        self.latency.observe(shape, elapsed, clock_mhz)
-        outputs = [self._output(request_id, token, logprobs) for request_id, token in sampled.items()]
-        self.finetune_runs.after_iteration()
-        self._finetune_forward_tokens = shape.finetune_forward_tokens
-        stats = msgspec.structs.replace(
+        return sampled, logprobs
+
+    def _iteration_stats(
+        self, plan: IterationPlan, shape: IterationShape, elapsed: float, observed: dict
+    ) -> IterationStats:
+        return msgspec.structs.replace(
             self.stats(elapsed, plan.num_tokens),
             finetune_forward_tokens=shape.finetune_forward_tokens,
             finetune_backward_layer_tokens=shape.finetune_backward_layer_tokens,
@@ -301,12 +318,9 @@ class LLMEngine:
             finetune_backward_tokens=shape.finetune_backward_layer_tokens / self.model.config.num_hidden_layers,
             decode_tokens=shape.decode_tokens,
             prefill_tokens=shape.prefill_tokens,
-            predicted_seconds=predicted,
             budget_seconds=self.policy.tpot_budget_s(plan) if plan.chunks else None,
-            latency_model_error=self.latency.mean_error,
-            **energy,
+            **observed,
         )
-        return outputs, stats
 
     def _output(self, request_id: str, token: int, logprobs: dict) -> RequestOutput:
         seq = self.sequences[request_id]
@@ -331,29 +345,6 @@ class LLMEngine:
             self._forget(seq)
         return output
 
-    def _spend_energy(self, plan: IterationPlan, shape: IterationShape) -> dict:
-        """Read the iteration's energy, charge it to its requests and jobs; the stats fields."""
-        if self.power is None:
-            return {}
-        joules = self.power.end_iteration(shape)
-        shares = split_energy(
-            joules, plan, self.finetune.backward_work_by_job, self.latency.costs(self.policy.clock_mhz)
-        )
-        for request_id, share in shares.requests.items():
-            self.sequences[request_id].energy_joules += share
-        for job_id, share in shares.jobs.items():
-            job = self.finetune.jobs.get(job_id)
-            if job is not None:
-                job.energy_joules = (job.energy_joules or 0.0) + share
-        reading = self.power.reading
-        return {
-            "energy_joules": joules,
-            "finetune_energy_joules": shares.finetune_joules,
-            "sm_clock_mhz": self.policy.clock_mhz,
-            "target_sm_clock_mhz": reading.target_sm_clock_mhz,
-            "power_watts": reading.power_watts,
-        }
-
     def _load_state(self) -> LoadState:
         """What the governor needs for the next control interval (see load_projection)."""
         # Preempted sequences that already answered count as running: their TTFT is past.
@@ -371,7 +362,7 @@ class LLMEngine:
             arrivals=self.arrivals,
             interval_s=self.power.governor.interval_s,
             tpot_slo_s=tpot_s,
-            finetune_tokens=self._finetune_forward_tokens,
+            finetune_tokens=self.power_accounting.finetune_forward_tokens,
         )
         return dataclasses.replace(load, ttft_slo_ms=ttft_s * 1000, tpot_slo_ms=tpot_s * 1000)
 

@@ -8,7 +8,15 @@ one place instead of a dict key drifting between two processes.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import msgspec
+
+# What the server may ask of a running finetuning job, and the states the engine reports.
+# msgspec refuses any other value when it decodes a message.
+FinetuneAction = Literal["pause", "resume", "cancel"]
+FinetuneStatus = Literal["running", "paused", "succeeded", "failed", "cancelled"]
+FINISHED_STATUSES: tuple[FinetuneStatus, ...] = ("succeeded", "failed", "cancelled")
 
 
 class StructuredOutput(msgspec.Struct, frozen=True):
@@ -115,7 +123,7 @@ class StartFinetune(msgspec.Struct, tag=True, frozen=True):
 
 class ControlFinetune(msgspec.Struct, tag=True, frozen=True):
     job_id: str
-    action: str  # "pause" | "resume" | "cancel"
+    action: FinetuneAction
 
 
 class AdapterOpDone(msgspec.Struct, tag=True, frozen=True):
@@ -222,7 +230,7 @@ class FinetuneReport(msgspec.Struct, frozen=True):
     """What a job did since its last report."""
 
     job_id: str
-    status: str  # "running" | "paused" | "succeeded" | "failed" | "cancelled"
+    status: FinetuneStatus
     steps: list[FinetuneStep] = []
     checkpoints: list[tuple[int, str]] = []  # (step, directory)
     final_path: str | None = None

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from engine.finetune.lora_params import TrainableLoRA
 from engine.lora.layout import LoRATarget
-from engine.model.llama import DecoderLayer, LlamaForCausalLM
+from engine.model.llama import DOWN_PROJ, GATE_UP_PROJ, O_PROJ, QKV_PROJ, DecoderLayer, LlamaForCausalLM
 from engine.model.packed_linear import linear_on_row_buckets
 from engine.model.rope import apply_rope
 
@@ -52,7 +52,7 @@ def layer_forward(
     targets = {t.name: t for t in lora.layout.targets}
     attn = layer.self_attn
     h = layer.input_layernorm(x)
-    qkv = _projection(attn.qkv_proj, h, targets["qkv_proj"], index, lora)
+    qkv = _projection(attn.qkv_proj, h, targets[QKV_PROJ], index, lora)
     qk = qkv[:, : attn.q_size + attn.kv_size].view(-1, attn.num_heads + attn.num_kv_heads, attn.head_dim)
     q, k = apply_rope(qk, cos, sin).split([attn.num_heads, attn.num_kv_heads], dim=1)
     v = qkv[:, attn.q_size + attn.kv_size :].view(-1, attn.num_kv_heads, attn.head_dim)
@@ -62,11 +62,11 @@ def layer_forward(
         *(t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)), is_causal=True, scale=attn.scale, enable_gqa=True
     )  # [1, heads, T, head_dim]
     out = out[0].transpose(0, 1).reshape(-1, attn.q_size)
-    x = x + _projection(attn.o_proj, out, targets["o_proj"], index, lora)
+    x = x + _projection(attn.o_proj, out, targets[O_PROJ], index, lora)
     mlp = layer.mlp
     h = layer.post_attention_layernorm(x)
-    gate, up = _projection(mlp.gate_up_proj, h, targets["gate_up_proj"], index, lora).split(mlp.intermediate, dim=-1)
-    return x + _projection(mlp.down_proj, F.silu(gate) * up, targets["down_proj"], index, lora)
+    gate, up = _projection(mlp.gate_up_proj, h, targets[GATE_UP_PROJ], index, lora).split(mlp.intermediate, dim=-1)
+    return x + _projection(mlp.down_proj, F.silu(gate) * up, targets[DOWN_PROJ], index, lora)
 
 
 def loss_sum(model: LlamaForCausalLM, hidden: torch.Tensor, targets: torch.Tensor, rows_per_chunk: int = 64):

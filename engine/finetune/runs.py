@@ -25,7 +25,14 @@ from engine.finetune.checkpoint import (
 from engine.finetune.coordinator import FinetuneCoordinator
 from engine.finetune.job import FinetuneJob, Hyperparameters, TrainingExample
 from engine.finetune.lora_params import LoRAConfig
-from engine.messages import ControlFinetune, FinetuneReport, FinetuneStep, StartFinetune
+from engine.messages import (
+    FINISHED_STATUSES,
+    ControlFinetune,
+    FinetuneReport,
+    FinetuneStatus,
+    FinetuneStep,
+    StartFinetune,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +49,7 @@ class _Run:
     unreported_checkpoints: list[tuple[int, str]] = field(default_factory=list)
     writing: list[tuple[int, str, Future]] = field(default_factory=list)  # checkpoints being written
     snapshot: CheckpointSnapshot | None = None  # the latest one, refilled by the next
-    status: str = "running"
+    status: FinetuneStatus = "running"
     status_reported: bool = False
     final_path: str | None = None
     error: str | None = None
@@ -187,7 +194,7 @@ class FinetuneRuns:
         """Let checkpoints being written finish (the engine is exiting)."""
         self._writer.shutdown(wait=True)
 
-    def _set_status(self, run: _Run, status: str) -> None:
+    def _set_status(self, run: _Run, status: FinetuneStatus) -> None:
         run.status = status
         run.status_reported = False
 
@@ -218,6 +225,6 @@ class FinetuneRuns:
             run.reported_steps += len(events)
             run.unreported_checkpoints = []
             run.status_reported = True
-            if run.status in ("succeeded", "failed", "cancelled"):
+            if run.status in FINISHED_STATUSES:
                 del self.runs[job_id]
         return out

@@ -1,4 +1,5 @@
-"""Where LoRA adapters attach to our model: the fused projections and their parts.
+"""Where LoRA adapters attach to a model: its fused projections and their parts. The
+model declares its layout (LlamaForCausalLM.lora_layout).
 
 PEFT names the projections of the Hugging Face model (q_proj, k_proj, ...); our model
 fuses q/k/v into `qkv_proj` and gate/up into `gate_up_proj`. A `LoRATarget` is one of
@@ -9,10 +10,6 @@ of `q_proj` and `v_proj` lands on columns [0, q) and [q + kv, q + 2 kv) of `qkv_
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from engine.model.llama import LlamaForCausalLM
 
 
 @dataclass(frozen=True)
@@ -43,19 +40,3 @@ class LoRALayout:
     @property
     def module_names(self) -> list[str]:
         return [name for target in self.targets for name, _ in target.parts]
-
-
-def lora_layout(model: LlamaForCausalLM) -> LoRALayout:
-    config = model.config
-    hidden, inter = config.hidden_size, config.intermediate_size
-    q_size = config.num_attention_heads * model.head_dim
-    kv_size = config.num_key_value_heads * model.head_dim
-    return LoRALayout(
-        num_layers=config.num_hidden_layers,
-        targets=(
-            LoRATarget("qkv_proj", "self_attn", hidden, (("q_proj", q_size), ("k_proj", kv_size), ("v_proj", kv_size))),
-            LoRATarget("o_proj", "self_attn", q_size, (("o_proj", hidden),)),
-            LoRATarget("gate_up_proj", "mlp", hidden, (("gate_proj", inter), ("up_proj", inter))),
-            LoRATarget("down_proj", "mlp", inter, (("down_proj", hidden),)),
-        ),
-    )

@@ -18,10 +18,15 @@ from transformers import PretrainedConfig
 
 from engine import ops
 from engine.attention import AttentionMetadata, paged_attention
+from engine.lora.layout import LoRALayout, LoRATarget
+
+from engine.model.rope import apply_rope
 
 if TYPE_CHECKING:
     from engine.lora.backend import LoRAContext
-from engine.model.rope import apply_rope
+
+# The fused projections LoRA attaches to (this model's linears of those names).
+QKV_PROJ, O_PROJ, GATE_UP_PROJ, DOWN_PROJ = "qkv_proj", "o_proj", "gate_up_proj", "down_proj"
 
 
 class RMSNorm(nn.Module):
@@ -75,7 +80,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         qkv = self.qkv_proj(x)  # [num_tokens, q_size + 2 * kv_size]
         if lora is not None:
-            lora.apply(qkv, x, self.layer, "qkv_proj")
+            lora.apply(qkv, x, self.layer, QKV_PROJ)
         fused = self.fused and qkv.dtype == kv_cache[0].dtype == cos.dtype and qkv.is_contiguous()
         if fused:  # rotated in place and cached in one pass
             ops.rope_write_kv(qkv, cos, sin, *kv_cache, meta.slot_mapping, self.num_heads, self.num_kv_heads)
@@ -88,7 +93,7 @@ class Attention(nn.Module):
         out = paged_attention(q, k, v, *kv_cache, meta, self.scale, kv_written=fused).view(-1, self.q_size)
         y = self.o_proj(out)
         if lora is not None:
-            lora.apply(y, out, self.layer, "o_proj")
+            lora.apply(y, out, self.layer, O_PROJ)
         return y
 
 
@@ -108,7 +113,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, lora: LoRAContext | None) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * intermediate]
         if lora is not None:
-            lora.apply(gate_up, x, self.layer, "gate_up_proj")
+            lora.apply(gate_up, x, self.layer, GATE_UP_PROJ)
         if self.fused and gate_up.is_contiguous() and not torch.is_grad_enabled():
             act = ops.silu_and_mul(gate_up)  # [num_tokens, intermediate]
         else:
@@ -116,7 +121,7 @@ class MLP(nn.Module):
             act = F.silu(gate) * up
         y = self.down_proj(act)
         if lora is not None:
-            lora.apply(y, act, self.layer, "down_proj")
+            lora.apply(y, act, self.layer, DOWN_PROJ)
         return y
 
 
@@ -181,6 +186,23 @@ class LlamaForCausalLM(nn.Module):
         if capture_rows is not None:
             captured.append(_rows_of_sum(x, delta, capture_rows))
         return self.norm.add_forward(x, delta)[0]
+
+    def lora_layout(self) -> LoRALayout:
+        """Where LoRA adapters attach: each fused projection with the PEFT (Hugging Face)
+        projections it is made of, in output-column order."""
+        config = self.config
+        hidden, inter = config.hidden_size, config.intermediate_size
+        q_size = config.num_attention_heads * self.head_dim
+        kv_size = config.num_key_value_heads * self.head_dim
+        return LoRALayout(
+            num_layers=config.num_hidden_layers,
+            targets=(
+                LoRATarget(QKV_PROJ, "self_attn", hidden, (("q_proj", q_size), ("k_proj", kv_size), ("v_proj", kv_size))),
+                LoRATarget(O_PROJ, "self_attn", q_size, (("o_proj", hidden),)),
+                LoRATarget(GATE_UP_PROJ, "mlp", hidden, (("gate_proj", inter), ("up_proj", inter))),
+                LoRATarget(DOWN_PROJ, "mlp", inter, (("down_proj", hidden),)),
+            ),
+        )
 
     def set_fused_kernels(self, enabled: bool) -> None:
         """Residual adds and norms, rotary embeddings and cache writes, SwiGLU activations

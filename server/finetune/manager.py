@@ -22,7 +22,9 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from engine.messages import (
+    FINISHED_STATUSES,
     ControlFinetune,
+    FinetuneAction,
     FinetuneExample,
     FinetuneReport,
     FinetuneStep,
@@ -142,7 +144,7 @@ class JobManager:
         self._spawn(self._validate_and_start(record))
         return record
 
-    async def control(self, record: JobRecord, action: str) -> JobRecord:
+    async def control(self, record: JobRecord, action: FinetuneAction) -> JobRecord:
         """pause / resume / cancel: the store changes now (it refuses a wrong state), the engine follows."""
         status = {"pause": "paused", "resume": "running", "cancel": "cancelled"}[action]
         updated = await self._db(self.store.jobs.set_status, record.id, status)
@@ -265,7 +267,7 @@ class JobManager:
             await self._db(self.store.jobs.add_event, record.id, "info", f"Checkpoint created at step {step}: {name}")
             for done in [s for s in events if s <= step]:
                 del events[done]
-        if report.status in ("succeeded", "failed", "cancelled"):
+        if report.status in FINISHED_STATUSES:
             self.progress.pop(record.id, None)
             self._uncheckpointed.pop(record.id, None)
         if report.status == "succeeded" and report.final_path:

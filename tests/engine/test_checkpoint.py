@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import pytest
-
 import torch
 
 from engine.finetune.checkpoint import load_checkpoint, take_snapshot, write_checkpoint
 from engine.finetune.job import FinetuneJob, Hyperparameters
 from engine.finetune.lora_params import LoRAConfig
-from engine.lora.layout import lora_layout
 from engine.model.loader import load_model
 from tests.engine.test_finetune_equivalence import make_examples
 from tests.engine.tiny_models import tiny_llama_config, write_tiny_model
@@ -21,7 +19,7 @@ def _job(tmp_path) -> FinetuneJob:
     write_tiny_model(tmp_path / "model", tiny_llama_config())
     model = load_model(tmp_path / "model", torch.float32)
     examples = make_examples(model.config.vocab_size, count=2, seed=1)
-    return FinetuneJob("job", model, lora_layout(model), examples, Hyperparameters(n_epochs=1, batch_size=1),
+    return FinetuneJob("job", model, model.lora_layout(), examples, Hyperparameters(n_epochs=1, batch_size=1),
                        LoRAConfig(rank=4, alpha=8), seed=2)
 
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
-
 import time
 
-import torch
+import pytest
 
 from engine.config import EngineConfig
 from engine.finetune.job import FinetuneJob, Hyperparameters

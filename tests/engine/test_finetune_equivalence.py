@@ -27,7 +27,6 @@ from engine.finetune.job import (
     linear_schedule,
 )
 from engine.finetune.lora_params import LoRAConfig
-from engine.lora.layout import lora_layout
 from engine.lora.manager import LoRAManager
 from engine.messages import SamplingParams
 from engine.model.loader import load_model
@@ -55,13 +54,13 @@ def make_examples(vocab: int, count: int, seed: int) -> list[TrainingExample]:
 
 def train_with_engine(model_dir, examples, with_inference: bool, hp: Hyperparameters = HP) -> FinetuneJob:
     model = load_model(model_dir, torch.float32)
-    loras = LoRAManager(lora_layout(model), max_loras=2, max_cpu_loras=2, max_rank=8, dtype=torch.float32, device="cpu")
+    loras = LoRAManager(model.lora_layout(), max_loras=2, max_cpu_loras=2, max_rank=8, dtype=torch.float32, device="cpu")
     blocks = BlockManager(num_blocks=64, block_size=4)
     runner = ModelRunner(model, blocks.num_blocks, 4, max_model_len=256, device="cpu", lora_backend=lambda: loras.backend)
     scheduler = Scheduler(blocks, max_num_batched_tokens=16, max_num_seqs=8, max_model_len=256,
                           eos_token_ids=[], adapter_slots=loras)
     coordinator = FinetuneCoordinator(loras, scheduler, runner.cos, runner.sin, backward_layers_per_iteration=2)
-    job = FinetuneJob("job", model, lora_layout(model), examples, hp, LORA, seed=5)
+    job = FinetuneJob("job", model, model.lora_layout(), examples, hp, LORA, seed=5)
     coordinator.add_job(job)
     gen = torch.Generator().manual_seed(9)
     # Backward slices priced as the engine prices them: per iteration, 4 tokens through

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
-
 import threading
 from pathlib import Path
 
+import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file

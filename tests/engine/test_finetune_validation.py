@@ -8,12 +8,11 @@ only reads the weights, so a job trains to exactly the same adapter with or with
 
 from __future__ import annotations
 
-import pytest
-
 import shutil
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 from peft import PeftModel

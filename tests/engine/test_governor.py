@@ -1,6 +1,6 @@
 """Frequency governor on the simulated GPU: decisions, modes, and a bursty request trace.
 
-The trace test serves a generated Azure-like trace (engine/power/what_if.py) on
+The trace test serves a generated Azure-like trace (bench/power_what_if.py) on
 `SimulatedGpu`, once with the governor locking clocks and once at the top clock,
 and compares SLO attainment and energy.
 """
@@ -12,14 +12,10 @@ import dataclasses
 import numpy as np
 import pytest
 
+from bench.power_what_if import ServingSetup, azure_like_trace, governed_against_top_clock
 from engine.latency_model import IterationShape, LatencyModel
 from engine.power.governor import FrequencyGovernor, LoadState
 from engine.power.simulated_device import SimulatedGpu
-from engine.power.what_if import (
-    ServingSetup,
-    azure_like_trace,
-    governed_against_top_clock,
-)
 
 pytestmark = pytest.mark.unit
 

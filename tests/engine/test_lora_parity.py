@@ -17,7 +17,6 @@ import torch
 
 from engine.block_manager import BlockManager
 from engine.lora.adapter import load_adapter
-from engine.lora.layout import lora_layout
 from engine.lora.manager import LoRAManager
 from engine.messages import SamplingParams
 from engine.model.loader import load_model
@@ -58,7 +57,7 @@ def tiny_with_adapters(tmp_path_factory):
 def _mixed_batch_matches_peft(model_dir, adapter_root, names, max_loras, prompt_lens, budget, atol=ATOL):
     """Run base + adapters, teacher-forced, in shared iterations; compare every logits row with peft."""
     model = load_model(model_dir, torch.float32)
-    loras = LoRAManager(lora_layout(model), max_loras=max_loras, max_cpu_loras=len(names), max_rank=16,
+    loras = LoRAManager(model.lora_layout(), max_loras=max_loras, max_cpu_loras=len(names), max_rank=16,
                         dtype=torch.float32, device="cpu")
     for name in names:
         loras.add(name, adapter_root / name)
@@ -130,7 +129,7 @@ def test_rank_pattern_sets_per_module_ranks(tiny_with_adapters):
     """rank_pattern gives down_proj rank 2 while the other modules keep r=16."""
     root, model_dir = tiny_with_adapters
     model = load_model(model_dir, torch.float32)
-    weights = load_adapter(root / "mlp-patterns", lora_layout(model), max_rank=16, dtype=torch.float32)
+    weights = load_adapter(root / "mlp-patterns", model.lora_layout(), max_rank=16, dtype=torch.float32)
     assert weights.modules[(0, "down_proj")][0].shape[0] == 2
     assert weights.modules[(0, "gate_proj")][0].shape[0] == 16
     assert weights.rank == 16

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from engine.block_manager import BlockManager
-from engine.lora.layout import lora_layout
 from engine.lora.manager import LoRAManager
 from engine.messages import SamplingParams
 from engine.model.loader import load_model
@@ -61,7 +60,7 @@ class Served:
 def serve(root, waves: list[Wave], caching: bool, num_blocks=64, budget=16, max_seqs=8,
           prompt_logprobs: set[str] = frozenset()) -> Served:
     model = load_model(root / "base", torch.float32)
-    loras = LoRAManager(lora_layout(model), max_loras=2, max_cpu_loras=2, max_rank=8, dtype=torch.float32,
+    loras = LoRAManager(model.lora_layout(), max_loras=2, max_cpu_loras=2, max_rank=8, dtype=torch.float32,
                         device="cpu")
     for name in ("a", "b"):
         loras.add(name, root / name)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
-
 import threading
 
 import msgspec
+import pytest
 import zmq
 
 from engine.finetune import runs

@@ -5,8 +5,6 @@ checkpoint to success."""
 
 from __future__ import annotations
 
-import pytest
-
 import hashlib
 import io
 import os
@@ -16,6 +14,7 @@ import time
 
 import httpx
 import openai
+import pytest
 
 from tests.server.conftest import start_server
 from tests.server.test_fine_tuning import _chat_jsonl, _steps, _wait
