@@ -126,7 +126,7 @@ def invalid_purpose(value: str) -> errors.APIError:
 
 class UploadForm:
     """A multipart/form-data body parsed as it arrives: the `file` part goes to `upload`,
-    `purpose` is kept, other fields are skipped.
+    `purpose` is kept, any other field is a 400 naming it.
 
     python-multipart reports parts through synchronous callbacks; they only collect the
     file's bytes, and `feed` writes them in a worker thread.
@@ -211,6 +211,10 @@ class UploadForm:
             self.filename = _text(options.get(b"filename", b"")) or "file"
         elif self._part == "purpose":
             self._purpose_bytes.clear()
+        else:  # never dropped silently: the sender meant something by it
+            raise errors.bad_request(
+                f"Unknown upload field {self._part!r}; uploads take `file` and `purpose`.", self._part or None
+            )
 
     def _on_part_data(self, data: bytes, start: int, end: int) -> None:
         if self._part == "file":

@@ -154,7 +154,11 @@ def test_bad_uploads_400(client, http):
     assert_openai_error(upload(http, JSONL, purpose="x" * 100_000), 400, param="purpose")
     with pytest.raises(openai.BadRequestError):
         client.files.create(file=("x.jsonl", JSONL), purpose="assistants")
-    assert_openai_error(http.post("/v1/files", data={"purpose": "fine-tune"}, files={"other": b"x"}), 400, param="file")
+    assert_openai_error(http.post("/v1/files", data={"purpose": "fine-tune"}, files={"other": b"x"}), 400, param="other")
+    only_purpose = {"purpose": (None, "fine-tune")}  # multipart, without a file part
+    assert_openai_error(http.post("/v1/files", files=only_purpose), 400, param="file")
+    extra = http.post("/v1/files", data={"purpose": "fine-tune", "note": "x"}, files={"file": ("x.jsonl", JSONL)})
+    assert_openai_error(extra, 400, param="note")
     assert_openai_error(http.post("/v1/files", files={"file": ("x.jsonl", JSONL)}), 400, param="purpose")
     assert_openai_error(http.post("/v1/files", json={"purpose": "fine-tune"}), 400)
     two_files = [("file", ("a.jsonl", JSONL)), ("file", ("b.jsonl", JSONL))]
