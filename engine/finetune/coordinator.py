@@ -31,7 +31,7 @@ class FinetuneCoordinator:
         self,
         loras: LoRAManager,
         scheduler: Scheduler,
-        cos: torch.Tensor,  # [max_positions, head_dim] float32 rope tables for the recompute
+        cos: torch.Tensor,  # [max_positions, head_dim] rope tables (the compute type) for the recompute
         sin: torch.Tensor,
         backward_layers_per_iteration: int,
     ):

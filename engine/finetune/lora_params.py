@@ -40,6 +40,7 @@ class TrainableLoRA(nn.Module):
         super().__init__()
         self.layout = layout
         self.config = config
+        self._targets = {target.name: target for target in layout.targets}
         unknown = set(config.target_modules) - set(layout.module_names)
         if unknown:
             raise ValueError(f"target modules {sorted(unknown)} are not projections of this model")
@@ -77,6 +78,21 @@ class TrainableLoRA(nn.Module):
         a = torch.cat([pair[0] for pair, _ in pairs if pair is not None])
         b = torch.block_diag(*(pair[1] if pair is not None else torch.zeros(size, 0) for pair, size in pairs))
         return a, b
+
+    def apply(self, out: torch.Tensor, x: torch.Tensor, layer: int, target: str) -> torch.Tensor:
+        """out [T, out_features], the base projection of x [T, in], plus this adapter's
+        delta, differentiable in x and the parameters (engine/model/llama.py LayerLoRA).
+
+        The delta is computed in float32, like the parameters, and joins out in out's dtype
+        (the compute type, as the serving forward adds it). All adapted parts take two
+        matmuls, the second accumulating into the base output: per-part matmuls and a
+        concatenation of their deltas cost more in calls and passes over [T, out] than the
+        arithmetic of a rank-16 adapter."""
+        stacked = self.stacked(layer, self._targets[target])
+        if stacked is None:
+            return out
+        a, b = stacked  # [parts x r, in], block diagonal [out, parts x r]
+        return torch.addmm(out.float(), x.float() @ a.T, b.T, alpha=self.config.scaling).to(out.dtype)
 
     def serving_weights(self, dtype: torch.dtype) -> LoRAWeights:
         """Detached copy in the serving layout (scaling folded into B) for a compute slot."""

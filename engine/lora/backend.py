@@ -154,5 +154,7 @@ class LoRAContext:
     backend: LoRABackend
     batch: LoRABatch
 
-    def apply(self, out: torch.Tensor, x: torch.Tensor, layer: int, target: str) -> None:
+    def apply(self, out: torch.Tensor, x: torch.Tensor, layer: int, target: str) -> torch.Tensor:
+        """out plus this batch's deltas, added in place (engine/model/llama.py LayerLoRA)."""
         self.backend.apply(out, x, layer, target, self.batch)
+        return out

@@ -5,11 +5,17 @@ Input is one iteration's tokens, `[num_tokens]`, from many sequences at once;
 gate/up are fused into one matmul each: fewer, larger matmuls are what a CPU (and
 a GPU at small batch) runs fastest. With `lora` set, each of those four projections
 adds the LoRA deltas of the tokens' adapters to its output (engine/lora/backend.py).
+
+The same layer code runs the finetuning backward's recompute (engine/finetune/
+recompute.py): one training sequence, no KV cache (`kv_cache` and `meta` None: causal
+attention over the sequence), autograd on, the job's trainable LoRA as `lora`. Fused
+kernels and pre-packed GEMMs have no gradients, so with autograd on each module takes
+its native, differentiable path.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -17,16 +23,23 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from engine import ops
-from engine.attention import AttentionMetadata, paged_attention
+from engine.attention import AttentionMetadata, causal_attention, paged_attention
 from engine.lora.layout import LoRALayout, LoRATarget
-
 from engine.model.rope import apply_rope
-
-if TYPE_CHECKING:
-    from engine.lora.backend import LoRAContext
 
 # The fused projections LoRA attaches to (this model's linears of those names).
 QKV_PROJ, O_PROJ, GATE_UP_PROJ, DOWN_PROJ = "qkv_proj", "o_proj", "gate_up_proj", "down_proj"
+
+
+class LayerLoRA(Protocol):
+    """LoRA deltas for the projections of a forward: the serving batch's adapters
+    (engine/lora/backend.py LoRAContext) or a job's trainable adapter
+    (engine/finetune/lora_params.py TrainableLoRA)."""
+
+    def apply(self, out: torch.Tensor, x: torch.Tensor, layer: int, target: str) -> torch.Tensor:
+        """out [num_tokens, out_features] (the base projection of x [num_tokens, in])
+        plus the deltas, in out's dtype; may update out in place and return it."""
+        ...
 
 
 class RMSNorm(nn.Module):
@@ -74,14 +87,16 @@ class Attention(nn.Module):
         x: torch.Tensor,  # [num_tokens, hidden]
         cos: torch.Tensor,
         sin: torch.Tensor,
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
-        meta: AttentionMetadata,
-        lora: LoRAContext | None,
+        kv_cache: tuple[torch.Tensor, torch.Tensor] | None,  # None: one whole sequence, nothing cached
+        meta: AttentionMetadata | None,
+        lora: LayerLoRA | None,
     ) -> torch.Tensor:
         qkv = self.qkv_proj(x)  # [num_tokens, q_size + 2 * kv_size]
         if lora is not None:
-            lora.apply(qkv, x, self.layer, QKV_PROJ)
-        fused = self.fused and qkv.dtype == kv_cache[0].dtype == cos.dtype and qkv.is_contiguous()
+            qkv = lora.apply(qkv, x, self.layer, QKV_PROJ)
+        fused = (
+            self.fused and kv_cache is not None and qkv.dtype == kv_cache[0].dtype == cos.dtype and qkv.is_contiguous()
+        )
         if fused:  # rotated in place and cached in one pass
             ops.rope_write_kv(qkv, cos, sin, *kv_cache, meta.slot_mapping, self.num_heads, self.num_kv_heads)
         heads = qkv.view(-1, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
@@ -90,10 +105,13 @@ class Attention(nn.Module):
             q, k = apply_rope(heads[:, : self.num_heads + self.num_kv_heads], cos, sin).split(
                 [self.num_heads, self.num_kv_heads], dim=1
             )
-        out = paged_attention(q, k, v, *kv_cache, meta, self.scale, kv_written=fused).view(-1, self.q_size)
+        if kv_cache is None:
+            out = causal_attention(q, k, v, self.scale).reshape(-1, self.q_size)
+        else:
+            out = paged_attention(q, k, v, *kv_cache, meta, self.scale, kv_written=fused).view(-1, self.q_size)
         y = self.o_proj(out)
         if lora is not None:
-            lora.apply(y, out, self.layer, O_PROJ)
+            y = lora.apply(y, out, self.layer, O_PROJ)
         return y
 
 
@@ -110,10 +128,10 @@ class MLP(nn.Module):
         # silu(gate) * up through the csrc kernel (on the CPU); set by the runner.
         self.fused = False
 
-    def forward(self, x: torch.Tensor, lora: LoRAContext | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora: LayerLoRA | None) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * intermediate]
         if lora is not None:
-            lora.apply(gate_up, x, self.layer, GATE_UP_PROJ)
+            gate_up = lora.apply(gate_up, x, self.layer, GATE_UP_PROJ)
         if self.fused and gate_up.is_contiguous() and not torch.is_grad_enabled():
             act = ops.silu_and_mul(gate_up)  # [num_tokens, intermediate]
         else:
@@ -121,7 +139,7 @@ class MLP(nn.Module):
             act = F.silu(gate) * up
         y = self.down_proj(act)
         if lora is not None:
-            lora.apply(y, act, self.layer, DOWN_PROJ)
+            y = lora.apply(y, act, self.layer, DOWN_PROJ)
         return y
 
 
@@ -170,7 +188,7 @@ class LlamaForCausalLM(nn.Module):
         sin: torch.Tensor,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         meta: AttentionMetadata,
-        lora: LoRAContext | None = None,
+        lora: LayerLoRA | None = None,
         capture_rows: torch.Tensor | None = None,  # [n] rows whose layer inputs to keep
         captured: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:  # [num_tokens, hidden]

@@ -158,6 +158,8 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
+        if x.requires_grad:  # a finetuning recompute: the packed kernels have no gradients
+            return linear_on_row_buckets(x, self.weight, self.bias)
         if 0 < rows <= self.panel_max_rows and x.dim() == 2:
             y = ops.bf16_linear(x.float(), self.bf16_panels, self.weight.shape[0], self.panel_bias)
             return y.to(x.dtype)
