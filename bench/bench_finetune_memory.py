@@ -92,7 +92,7 @@ def measure_coserve(model_dir: Path) -> dict:
     layout = model.lora_layout()
     loras = LoRAManager(layout, max_loras=1, max_cpu_loras=1, max_rank=16, dtype=torch.float32, device="cpu")
     blocks = BlockManager(num_blocks=SEQ_LEN // 16 + 1, block_size=16)
-    runner = ModelRunner(model, blocks.num_blocks, 16, SEQ_LEN + 16, "cpu", lora_backend=lambda: loras.backend)
+    runner = ModelRunner(model, blocks.num_blocks, 16, SEQ_LEN + 16, "cpu", lora_backend=loras.backend)
     scheduler = Scheduler(blocks, 512, 8, SEQ_LEN + 16, eos_token_ids=[], adapter_slots=loras)
     coordinator = FinetuneCoordinator(loras, scheduler, runner.cos, runner.sin, backward_layers_per_iteration=4)
     example = TrainingExample(_tokens(model.config.vocab_size), [False] + [True] * (SEQ_LEN - 1))

@@ -72,7 +72,7 @@ def main() -> None:
                                     finetune_backward_layers_per_iteration=args.backward_layers))
     rng = random.Random(0)
     job = make_job(engine, rng, args.batch_size)
-    engine.add_finetune_job(job)
+    engine.finetune.add_job(job)
     params = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
     start = time.time()
     next_arrival = start + rng.expovariate(args.rate) if args.rate > 0 else float("inf")

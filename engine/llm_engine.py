@@ -17,22 +17,13 @@ from engine.block_manager import BlockManager
 from engine.coserving_policy import CoServingPolicy
 from engine.config import EngineConfig, dtype_name, explicit_dtype, resolve_panel_rows
 from engine.finetune.coordinator import FinetuneCoordinator
-from engine.finetune.job import FinetuneJob
 from engine.finetune.runs import FinetuneRuns
 from engine.grammar.compiler import GrammarCompiler, GrammarError
 from engine.iteration_observers import IterationObserver, LatencyFit, PowerAccounting
 from engine.latency_model import IterationShape, LatencyModel
 from engine.lora.adapter import AdapterError
 from engine.lora.manager import LoRAManager
-from engine.messages import (
-    ControlFinetune,
-    EngineReady,
-    EngineRequest,
-    FinetuneReport,
-    IterationStats,
-    RequestOutput,
-    StartFinetune,
-)
+from engine.messages import EngineReady, EngineRequest, IterationStats, RequestOutput
 from engine.model import gemm_probe
 from engine.model.loader import load_config, load_model
 from engine.plan import IterationPlan, iteration_shape
@@ -116,7 +107,7 @@ class LLMEngine:
         )
         self.runner = ModelRunner(
             self.model, num_blocks, config.block_size, self.max_model_len, config.device,
-            lora_backend=lambda: self.loras.backend,
+            lora_backend=self.loras.backend,
         )
         self.sequences: dict[str, Sequence] = {}
         self.latency = LatencyModel()
@@ -138,6 +129,8 @@ class LLMEngine:
         self.observers: list[IterationObserver] = [LatencyFit(self.latency, self.policy)]
         if self.power_accounting is not None:
             self.observers.insert(0, self.power_accounting)  # charges energy at the costs before the fit moves
+        # Jobs' lives (start, pause/resume/cancel, checkpoints, reports): the process loop
+        # talks to finetune_runs itself; the iteration only calls after_iteration.
         self.finetune_runs = FinetuneRuns(self.finetune, self.model, self.loras.layout)
         log.info(
             "engine ready: %s, dtype=%s%s%s, %d KV blocks of %d tokens, max_model_len=%d",
@@ -232,32 +225,6 @@ class LLMEngine:
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or self.finetune.has_work()
-
-    # -- finetuning ------------------------------------------------------------------
-
-    def add_finetune_job(self, job: FinetuneJob) -> None:
-        self.finetune.add_job(job)
-
-    def start_finetune(self, msg: StartFinetune) -> None:
-        self.finetune_runs.start(msg)
-
-    def control_finetune(self, msg: ControlFinetune) -> None:
-        self.finetune_runs.control(msg)
-
-    def finetune_reports(self) -> list[FinetuneReport]:
-        return self.finetune_runs.reports()
-
-    def save_finetune_progress(self) -> None:
-        """Before a planned exit: checkpoints of the steps taken since the last scheduled ones."""
-        self.finetune_runs.save_progress()
-
-    def writing_checkpoints(self) -> bool:
-        return self.finetune_runs.writing()
-
-    def idle_finetune_reports(self) -> list[FinetuneReport]:
-        """With no iteration to run: the checkpoints written since the last report."""
-        self.finetune_runs.after_iteration()
-        return self.finetune_runs.reports()
 
     # -- the iteration -----------------------------------------------------------------
 

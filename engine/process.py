@@ -82,7 +82,7 @@ def _serve(engine, inbox, outbox, encoder, decoder) -> None:
         if engine.has_work():
             timeout = 0
         else:  # idle: block, or wake up to report checkpoints as their writes finish
-            timeout = _CHECKPOINT_POLL_MS if engine.writing_checkpoints() else None
+            timeout = _CHECKPOINT_POLL_MS if engine.finetune_runs.writing() else None
         while poller.poll(timeout):
             msg = decoder.decode(inbox.recv())
             if isinstance(msg, EngineRequest):
@@ -93,10 +93,10 @@ def _serve(engine, inbox, outbox, encoder, decoder) -> None:
                 outbox.send(encoder.encode(_adapter_op(engine, msg)))
             elif isinstance(msg, StartFinetune | ControlFinetune):
                 if isinstance(msg, StartFinetune):
-                    engine.start_finetune(msg)
+                    engine.finetune_runs.start(msg)
                 else:
-                    engine.control_finetune(msg)
-                reports = engine.finetune_reports()
+                    engine.finetune_runs.control(msg)
+                reports = engine.finetune_runs.reports()
                 if reports:
                     outbox.send(encoder.encode(EngineOutputs(outputs=[], finetune=reports)))
             elif isinstance(msg, AbortRequests):
@@ -106,9 +106,9 @@ def _serve(engine, inbox, outbox, encoder, decoder) -> None:
                     outbox.send(encoder.encode(EngineOutputs(outputs=[], stats=engine.stats())))
             elif isinstance(msg, Shutdown):
                 log.info("engine shutting down")
-                engine.save_finetune_progress()
+                engine.finetune_runs.save_progress()  # checkpoints of the steps since the last ones
                 # The steps and checkpoints not yet reported, for the server to record before it exits.
-                if reports := engine.idle_finetune_reports():
+                if reports := engine.finetune_runs.idle_reports():
                     outbox.send(encoder.encode(EngineOutputs(outputs=[], finetune=reports)))
                 outbox.close(linger=_SHUTDOWN_LINGER_MS)
                 inbox.close(linger=0)
@@ -116,8 +116,8 @@ def _serve(engine, inbox, outbox, encoder, decoder) -> None:
             timeout = 0
         if engine.has_work():
             outputs, stats = engine.step()
-            outbox.send(encoder.encode(EngineOutputs(outputs=outputs, stats=stats, finetune=engine.finetune_reports())))
-        elif reports := engine.idle_finetune_reports():
+            outbox.send(encoder.encode(EngineOutputs(outputs=outputs, stats=stats, finetune=engine.finetune_runs.reports())))
+        elif reports := engine.finetune_runs.idle_reports():
             outbox.send(encoder.encode(EngineOutputs(outputs=[], finetune=reports)))
 
 

@@ -14,7 +14,6 @@ CPU plan -> tensors, in one place:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -51,11 +50,12 @@ class ModelRunner:
         max_model_len: int,
         device: str,
         use_kernels: bool | None = None,
-        lora_backend: Callable[[], LoRABackend | None] = lambda: None,
+        lora_backend: LoRABackend | None = None,
     ):
         """use_kernels: None = use the csrc/ kernels where they build and take the model's
         type, False = native PyTorch only.
-        lora_backend: returns the current LoRA backend (None until an adapter is loaded)."""
+        lora_backend: computes the LoRA deltas of the tokens whose sequences have an
+        adapter slot (None: a model served without adapters)."""
         self.model = model
         self.lora_backend = lora_backend
         self.block_size = block_size
@@ -165,11 +165,10 @@ class ModelRunner:
         return hidden
 
     def _lora_context(self, lora_slots: list[int]) -> LoRAContext | None:
-        backend = self.lora_backend()
-        if backend is None:
+        if self.lora_backend is None:
             return None
-        batch = backend.make_batch(lora_slots, self.device)
-        return None if batch is None else LoRAContext(backend, batch)
+        batch = self.lora_backend.make_batch(lora_slots, self.device)
+        return None if batch is None else LoRAContext(self.lora_backend, batch)
 
     @torch.inference_mode()
     def execute(self, plan: IterationPlan) -> RunnerOutput:

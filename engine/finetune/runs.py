@@ -204,6 +204,11 @@ class FinetuneRuns:
         self._set_status(run, "failed")
         self.runs[job_id] = run
 
+    def idle_reports(self) -> list[FinetuneReport]:
+        """With no iteration to run: the checkpoints written since the last report."""
+        self.after_iteration()
+        return self.reports()
+
     def reports(self) -> list[FinetuneReport]:
         """What changed since the last call; finished runs are forgotten once reported."""
         out = []

@@ -72,8 +72,9 @@ class LoRAManager:
         self._host: OrderedDict[int, AdapterEntry] = OrderedDict()  # id(entry) -> entry, LRU first
         self._slot_owner: list[AdapterEntry | None] = [None] * max_loras
         self._clock = itertools.count(1)
-        # Slot tensors are allocated with the first adapter: a base-only server pays nothing.
-        self.backend: NativeLoRABackend | None = None
+        # The model runner computes through this backend; its slot tensors are allocated
+        # with the first adapter.
+        self.backend = NativeLoRABackend(LoRASlots(layout, max_loras, max_rank, dtype, device))
         self.num_slot_loads = 0
 
     # -- registry ------------------------------------------------------------
@@ -161,9 +162,6 @@ class LoRAManager:
         previous = self._slot_owner[slot]
         if previous is not None:
             previous.slot = None
-        if self.backend is None:
-            slots = LoRASlots(self.layout, self.max_loras, self.max_rank, self.dtype, self.device)
-            self.backend = NativeLoRABackend(slots)
         assert entry.weights is not None, "acquire() keeps a live adapter's weights on the host"
         self.backend.slots.write(slot, entry.weights)
         self._slot_owner[slot] = entry

@@ -6,7 +6,8 @@ Per layer and target, for slot s:
 with R = max_lora_rank rounded up to a multiple of 8 (grouped GEMMs want 16-byte
 aligned strides) and zeros wherever an adapter has a lower rank or skips a part:
 zero columns of A and zero rows of B add nothing, so every slot has one shape and
-a batch of adapters is one grouped matmul per part.
+a batch of adapters is one grouped matmul per part. The tensors are allocated with
+the first adapter written: a base-only server pays nothing.
 """
 
 from __future__ import annotations
@@ -26,9 +27,12 @@ class LoRASlots:
         self.layout = layout
         self.num_slots = num_slots
         self.rank = padded_rank(max_rank)
-        R = self.rank
+        self.dtype, self.device = dtype, device
         self.a: list[dict[str, torch.Tensor]] = []
         self.b: list[dict[str, list[torch.Tensor]]] = []
+
+    def _allocate(self) -> None:
+        R, layout, num_slots, dtype, device = self.rank, self.layout, self.num_slots, self.dtype, self.device
         for _ in range(layout.num_layers):
             self.a.append({
                 t.name: torch.zeros(num_slots, t.in_features, len(t.parts) * R, dtype=dtype, device=device)
@@ -41,6 +45,8 @@ class LoRASlots:
 
     def write(self, slot: int, weights: LoRAWeights) -> None:
         """Put `weights` into `slot`, replacing whatever was there."""
+        if not self.a:
+            self._allocate()
         R = self.rank
         for layer in range(self.layout.num_layers):
             for target in self.layout.targets:

@@ -32,7 +32,7 @@ def _request(request_id: str, ttft_slo_ms=None, tpot_slo_ms=None) -> EngineReque
 def test_iteration_energy_goes_to_requests_and_jobs(engine):
     assert engine.ready_info().power_device == "simulated H100 SXM"
     job = _job(engine)
-    engine.add_finetune_job(job)
+    engine.finetune.add_job(job)
     for i in range(3):
         engine.add_request(_request(f"r{i}"))
     energy = finetune_energy = 0.0

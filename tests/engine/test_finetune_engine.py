@@ -27,7 +27,7 @@ def _run(engine: LLMEngine, job: FinetuneJob, inference_rounds: int) -> list:
     """Steps until everything is done, with a stream of inference requests; returns each iteration's stats."""
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     history = []
-    engine.add_finetune_job(job)
+    engine.finetune.add_job(job)
     i = 0
     while engine.has_work():
         if i < inference_rounds and i % 3 == 0:

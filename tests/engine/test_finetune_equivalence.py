@@ -56,7 +56,7 @@ def train_with_engine(model_dir, examples, with_inference: bool, hp: Hyperparame
     model = load_model(model_dir, torch.float32)
     loras = LoRAManager(model.lora_layout(), max_loras=2, max_cpu_loras=2, max_rank=8, dtype=torch.float32, device="cpu")
     blocks = BlockManager(num_blocks=64, block_size=4)
-    runner = ModelRunner(model, blocks.num_blocks, 4, max_model_len=256, device="cpu", lora_backend=lambda: loras.backend)
+    runner = ModelRunner(model, blocks.num_blocks, 4, max_model_len=256, device="cpu", lora_backend=loras.backend)
     scheduler = Scheduler(blocks, max_num_batched_tokens=16, max_num_seqs=8, max_model_len=256,
                           eos_token_ids=[], adapter_slots=loras)
     coordinator = FinetuneCoordinator(loras, scheduler, runner.cos, runner.sin, backward_layers_per_iteration=2)

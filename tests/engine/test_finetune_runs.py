@@ -39,14 +39,14 @@ def _engine(model_dir) -> LLMEngine:
 
 def _start(engine, model_dir, out_dir, resume=False, job_id="ftjob-1"):
     examples = [FinetuneExample(e.token_ids, e.target) for e in make_examples(97, count=6, seed=4)]
-    engine.start_finetune(StartFinetune(job_id, examples, SETTINGS, str(out_dir), str(model_dir), resume))
+    engine.finetune_runs.start(StartFinetune(job_id, examples, SETTINGS, str(out_dir), str(model_dir), resume))
 
 
 def _run(engine, until=lambda reports: False) -> list:
     reports = []
     while engine.has_work():
         engine.step()
-        reports += engine.finetune_reports()
+        reports += engine.finetune_runs.reports()
         if until(reports):
             break
     return reports
@@ -121,9 +121,9 @@ def test_a_stop_between_checkpoints_saves_the_last_step_and_resumes_there(tmp_pa
     while job.position == 6:  # into step 4's batch (2 examples each): one sequence done
         first.step()
     assert job.step == 3 and job.position == 7
-    first.save_finetune_progress()
+    first.finetune_runs.save_progress()
     assert (tmp_path / "stop" / "checkpoints" / "step-3" / TRAINER_STATE).is_file()
-    assert [c[0] for r in reports + first.finetune_reports() for c in r.checkpoints] == [2]  # not reported
+    assert [c[0] for r in reports + first.finetune_runs.reports() for c in r.checkpoints] == [2]  # not reported
     del first
     # What a crash in the middle of a checkpoint write leaves: its staging directory.
     interrupted = tmp_path / "stop" / "checkpoints" / ".step-4-x1y2"
@@ -149,15 +149,15 @@ def test_pause_resume_and_cancel(tmp_path):
     engine = _engine(model_dir)
     _start(engine, model_dir, tmp_path / "a", job_id="a")
     _run(engine, until=lambda reports: any(r.steps for r in reports))
-    engine.control_finetune(ControlFinetune("a", "pause"))
-    assert engine.finetune_reports()[-1].status == "paused"
+    engine.finetune_runs.control(ControlFinetune("a", "pause"))
+    assert engine.finetune_runs.reports()[-1].status == "paused"
     _run(engine)  # finishes the sequence in flight, then idles
     paused_at = engine.finetune.jobs["a"].step
     assert not engine.has_work() and paused_at < 6
-    engine.control_finetune(ControlFinetune("a", "resume"))
+    engine.finetune_runs.control(ControlFinetune("a", "resume"))
     _run(engine, until=lambda reports: any(s.step > paused_at for r in reports for s in r.steps))
-    engine.control_finetune(ControlFinetune("a", "cancel"))
-    assert engine.finetune_reports()[-1].status == "cancelled"
+    engine.finetune_runs.control(ControlFinetune("a", "cancel"))
+    assert engine.finetune_runs.reports()[-1].status == "cancelled"
     assert "a" not in engine.finetune.jobs and not engine.has_work()
 
 
@@ -171,7 +171,7 @@ def test_concurrent_jobs_share_the_finetuning_budget(tmp_path):
     order = []
     while engine.has_work():
         engine.step()
-        order += [r.job_id for r in engine.finetune_reports() for _ in r.steps]
+        order += [r.job_id for r in engine.finetune_runs.reports() for _ in r.steps]
     assert sorted(order) == ["a"] * 6 + ["b"] * 6
     # Neither waits for the other to finish: b steps before a's last step.
     assert order.index("b") < len(order) - 1 - order[::-1].index("a")
@@ -203,7 +203,7 @@ def test_checkpoints_are_written_off_the_engine_loop(tmp_path, monkeypatch):
     reports = []
     while job.step < 3:  # past the step-2 checkpoint, while its write is held back
         engine.step()
-        reports += engine.finetune_reports()
+        reports += engine.finetune_runs.reports()
     assert not written and not [c for r in reports for c in r.checkpoints]
     at_step_3 = job.lora.peft_state_dict()
     release.set()

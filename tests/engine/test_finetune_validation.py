@@ -43,7 +43,7 @@ def _train(model_dir, out_dir, validation: list[FinetuneExample], with_inference
     """Runs a job (6 steps, checkpoints at 2, 4, 6) to the end, or to the checkpoint
     `stop_at_checkpoint`; returns its step reports."""
     engine = _engine(model_dir)
-    engine.start_finetune(StartFinetune("job", _examples(6, seed=4), SETTINGS, str(out_dir), str(model_dir),
+    engine.finetune_runs.start(StartFinetune("job", _examples(6, seed=4), SETTINGS, str(out_dir), str(model_dir),
                                         resume=resume, validation=validation))
     steps, checkpoints, iterations = [], [], 0
     while engine.has_work() and stop_at_checkpoint not in checkpoints:
@@ -52,7 +52,7 @@ def _train(model_dir, out_dir, validation: list[FinetuneExample], with_inference
             engine.add_request(EngineRequest(f"inf{iterations}", list(range(3, 13)), params, time.time()))
         engine.step()
         iterations += 1
-        for report in engine.finetune_reports():
+        for report in engine.finetune_runs.reports():
             steps += report.steps
             checkpoints += [step for step, _ in report.checkpoints]
     engine.close()

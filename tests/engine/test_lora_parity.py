@@ -63,7 +63,7 @@ def _mixed_batch_matches_peft(model_dir, adapter_root, names, max_loras, prompt_
         loras.add(name, adapter_root / name)
     blocks = BlockManager(num_blocks=96, block_size=4)
     runner = ModelRunner(model, blocks.num_blocks, 4, max_model_len=256, device="cpu",
-                         lora_backend=lambda: loras.backend)
+                         lora_backend=loras.backend)
     scheduler = Scheduler(blocks, max_num_batched_tokens=budget, max_num_seqs=8, max_model_len=256,
                           eos_token_ids=[], adapter_slots=loras)
     gen = torch.Generator().manual_seed(3)

@@ -65,7 +65,7 @@ def serve(root, waves: list[Wave], caching: bool, num_blocks=64, budget=16, max_
     for name in ("a", "b"):
         loras.add(name, root / name)
     blocks = BlockManager(num_blocks, BS, prefix_caching=caching)
-    runner = ModelRunner(model, num_blocks, BS, max_model_len=256, device="cpu", lora_backend=lambda: loras.backend)
+    runner = ModelRunner(model, num_blocks, BS, max_model_len=256, device="cpu", lora_backend=loras.backend)
     scheduler = Scheduler(blocks, budget, max_seqs, 256, eos_token_ids=[], adapter_slots=loras)
     outputs: dict[str, list[int]] = {}
     logprobs: dict[str, list] = {}
