@@ -5,14 +5,15 @@ over its module's). `--tiers unit,tiny` runs those tiers only; `make test` runs 
   against references, stores, request schemas);
 - tiny: tiny random-weight models built in the test, against transformers and PEFT;
 - model: the default model (SmolLM2-135M-Instruct) or its tokenizer, in-process;
-- server: a live coserve process (on the default model) over HTTP.
+- server: a live coserve process (on the default model) over HTTP;
+- gpu: the engine on a CUDA device against the same references (skipped without one).
 """
 
 from __future__ import annotations
 
 import pytest
 
-TIERS = ("unit", "tiny", "model", "server")
+TIERS = ("unit", "tiny", "model", "server", "gpu")
 
 
 def pytest_addoption(parser):

@@ -40,11 +40,12 @@ def _reference_logits(reference, token_ids: list[int]) -> torch.Tensor:
 
 
 def _run_and_compare(model_dir, reference, prompt_lens, decode_steps, budget, use_kernels, block_size=4,
-                     panel_max_rows=0, dtype=torch.float32, atol=ATOL, onednn_max_rows=0, prefill_kernel=None):
+                     panel_max_rows=0, dtype=torch.float32, atol=ATOL, onednn_max_rows=0, prefill_kernel=None,
+                     device="cpu"):
     """prefill_kernel: None = the runner's own choice; True forces the AMX prefill kernel."""
-    model = load_model(model_dir, dtype, panel_max_rows=panel_max_rows, onednn_max_rows=onednn_max_rows)
+    model = load_model(model_dir, dtype, device, panel_max_rows=panel_max_rows, onednn_max_rows=onednn_max_rows)
     blocks = BlockManager(num_blocks=64, block_size=block_size)
-    runner = ModelRunner(model, blocks.num_blocks, block_size, max_model_len=256, device="cpu", use_kernels=use_kernels)
+    runner = ModelRunner(model, blocks.num_blocks, block_size, max_model_len=256, device=device, use_kernels=use_kernels)
     if prefill_kernel is not None:
         runner.prefill_kernel = prefill_kernel
     scheduler = Scheduler(blocks, max_num_batched_tokens=budget, max_num_seqs=8, max_model_len=256, eos_token_ids=[])
@@ -62,7 +63,7 @@ def _run_and_compare(model_dir, reference, prompt_lens, decode_steps, budget, us
     references = {s.request_id: _reference_logits(reference, s.token_ids) for s in seqs}
     assert len(computed) == sum(s.num_tokens - 1 for s in seqs)
     for seq, position, ours in computed:
-        torch.testing.assert_close(ours.float(), references[seq.request_id][position], atol=atol, rtol=0)
+        torch.testing.assert_close(ours.float().cpu(), references[seq.request_id][position], atol=atol, rtol=0)
 
 
 KERNEL_CHOICES = [
