@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
+from server import errors
 from server.tools.schema import check_parameters_schema
 
 MAX_STOP_STRINGS = 4
@@ -25,6 +26,43 @@ FUNCTION_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
 TokenId = Annotated[int, Field(ge=0)]
+
+
+def _lone_surrogate(value: Any, path: tuple = ()) -> tuple | None:
+    """The path of the first string (or key) holding a lone UTF-16 surrogate, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            found = _lone_surrogate(key, (*path, key)) or _lone_surrogate(item, (*path, key))
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _lone_surrogate(item, (*path, i))
+            if found is not None:
+                return found
+    return None
+
+
+class _UnicodeBody(BaseModel):
+    """A request body whose strings are all valid Unicode. JSON's \\uD800-style escapes
+    can spell a lone surrogate, which no tokenizer or grammar library can take; it is a
+    400 naming the field here, before anything reaches them."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_lone_surrogates(cls, data: Any) -> Any:
+        path = _lone_surrogate(data)
+        if path is not None:
+            # The path may run through the key at fault: written with its escape.
+            param = ".".join(str(p).encode("utf-8", "backslashreplace").decode() for p in path) or None
+            # An APIError passes through pydantic untouched, so the 400 names the field.
+            raise errors.bad_request(f"{param or 'the body'} holds a lone surrogate (invalid Unicode text)", param)
+        return data
 
 
 class StreamOptions(BaseModel):
@@ -80,7 +118,7 @@ class StructuredOutputs(BaseModel):
     whitespace_pattern: str | None = None
 
 
-class GenerationRequest(BaseModel):
+class GenerationRequest(_UnicodeBody):
     """Fields that completions and chat share. A field not listed here is rejected with a
     400 naming it, never dropped."""
 
@@ -246,7 +284,7 @@ class ChatCompletionRequest(GenerationRequest):
     function_call: Any = None
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(_UnicodeBody):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = None

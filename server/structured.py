@@ -9,7 +9,11 @@ gone from vLLM (it ignores them with a warning); here they are unknown fields an
 400 naming them, like any other.
 
 Every spec is parsed by the grammar library the engine compiles with, so a schema or
-regex it cannot take is a 400 here, never an engine error.
+regex it cannot take is a 400 here, never an engine error. A JSON schema is also checked
+for keywords that library compiles without enforcing (`not`, `uniqueItems`, `contains`,
+`if`/`then`/`else`, dependencies, an `allOf` of several schemas, a `$ref` outside the
+schema or beside other constraints): refused by name rather than silently dropped, since
+outputs could then break the schema. `oneOf` is enforced as `anyOf`.
 """
 
 from __future__ import annotations
@@ -23,6 +27,17 @@ from server import errors
 from server.protocol import GenerationRequest, ResponseFormat, StructuredOutputs
 
 _UNSUPPORTED = ("grammar", "structural_tag", "whitespace_pattern")
+# JSON schema keywords xgrammar compiles without enforcing (checked against jsonschema
+# on xgrammar 0.2.9): output under them could fail the schema, so they are refused.
+_UNENFORCED = ("not", "uniqueItems", "contains", "minContains", "maxContains", "if", "then", "else",
+               "dependentRequired", "dependentSchemas", "dependencies", "$dynamicRef")
+# Where subschemas sit: maps of names to schemas, lists of schemas, one schema.
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SCHEMA_ONE = ("items", "additionalProperties", "unevaluatedProperties", "unevaluatedItems", "propertyNames")
+# What may stand beside a $ref: xgrammar follows the reference and drops the rest.
+_ANNOTATIONS = {"$ref", "title", "description", "default", "examples", "$comment", "deprecated", "readOnly",
+                "writeOnly"}
 _CONSTRAINTS = ("json_schema", "regex", "choice", "json_object")
 # What a JSON object with no schema is (OpenAI's json_object: any JSON object).
 _ANY_OBJECT = json.dumps({"type": "object"})
@@ -52,6 +67,11 @@ def structured_output(body: GenerationRequest) -> StructuredOutput | None:
 
 
 def _from_response_format(fmt: ResponseFormat | None, any_whitespace: bool) -> tuple[StructuredOutput, str] | None:
+    if fmt is not None and fmt.type != "json_schema" and fmt.json_schema is not None:
+        raise errors.bad_request(
+            f"response_format.json_schema is only used with type json_schema, not {fmt.type}",
+            "response_format.json_schema",
+        )
     if fmt is None or fmt.type == "text":
         return None
     if fmt.type == "json_object":
@@ -108,4 +128,46 @@ def _check(spec: StructuredOutput, param: str) -> None:
 def _parse_once(spec: StructuredOutput) -> None:
     """Parsing a schema is ~1 ms; a client repeats its few schemas (a failure raises
     and is not cached)."""
+    if spec.kind == "json":
+        check_enforceable(json.loads(spec.spec))
     parse(spec)
+
+
+def check_enforceable(schema: object) -> None:
+    """Raises GrammarError where the schema uses what the grammar would not enforce."""
+    problem = _unenforced(schema, ())
+    if problem is not None:
+        path, why = problem
+        where = f" at {'/'.join(map(str, path))}" if path else ""
+        raise GrammarError(f"{why}{where}: not enforced by the grammar library, so outputs could break it")
+
+
+def _unenforced(schema: object, path: tuple) -> tuple[tuple, str] | None:
+    if not isinstance(schema, dict):
+        return None
+    for key in _UNENFORCED:
+        if key in schema:
+            return path, f"keyword {key!r}"
+    ref = schema.get("$ref")
+    if ref is not None:
+        if not (isinstance(ref, str) and (ref == "#" or ref.startswith("#/"))):
+            return path, f"$ref {ref!r} (only references inside the schema, # or #/...)"
+        if beside := sorted(set(schema) - _ANNOTATIONS):
+            return path, f"$ref beside {beside[0]!r}"
+    if len(schema.get("allOf") or []) > 1:
+        return path, "allOf of more than one schema"
+    children: list[tuple[tuple, object]] = []
+    for key in _SCHEMA_MAPS:
+        if isinstance(schema.get(key), dict):
+            children += [((*path, key, name), sub) for name, sub in schema[key].items()]
+    for key in _SCHEMA_LISTS:
+        if isinstance(schema.get(key), list):
+            children += [((*path, key, i), sub) for i, sub in enumerate(schema[key])]
+    for key in _SCHEMA_ONE:
+        if key in schema:
+            children.append(((*path, key), schema[key]))
+    for child_path, child in children:
+        problem = _unenforced(child, child_path)
+        if problem is not None:
+            return problem
+    return None

@@ -81,7 +81,7 @@ def _logit_bias(ctx: ServerContext, body: GenerationRequest) -> tuple[tuple[int,
     """`logit_bias` as (token id, bias) pairs; keys must be token ids of this model."""
     pairs = []
     for key, bias in (body.logit_bias or {}).items():
-        if not key.strip().isdigit():
+        if not (key.isascii() and key.strip().isdigit()):
             raise errors.bad_request(f"logit_bias keys must be token ids; got {key!r}", "logit_bias")
         pairs.append((int(key), bias))
     ctx.prompts.check_token_ids([token for token, _ in pairs], "logit_bias")

@@ -22,6 +22,7 @@ import json
 from engine.grammar.compiler import GrammarError, parse
 from engine.messages import StructuredOutput
 from server import errors
+from server.structured import check_enforceable
 from server.tools import markup
 from server.tools.policy import ToolPolicy
 from server.tools.schema import NO_PARAMETERS
@@ -62,6 +63,7 @@ def _check_parameters(parameters: dict | None, param: str) -> None:
     if parameters is None:
         return
     try:
+        check_enforceable(parameters)
         parse(StructuredOutput("json", json.dumps(parameters)))
     except GrammarError as exc:
         raise errors.bad_request(f"Invalid JSON schema for {param}: {exc}", param) from None

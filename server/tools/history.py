@@ -18,4 +18,8 @@ def template_tool_call(call_id: str, name: str, arguments: str) -> dict:
         raise ValueError(f"not JSON: {exc.msg} at column {exc.colno}") from None
     if not isinstance(value, dict):
         raise ValueError("must be a JSON object")
+    try:  # a \uD800-style escape may spell a lone surrogate, which no tokenizer takes
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("holds a lone surrogate (invalid Unicode text)") from None
     return {"id": call_id, "type": "function", "function": {"name": name, "arguments": value}}

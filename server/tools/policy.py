@@ -3,7 +3,8 @@
 Cross-field checks live here (pydantic checked each field's shape in server/protocol.py),
 each a 400 naming the parameter at fault:
 
-- tool_choice without tools, or naming a function that is not among them;
+- tool_choice or parallel_tool_calls without tools, or a tool_choice naming a function
+  that is not among them;
 - two tools of one name;
 - response_format / structured_outputs beside tools the model may call: both would
   constrain the same output, and one grammar cannot serve both meanings;
@@ -39,8 +40,9 @@ def tool_policy(body: ChatCompletionRequest) -> ToolPolicy | None:
         if getattr(body, legacy) is not None:
             raise errors.bad_request(f"{legacy} is deprecated and not supported; use tools and tool_choice", legacy)
     if body.tools is None:
-        if body.tool_choice is not None:
-            raise errors.bad_request("tool_choice is only allowed when tools are given", "tool_choice")
+        for field in ("tool_choice", "parallel_tool_calls"):
+            if getattr(body, field) is not None:
+                raise errors.bad_request(f"{field} is only allowed when tools are given", field)
         return None
     functions = tuple(tool.function for tool in body.tools)
     _check_unique_names(functions)

@@ -188,6 +188,28 @@ def test_regex_and_choice_on_chat(client, model_name):
     assert complete_text(colour.choices[0]) in COLOURS
 
 
+def test_logit_bias_is_honoured_under_a_grammar(client, model_name, http):
+    """A +100 bias on the first token of another allowed choice makes it the greedy pick;
+    with -100 on the greedy pick's first token, that token is not generated (the grammar
+    may still spell the same word another way) and the answer is still a choice."""
+    def pick(**kw):
+        return ask(client, model_name, "Pick a colour for the logo.", temperature=0, logprobs=True,
+                   extra_body={"structured_outputs": {"choice": COLOURS}}, **kw).choices[0]
+
+    def first_token(word: str) -> int:
+        return http.post("/tokenize", json={"prompt": word, "add_special_tokens": False}).json()["tokens"][0]
+
+    free = pick()
+    answer = complete_text(free)
+    other = next(c for c in COLOURS if c != answer)
+    assert complete_text(pick(logit_bias={str(first_token(other)): 100})) == other
+    banned = free.logprobs.content[0].token
+    banned_id = first_token(banned)
+    assert http.post("/detokenize", json={"tokens": [banned_id]}).json()["prompt"] == banned
+    unbiased = pick(logit_bias={str(banned_id): -100})
+    assert complete_text(unbiased) in COLOURS and unbiased.logprobs.content[0].token != banned
+
+
 def test_structured_outputs_on_completions(client, model_name):
     def complete(prompt: str, **extra):
         reply = client.with_options(timeout=TIMEOUT_S).completions.create(
@@ -227,6 +249,17 @@ CHAT = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 4}
         ({"structured_outputs": {"regex": "a", "backend": "outlines"}}, "structured_outputs.backend"),
         ({"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}}, "structured_outputs"),
         ({"guided_json": {"type": "object"}}, "guided_json"),
+        ({"response_format": {"type": "json_object", "json_schema": {"name": "x", "schema": {"type": "object"}}}},
+         "response_format.json_schema"),
+        # Valid schemas using what the grammar library would not enforce: refused, not ignored.
+        ({"response_format": json_schema_format("x", {"type": "object", "properties": {
+            "tags": {"type": "array", "items": {"type": "string"}, "uniqueItems": True}}})}, "response_format"),
+        ({"response_format": json_schema_format("x", {"allOf": [{"type": "object"}, {"required": ["a"]}]})},
+         "response_format"),
+        ({"response_format": json_schema_format("x", {"type": "object", "properties": {
+            "n": {"$ref": "#/$defs/n", "maximum": 3}}, "$defs": {"n": {"type": "integer"}}})}, "response_format"),
+        ({"structured_outputs": {"json": {"if": {"type": "string"}, "then": {"maxLength": 2}}}},
+         "structured_outputs.json"),
     ],
 )
 def test_bad_structured_requests_400(http, extra, param):

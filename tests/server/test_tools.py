@@ -13,6 +13,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
+import openai
 import pytest
 
 from tests.server.conftest import assert_openai_error
@@ -115,7 +116,9 @@ def test_required_and_named_calls_validate(client, model_name):
     with ThreadPoolExecutor(len(jobs)) as pool:
         replies = list(pool.map(run, jobs))
     for (name, choice, _), reply in replies:
-        parallel = choice.get("parallel_tool_calls", True)
+        # Only "required" with parallel calls may run on into a repeated call; a named
+        # function is exactly one call, which the grammar ends.
+        parallel = choice["tool_choice"] == "required" and choice.get("parallel_tool_calls", True)
         calls = checked_calls(reply.choices[0], may_run_on=parallel)
         assert calls and reply.choices[0].message.content is None
         if choice["tool_choice"] != "required":
@@ -164,7 +167,7 @@ def test_streaming_agrees_with_non_streaming(client, model_name, kw):
     expected = [(c.function.name, c.function.arguments) for c in whole.message.tool_calls or []]
     assert [(name, arguments) for _, name, arguments in calls] == expected
     if kw["tool_choice"] != "auto":
-        checked_calls(whole, may_run_on=kw.get("parallel_tool_calls", True))
+        assert checked_calls(whole, may_run_on=kw["tool_choice"] == "required" and kw.get("parallel_tool_calls", True))
 
 
 def test_auto_calls_parse_when_the_model_makes_them(client, model_name):
@@ -225,11 +228,19 @@ CALL = {"id": "call_1", "type": "function", "function": {"name": "get_time", "ar
          "tools.1.function.parameters"),
         ({"tools": [function("f", "d", {"type": "object", "properties": {"n": {"$ref": "#/$defs/none"}}})]},
          "tools.0.function.parameters"),
+        # Valid JSON schemas using what the grammar library would not enforce.
+        ({"tools": [function("f", "d", {"type": "object", "properties": {"n": {"not": {"type": "string"}}}})]},
+         "tools.0.function.parameters"),
+        ({"tools": [function("f", "d", {"type": "object", "properties": {
+            "n": {"type": "array", "uniqueItems": True}}})]}, "tools.0.function.parameters"),
+        ({"tools": [function("f", "d", {"type": "object", "properties": {"n": {"$ref": "https://x.test/n.json"}}})]},
+         "tools.0.function.parameters"),
         ({"tools": [TOOLS[3], TOOLS[3]]}, "tools.1.function.name"),
         ({"tools": TOOLS, "tool_choice": named("launch_rocket")}, "tool_choice"),
         ({"tools": TOOLS, "tool_choice": "always"}, "tool_choice"),
         ({"tool_choice": "auto"}, "tool_choice"),
         ({"tool_choice": named("get_time")}, "tool_choice"),
+        ({"parallel_tool_calls": False}, "parallel_tool_calls"),
         ({"tools": TOOLS, "response_format": {"type": "json_object"}}, "response_format"),
         ({"tools": TOOLS, "tool_choice": "required", "structured_outputs": {"regex": "a+"}}, "structured_outputs"),
         ({"functions": [{"name": "f", "parameters": {"type": "object"}}]}, "functions"),
@@ -243,11 +254,30 @@ CALL = {"id": "call_1", "type": "function", "function": {"name": "get_time", "ar
          "messages.1.tool_calls.0.function.arguments"),
         ({"messages": USER + [{"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "f"}}]}]},
          "messages.1.tool_calls.0.function.arguments"),
+        # A lone surrogate, spelt as a JSON escape in the arguments' text.
+        ({"messages": USER + [{"role": "assistant", "tool_calls": [
+            {**CALL, "function": {"name": "get_time", "arguments": '{"a": "\\ud800"}'}}]}]},
+         "messages.1.tool_calls.0.function.arguments"),
     ],
 )
 def test_bad_tool_requests_400(http, body, param):
     error = assert_openai_error(http.post("/v1/chat/completions", json={"messages": USER, **body}), 400, param=param)
     assert error["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"tools": [function("f", "bad \ud800 text")]}, "tools.0.function.description"),
+        ({"messages": [{"role": "user", "content": "hi \udc00"}]}, "messages.0.content"),
+        ({"structured_outputs": {"choice": ["a", "\ud800"]}}, "structured_outputs.choice.1"),
+    ],
+)
+def test_lone_surrogates_are_400s_naming_the_field(http, body, param):
+    """JSON escapes can spell text that is not Unicode; no tokenizer or grammar takes it."""
+    raw = json.dumps({"messages": USER, **body})  # escaped as \uXXXX, as a client may send it
+    response = http.post("/v1/chat/completions", content=raw, headers={"Content-Type": "application/json"})
+    assert_openai_error(response, 400, param=param)
 
 
 def test_tool_history_with_tool_choice_none_still_accepts_an_answer(http):
@@ -261,3 +291,18 @@ def test_tool_history_with_tool_choice_none_still_accepts_an_answer(http):
     assert reply.status_code == 200, reply.text
     message = reply.json()["choices"][0]["message"]
     assert "tool_calls" not in message and isinstance(message["content"], str)
+
+
+def test_the_openai_client_sees_the_400s_with_their_parameter(client, model_name):
+    """What an application gets: openai.BadRequestError carrying OpenAI's error body."""
+    cases = [
+        ({"tool_choice": named("launch_rocket")}, "tool_choice"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "required": 1}}}]},
+         "tools.0.function.parameters"),
+        ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools.0.function.name"),
+    ]
+    for kw, param in cases:
+        with pytest.raises(openai.BadRequestError) as caught:
+            ask(client, model_name, "hi", **{"tools": TOOLS, **kw})
+        assert caught.value.status_code == 400 and caught.value.param == param, caught.value.body
+        assert caught.value.type == "invalid_request_error"
