@@ -83,6 +83,8 @@ def _template_message(index: int, message: ChatMessage, called: dict[str, str]) 
     # Templates know system/user/assistant; OpenAI's newer "developer" role means system.
     role = "system" if message.role == "developer" else message.role
     rendered = {"role": role, "content": content}
+    if message.name is not None and role != "tool":
+        rendered["name"] = message.name  # a participant's name: the template's to show (or not)
     if message.tool_calls and role != "assistant":
         raise errors.bad_request("only assistant messages may have tool_calls", f"{param}.tool_calls")
     if message.tool_call_id is not None and role != "tool":

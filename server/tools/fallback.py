@@ -40,8 +40,8 @@ def tools_section(tools: list[dict]) -> str:
 
 
 def fallback_conversation(conversation: list[dict], tools: list[dict] | None) -> list[dict]:
-    """conversation: template messages (role, content, tool_calls with arguments as
-    objects, tool_call_id) -> messages of role and content only."""
+    """conversation: template messages (role, content, name, tool_calls with arguments as
+    objects, tool_call_id) -> messages of role, content and name only."""
     rewritten: list[dict] = []
     after_tool_result = False
     for message in conversation:
@@ -61,7 +61,7 @@ def fallback_conversation(conversation: list[dict], tools: list[dict] | None) ->
                 for call in message["tool_calls"]
             )
             content = f"{content}\n{calls}" if content else calls
-        rewritten.append({"role": role, "content": content})
+        rewritten.append({"role": role, "content": content, **({"name": message["name"]} if "name" in message else {})})
     if tools:
         section = tools_section(tools)
         if rewritten and rewritten[0]["role"] == "system":

@@ -18,7 +18,7 @@ from server.tools import markup
 from server.tools.grammar import tool_grammar
 from server.tools.parser import ToolCallParser, parse_tool_calls
 from server.tools.policy import tool_policy
-from server.tools.rendering import render_chat, template_supports_tools
+from server.tools.rendering import render_chat, template_mentions_tools, template_renders_tools
 
 pytestmark = pytest.mark.unit
 
@@ -130,7 +130,7 @@ HISTORY = [
 
 @pytest.mark.model
 def test_default_template_gets_the_fallback(tokenizer):
-    assert not template_supports_tools(tokenizer.chat_template)
+    assert not template_renders_tools(tokenizer, tokenizer.chat_template)
     text = render_chat(tokenizer, HISTORY, TOOLS, add_generation_prompt=True)
     expected_calls = markup.call_block("get_weather", {"city": "Paris"}) + "\n" + markup.call_block("get_time", {})
     assert text.startswith("<|im_start|>system\n# Tools\n")
@@ -152,8 +152,18 @@ def test_fallback_appends_to_a_system_message_and_is_absent_without_tools(tokeni
     assert render_chat(tokenizer, conversation, None, add_generation_prompt=True) == plain
 
 
-# A template that handles tools itself, the way tool-trained models' templates do.
-NATIVE_TEMPLATE = (
+# A template that handles tools itself and writes calls as the markup, the way Qwen 2.5's
+# and Hermes' templates do.
+HERMES_TEMPLATE = (
+    "{% if tools %}<|system|>Functions:{% for t in tools %} {{ t.function.name }}{% endfor %}</s>{% endif %}"
+    "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}"
+    "{% for c in m.tool_calls or [] %}{% set f = c.function %}"
+    "<tool_call>\n{\"name\": \"{{ f.name }}\", \"arguments\": {{ f.arguments | tojson }}}\n</tool_call>"
+    "{% endfor %}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+# One that handles tools but writes calls in a form of its own (as Llama 3.1's does).
+OTHER_FORM_TEMPLATE = (
     "{% if tools %}[TOOLS]{% for t in tools %}{{ t.function.name }};{% endfor %}[/TOOLS]{% endif %}"
     "{% for m in messages %}<{{ m.role }}>{{ m.content }}"
     "{% for c in m.tool_calls or [] %}[CALL {{ c.function.name }} {{ c.function.arguments | tojson }}]{% endfor %}"
@@ -163,13 +173,34 @@ NATIVE_TEMPLATE = (
 
 
 @pytest.mark.model
-def test_template_with_tool_support_renders_them_itself(tokenizer, monkeypatch):
-    assert template_supports_tools(NATIVE_TEMPLATE)
-    monkeypatch.setattr(tokenizer, "chat_template", NATIVE_TEMPLATE)
+def test_template_writing_calls_as_markup_renders_them_itself(tokenizer, monkeypatch):
+    assert template_renders_tools(tokenizer, HERMES_TEMPLATE)
+    monkeypatch.setattr(tokenizer, "chat_template", HERMES_TEMPLATE)
     text = render_chat(tokenizer, HISTORY, TOOLS, add_generation_prompt=True)
-    assert text.startswith("[TOOLS]get_weather;get_time;[/TOOLS]<user>")
-    assert '[CALL get_weather {"city": "Paris"}][CALL get_time {}]' in text and "<tool>18 C(c1)</s>" in text
-    assert "# Tools" not in text and "<tool_call>" not in text
+    calls = markup.call_block("get_weather", {"city": "Paris"}) + markup.call_block("get_time", {})
+    assert text.startswith("<|system|>Functions: get_weather get_time</s><|user|>")
+    assert f"<|assistant|>{calls}</s><|tool|>18 C</s><|tool|>09:00</s><|assistant|>" in text
+    assert "# Tools" not in text
+
+
+@pytest.mark.model
+def test_template_writing_calls_in_another_form_gets_the_fallback(tokenizer, monkeypatch):
+    """The grammar holds generated calls to the markup, so the prompt must show it."""
+    assert template_mentions_tools(OTHER_FORM_TEMPLATE)
+    assert not template_renders_tools(tokenizer, OTHER_FORM_TEMPLATE)
+    monkeypatch.setattr(tokenizer, "chat_template", OTHER_FORM_TEMPLATE)
+    text = render_chat(tokenizer, HISTORY, TOOLS, add_generation_prompt=True)
+    assert text.startswith("<system># Tools\n") and "[TOOLS]" not in text and "[CALL" not in text
+    assert markup.call_block("get_weather", {"city": "Paris"}) in text
+    assert "<user><tool_response>\n18 C\n</tool_response>" in text
+
+
+@pytest.mark.model
+def test_a_template_that_raises_on_tools_gets_the_fallback(tokenizer, monkeypatch):
+    raising = "{% if tools %}{{ raise_exception('no tools here') }}{% endif %}" + OTHER_FORM_TEMPLATE
+    assert not template_renders_tools(tokenizer, raising)
+    monkeypatch.setattr(tokenizer, "chat_template", raising)
+    assert "# Tools" in render_chat(tokenizer, HISTORY, TOOLS, add_generation_prompt=True)
 
 
 # ---- grammar -----------------------------------------------------------------------
