@@ -241,3 +241,15 @@ NOON = markup.call_block("get_time", {})
 @pytest.mark.model
 def test_grammar_holds_the_output_to_the_policy(tokenizer, body, text, accepted):
     assert grammar_accepts(tokenizer, {"tools": TOOLS, **body}, text) is accepted
+
+
+@pytest.mark.model
+def test_a_message_name_reaches_the_template_with_and_without_tools(tokenizer, monkeypatch):
+    from server.prompts import PromptEncoder
+    from server.protocol import ChatMessage
+
+    monkeypatch.setattr(tokenizer, "chat_template", "{% for m in messages %}[{{ m.role }} {{ m.name }}]{% endfor %}")
+    encoder = PromptEncoder(tokenizer, len(tokenizer), 4096)
+    messages = [ChatMessage(role="user", content="Hi", name="ann")]
+    for tools in (None, TOOLS):  # the fallback keeps it too
+        assert "[user ann]" in tokenizer.decode(encoder.chat_prompt(messages, tools))
