@@ -28,7 +28,7 @@ StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS
 TokenId = Annotated[int, Field(ge=0)]
 
 
-def _lone_surrogate(value: Any, path: tuple = ()) -> tuple | None:
+def lone_surrogate_path(value: Any, path: tuple = ()) -> tuple | None:
     """The path of the first string (or key) holding a lone UTF-16 surrogate, or None."""
     if isinstance(value, str):
         try:
@@ -37,12 +37,12 @@ def _lone_surrogate(value: Any, path: tuple = ()) -> tuple | None:
             return path
     elif isinstance(value, dict):
         for key, item in value.items():
-            found = _lone_surrogate(key, (*path, key)) or _lone_surrogate(item, (*path, key))
+            found = lone_surrogate_path(key, (*path, key)) or lone_surrogate_path(item, (*path, key))
             if found is not None:
                 return found
     elif isinstance(value, list):
         for i, item in enumerate(value):
-            found = _lone_surrogate(item, (*path, i))
+            found = lone_surrogate_path(item, (*path, i))
             if found is not None:
                 return found
     return None
@@ -56,7 +56,7 @@ class _UnicodeBody(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _no_lone_surrogates(cls, data: Any) -> Any:
-        path = _lone_surrogate(data)
+        path = lone_surrogate_path(data)
         if path is not None:
             # The path may run through the key at fault: written with its escape.
             param = ".".join(str(p).encode("utf-8", "backslashreplace").decode() for p in path) or None

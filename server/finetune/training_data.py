@@ -43,7 +43,7 @@ from jinja2 import TemplateError
 from pydantic import TypeAdapter, ValidationError
 from transformers import PreTrainedTokenizerBase
 
-from server.protocol import Tool
+from server.protocol import Tool, lone_surrogate_path
 from server.tools.history import template_tool_call
 from server.tools.rendering import render_chat
 
@@ -202,11 +202,18 @@ class _Renderer:
 
 def _parse_json(raw: bytes) -> object:
     try:
-        return json.loads(raw)
+        value = json.loads(raw)
     except UnicodeDecodeError:
         raise TrainingDataError("not valid UTF-8") from None
     except json.JSONDecodeError as exc:
         raise TrainingDataError(f"invalid JSON: {exc.msg} at column {exc.colno}") from None
+    # A \uD800-style escape may spell a lone surrogate, which no tokenizer takes.
+    path = lone_surrogate_path(value)
+    if path is not None:
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
+        where = where.encode("utf-8", "backslashreplace").decode()
+        raise TrainingDataError(f"{where or 'the line'} holds a lone surrogate (invalid Unicode text)")
+    return value
 
 
 def _format_of(value: object) -> str:

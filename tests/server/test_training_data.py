@@ -164,6 +164,8 @@ GOOD_PC = {"prompt": "a", "completion": "b"}
     [
         ([GOOD, '{"messages": [}'], 2, "invalid JSON"),
         ([b"\xff\xfe{}"], 1, "not valid UTF-8"),
+        (['{"messages": [{"role": "user", "content": "hi \\ud800"}]}'], 1,
+         "messages[0].content holds a lone surrogate"),
         (["[1, 2]"], 1, "must be a JSON object, not an array"),
         ([{"text": "hi"}], 1, "expected a chat example"),
         ([{**GOOD, "tools": []}], 1, "tools must be a non-empty array"),
