@@ -28,23 +28,22 @@ StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS
 TokenId = Annotated[int, Field(ge=0)]
 
 
-def lone_surrogate_path(value: Any, path: tuple = ()) -> tuple | None:
-    """The path of the first string (or key) holding a lone UTF-16 surrogate, or None."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return path
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            found = lone_surrogate_path(key, (*path, key)) or lone_surrogate_path(item, (*path, key))
-            if found is not None:
-                return found
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            found = lone_surrogate_path(item, (*path, i))
-            if found is not None:
-                return found
+def lone_surrogate_path(value: Any) -> tuple | None:
+    """The path of the first string (or key) holding a lone UTF-16 surrogate, or None.
+    Iterative: a body may nest deeper than Python's recursion limit."""
+    stack: list[tuple[tuple, Any]] = [((), value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return path
+        elif isinstance(item, dict):
+            children = [((*path, key), part) for key, child in item.items() for part in (key, child)]
+            stack.extend(reversed(children))
+        elif isinstance(item, list):
+            stack.extend(reversed([((*path, i), child) for i, child in enumerate(item)]))
     return None
 
 
