@@ -69,7 +69,7 @@ class ModelRunner:
         # faster than SDPA on this CPU (attention.prefill_kernel_is_faster).
         self.prefill_kernel = (
             use_kernels and dtype == torch.bfloat16 and model.head_dim % 32 == 0 and ops.prefill_attention_available()
-            and prefill_kernel_is_faster(model.config.num_attention_heads, model.config.num_key_value_heads,
+            and prefill_kernel_is_faster(model.num_heads, model.num_kv_heads,
                                          model.head_dim, block_size)
         )
         if use_kernels and dtype == torch.bfloat16:
@@ -77,7 +77,7 @@ class ModelRunner:
                      else "SDPA (the AMX kernel is unavailable or measured slower here)")
         config = model.config
         # Per layer (k, v), each [num_blocks, block_size, kv_heads, head_dim].
-        shape = (num_blocks, block_size, config.num_key_value_heads, model.head_dim)
+        shape = (num_blocks, block_size, model.num_kv_heads, model.head_dim)
         self.kv_caches = [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(config.num_hidden_layers)
@@ -88,7 +88,7 @@ class ModelRunner:
     @staticmethod
     def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
         config = model.config
-        per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * model.head_dim
+        per_token = 2 * config.num_hidden_layers * model.num_kv_heads * model.head_dim
         return per_token * block_size * torch.empty(0, dtype=dtype).element_size()
 
     def _tensor(self, values: list[int]) -> torch.Tensor:

@@ -11,6 +11,11 @@ recompute.py): one training sequence, no KV cache (`kv_cache` and `meta` None: c
 attention over the sequence), autograd on, the job's trainable LoRA as `lora`. Fused
 kernels and pre-packed GEMMs have no gradients, so with autograd on each module takes
 its native, differentiable path.
+
+Tensor parallelism is applied at load time (engine/parallel/tensor_parallel.py): it
+shards the weights and sets `reduce` on the attention and MLP blocks, whose o_proj and
+down_proj then produce partial sums (LoRA deltas included) that `reduce` all-reduces.
+This file only leaves that hook; on one device `reduce` returns its input.
 """
 
 from __future__ import annotations
@@ -29,6 +34,11 @@ from engine.model.rope import apply_rope
 
 # The fused projections LoRA attaches to (this model's linears of those names).
 QKV_PROJ, O_PROJ, GATE_UP_PROJ, DOWN_PROJ = "qkv_proj", "o_proj", "gate_up_proj", "down_proj"
+
+
+def whole(y: torch.Tensor) -> torch.Tensor:
+    """A block's output on one device: already the whole sum."""
+    return y
 
 
 class LayerLoRA(Protocol):
@@ -81,6 +91,7 @@ class Attention(nn.Module):
         self.scale = head_dim**-0.5
         # Rotation and cache write through the csrc kernel (on the CPU); set by the runner.
         self.fused = False
+        self.reduce = whole  # tensor parallelism: the all-reduce of partial outputs
 
     def forward(
         self,
@@ -112,7 +123,7 @@ class Attention(nn.Module):
         y = self.o_proj(out)
         if lora is not None:
             y = lora.apply(y, out, self.layer, O_PROJ)
-        return y
+        return self.reduce(y)
 
 
 class MLP(nn.Module):
@@ -127,6 +138,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(self.intermediate, config.hidden_size, bias=bias)
         # silu(gate) * up through the csrc kernel (on the CPU); set by the runner.
         self.fused = False
+        self.reduce = whole  # tensor parallelism: the all-reduce of partial outputs
 
     def forward(self, x: torch.Tensor, lora: LayerLoRA | None) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * intermediate]
@@ -140,7 +152,7 @@ class MLP(nn.Module):
         y = self.down_proj(act)
         if lora is not None:
             y = lora.apply(y, act, self.layer, DOWN_PROJ)
-        return y
+        return self.reduce(y)
 
 
 class DecoderLayer(nn.Module):
@@ -205,13 +217,22 @@ class LlamaForCausalLM(nn.Module):
             captured.append(_rows_of_sum(x, delta, capture_rows))
         return self.norm.add_forward(x, delta)[0]
 
+    @property
+    def num_kv_heads(self) -> int:
+        """KV heads this model computes and caches (this rank's, under tensor parallelism)."""
+        return self.layers[0].self_attn.num_kv_heads
+
+    @property
+    def num_heads(self) -> int:
+        return self.layers[0].self_attn.num_heads
+
     def lora_layout(self) -> LoRALayout:
         """Where LoRA adapters attach: each fused projection with the PEFT (Hugging Face)
-        projections it is made of, in output-column order."""
+        projections it is made of, in output-column order (this rank's shard of them,
+        under tensor parallelism)."""
         config = self.config
-        hidden, inter = config.hidden_size, config.intermediate_size
-        q_size = config.num_attention_heads * self.head_dim
-        kv_size = config.num_key_value_heads * self.head_dim
+        attn, mlp = self.layers[0].self_attn, self.layers[0].mlp
+        hidden, inter, q_size, kv_size = config.hidden_size, mlp.intermediate, attn.q_size, attn.kv_size
         return LoRALayout(
             num_layers=config.num_hidden_layers,
             targets=(

@@ -10,6 +10,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from engine.model.llama import LlamaForCausalLM
 from engine.model.packed_linear import pack_linears
+from engine.parallel.tensor_parallel import TensorParallel, shard_model
 from engine.model_files import check_architecture
 
 
@@ -60,11 +61,13 @@ def load_config(model_dir: Path) -> PretrainedConfig:
 
 
 def load_model(
-    model_dir: Path, dtype: torch.dtype, device: str = "cpu", panel_max_rows: int = 0, onednn_max_rows: int = 0
+    model_dir: Path, dtype: torch.dtype, device: str = "cpu", panel_max_rows: int = 0, onednn_max_rows: int = 0,
+    tensor_parallel: TensorParallel | None = None,
 ) -> LlamaForCausalLM:
     """The model with its linears packed where that applies; `panel_max_rows` adds the
     bfloat16 panels that calls of up to that many rows read, `onednn_max_rows` the
-    bfloat16 weights packed for oneDNN up to that many (engine/model/packed_linear.py)."""
+    bfloat16 weights packed for oneDNN up to that many (engine/model/packed_linear.py).
+    With `tensor_parallel`, this rank's shard (engine/parallel/tensor_parallel.py)."""
     config = load_config(model_dir)
     ckpt = _Checkpoint(model_dir)
     tied = bool(getattr(config, "tie_word_embeddings", False)) or "lm_head.weight" not in ckpt
@@ -76,5 +79,7 @@ def load_model(
     if tied:
         state["lm_head.weight"] = state["embed_tokens.weight"]  # one tensor, not a copy
     model.load_state_dict(state, strict=True, assign=True)
+    if tensor_parallel is not None and tensor_parallel.size > 1:
+        shard_model(model, tensor_parallel)
     pack_linears(model, panel_max_rows, onednn_max_rows)
     return model.requires_grad_(False).eval()
