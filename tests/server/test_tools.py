@@ -9,7 +9,9 @@ Parser, rendering and grammar units are in test_tool_units.py.
 
 from __future__ import annotations
 
+import io
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
@@ -306,3 +308,28 @@ def test_the_openai_client_sees_the_400s_with_their_parameter(client, model_name
             ask(client, model_name, "hi", **{"tools": TOOLS, **kw})
         assert caught.value.status_code == 400 and caught.value.param == param, caught.value.body
         assert caught.value.type == "invalid_request_error"
+
+
+CITIES = ["Paris", "Oslo", "Lima", "Cairo", "Tokyo", "Quito"]
+
+
+def test_tool_use_fine_tuned_in_openai_format_is_served(client, model_name):
+    """A team fine-tunes tool use from OpenAI's function-calling format and serves it: the
+    adapter, asked under tool_choice "auto", makes the call it was trained to make."""
+    weather = TOOLS[0]
+    lines = [{"messages": [{"role": "user", "content": f"What is the weather in {city}?"},
+                           {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function", "function": {
+                               "name": "get_weather", "arguments": json.dumps({"city": city, "unit": "celsius"})}}]}],
+              "tools": [weather]} for city in CITIES * 4]
+    data = "\n".join(json.dumps(line) for line in lines).encode()
+    training = client.files.create(file=("tools.jsonl", io.BytesIO(data)), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model=model_name, training_file=training.id, suffix="tools", seed=3,
+                                         hyperparameters={"n_epochs": 2, "batch_size": 4})
+    deadline = time.monotonic() + TIMEOUT_S
+    while (job := client.fine_tuning.jobs.retrieve(job.id)).status not in ("succeeded", "failed", "cancelled"):
+        assert time.monotonic() < deadline, f"job still {job.status}"
+        time.sleep(1)
+    assert job.status == "succeeded", job.error
+    reply = ask(client, job.fine_tuned_model, "What is the weather in Lima?", tools=[weather], temperature=0)
+    [(name, arguments)] = checked_calls(reply.choices[0])
+    assert name == "get_weather" and arguments == {"city": "Lima", "unit": "celsius"}
