@@ -1,8 +1,9 @@
 """Tool calling through the real openai client against the default model (whose chat
 template has no tool support, so the fallback prompt is in play): calls forced by
 tool_choice "required" and by name, across several schemas, validate with jsonschema;
-streaming agrees with non-streaming; a tool result goes back and gets an answer; and
-every malformed request is a 400 naming its parameter.
+streaming agrees with non-streaming; a tool result goes back and gets an answer; tool
+use fine-tuned from OpenAI's format is served; and every malformed request is a 400
+naming its parameter.
 
 Parser, rendering and grammar units are in test_tool_units.py.
 """
