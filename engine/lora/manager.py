@@ -29,6 +29,7 @@ from engine.lora.adapter import AdapterError, LoRAWeights, load_adapter
 from engine.lora.backend import NativeLoRABackend
 from engine.lora.layout import LoRALayout
 from engine.lora.slots import LoRASlots
+from engine.parallel.tensor_parallel import TensorParallel, shard_layout, shard_lora
 
 
 # Versions of adapter weights, unique in the process: a prefix-cache block computed by
@@ -59,10 +60,15 @@ class LoRAManager:
         max_rank: int,
         dtype: torch.dtype,
         device: str,
+        tensor_parallel: TensorParallel | None = None,
     ):
+        """layout: the whole model's (adapters are checked against it); under
+        `tensor_parallel` each adapter is sharded as it is read and the slots hold this
+        rank's part."""
         if max_loras < 1 or max_cpu_loras < max_loras:
             raise ValueError(f"need 1 <= max_loras <= max_cpu_loras, got {max_loras} and {max_cpu_loras}")
         self.layout = layout
+        self.tensor_parallel = tensor_parallel if tensor_parallel is not None and tensor_parallel.size > 1 else None
         self.max_loras = max_loras
         self.max_cpu_loras = max_cpu_loras
         self.max_rank = max_rank
@@ -74,7 +80,8 @@ class LoRAManager:
         self._clock = itertools.count(1)
         # The model runner computes through this backend; its slot tensors are allocated
         # with the first adapter.
-        self.backend = NativeLoRABackend(LoRASlots(layout, max_loras, max_rank, dtype, device))
+        compute_layout = layout if self.tensor_parallel is None else shard_layout(layout, self.tensor_parallel.size)
+        self.backend = NativeLoRABackend(LoRASlots(compute_layout, max_loras, max_rank, dtype, device))
         self.num_slot_loads = 0
 
     # -- registry ------------------------------------------------------------
@@ -111,7 +118,8 @@ class LoRAManager:
             self._drop(entry)
 
     def _read(self, path: Path) -> LoRAWeights:
-        return load_adapter(path, self.layout, self.max_rank, self.dtype)
+        weights = load_adapter(path, self.layout, self.max_rank, self.dtype)
+        return weights if self.tensor_parallel is None else shard_lora(weights, self.layout, self.tensor_parallel)
 
     # -- per request ---------------------------------------------------------
 

@@ -228,11 +228,12 @@ class LlamaForCausalLM(nn.Module):
 
     def lora_layout(self) -> LoRALayout:
         """Where LoRA adapters attach: each fused projection with the PEFT (Hugging Face)
-        projections it is made of, in output-column order (this rank's shard of them,
-        under tensor parallelism)."""
+        projections it is made of, in output-column order. The whole model's, as adapters
+        are made for it (tensor parallelism shards it: engine/parallel/tensor_parallel.py)."""
         config = self.config
-        attn, mlp = self.layers[0].self_attn, self.layers[0].mlp
-        hidden, inter, q_size, kv_size = config.hidden_size, mlp.intermediate, attn.q_size, attn.kv_size
+        hidden, inter = config.hidden_size, config.intermediate_size
+        q_size = config.num_attention_heads * self.head_dim
+        kv_size = config.num_key_value_heads * self.head_dim
         return LoRALayout(
             num_layers=config.num_hidden_layers,
             targets=(

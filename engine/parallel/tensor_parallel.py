@@ -22,6 +22,12 @@ split needs the query heads, the KV heads and the intermediate size to divide by
 model where they do not is refused with a message that says which. The vocabulary is
 padded to a multiple of N (padded rows give zero embeddings and logits that are cut off).
 
+LoRA follows the weight it adapts: on a column-parallel projection A is replicated and
+B split like the weight's output rows; on a row-parallel one A is split like the
+weight's input columns and B replicated, so each rank's delta is a partial sum that
+joins the base output's all-reduce (no collective of its own). Adapters are read whole
+(checked against the whole model) and sharded as they are read (`shard_lora`).
+
 Biases of row-parallel layers are added on rank 0 only, so the all-reduce adds them
 once. The transform runs on the loaded float weights, before packing for the CPU
 (engine/model/packed_linear.py), so each rank packs only its shard.
@@ -35,7 +41,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from engine.model.llama import LlamaForCausalLM
+from engine.lora.adapter import LoRAWeights
+from engine.lora.layout import LoRALayout, LoRATarget
+from engine.model.llama import DOWN_PROJ, O_PROJ, LlamaForCausalLM
+
+# The projections whose input is split (the others' output is).
+ROW_PARALLEL = frozenset({O_PROJ, DOWN_PROJ})
 
 
 @dataclass(frozen=True)
@@ -165,3 +176,30 @@ def shard_model(model: LlamaForCausalLM, tp: TensorParallel) -> None:
     embedding = vocab_rows(model.embed_tokens.weight)
     model.embed_tokens = VocabParallelEmbedding(embedding, start, tp)
     model.lm_head = VocabParallelHead(embedding if tied else vocab_rows(model.lm_head.weight), vocab, tp)
+
+
+def shard_layout(layout: LoRALayout, size: int) -> LoRALayout:
+    """The LoRA layout of one rank's shard of the model."""
+    def shard(target: LoRATarget) -> LoRATarget:
+        if target.name in ROW_PARALLEL:
+            return LoRATarget(target.name, target.group, target.in_features // size, target.parts)
+        return LoRATarget(target.name, target.group, target.in_features,
+                          tuple((name, out // size) for name, out in target.parts))
+
+    return LoRALayout(layout.num_layers, tuple(shard(t) for t in layout.targets))
+
+
+def shard_lora(weights: LoRAWeights, layout: LoRALayout, tp: TensorParallel) -> LoRAWeights:
+    """This rank's part of an adapter read whole against the whole model's `layout`:
+    B's rows of a column-parallel projection, A's columns of a row-parallel one."""
+    modules = {}
+    for (layer, module), (a, b) in weights.modules.items():
+        target, _ = layout.locate(module)
+        if target.name in ROW_PARALLEL:
+            share = a.shape[1] // tp.size
+            a = a[:, tp.rank * share : (tp.rank + 1) * share].contiguous()
+        else:
+            share = b.shape[0] // tp.size
+            b = b[tp.rank * share : (tp.rank + 1) * share].contiguous()
+        modules[(layer, module)] = (a, b)
+    return LoRAWeights(path=weights.path, rank=weights.rank, modules=modules)
