@@ -1,19 +1,24 @@
-"""ModelRunner: turns an `IterationPlan` into device tensors, runs the model, samples.
+"""ModelRunner: runs an `IterationPlan` on the model and samples.
 
-CPU plan -> tensors, in one place:
+`execute(plan)` takes the plan's forward out as plain data (`ForwardBatch`,
+engine/forward_batch.py) and runs it (`run`, what every tensor-parallel rank runs);
+then samples and computes logprobs, on this rank only. `run` turns the batch into
+tensors in one place:
   input_ids, positions, slot_mapping: [num_tokens] for every scheduled token, in
-    plan order (decodes first, then prefill chunks);
+    plan order (decodes first, then prefill chunks, then finetuning chunks);
   decode block tables [num_decodes, max_blocks] and a validity mask over the
     gathered context, shared by all layers;
   one PrefillSpan per prefill chunk;
-  sample_rows: the flat index of the last token of each chunk that completes its
-    sequence: only those rows go through the LM head;
-  a `LoRABatch` grouping the tokens by adapter slot, when any sequence has one.
+  a `LoRABatch` grouping the tokens by adapter slot, when any sequence has one;
+and puts the rows that need logits through the LM head in one call: the last token of
+each chunk that completes its sequence (it is sampled), and the positions whose prompt
+logprobs are returned.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +26,7 @@ import torch.nn.functional as F
 
 from engine import ops
 from engine.attention import AttentionMetadata, PrefillSpan, chunk_mask, prefill_kernel_is_faster
+from engine.forward_batch import ForwardBatch, forward_batch
 from engine.lora.backend import LoRABackend, LoRAContext
 from engine.messages import TokenLogprobs
 from engine.model.llama import LlamaForCausalLM
@@ -58,6 +64,9 @@ class ModelRunner:
         adapter slot (None: a model served without adapters)."""
         self.model = model
         self.lora_backend = lora_backend
+        # Tensor parallelism: sends each batch to the other ranks before rank 0 runs it
+        # (engine/parallel/workers.py); None on one device.
+        self.broadcast: Callable[[ForwardBatch], None] | None = None
         self.block_size = block_size
         self.device = device
         self.dtype = dtype = model.embed_tokens.weight.dtype
@@ -94,17 +103,14 @@ class ModelRunner:
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
-    def _metadata(self, chunks: list[ScheduledChunk], slots: list[int]) -> AttentionMetadata:
+    def _metadata(self, batch: ForwardBatch) -> AttentionMetadata:
         bs = self.block_size
-        num_decodes = 0
-        while num_decodes < len(chunks) and chunks[num_decodes].num_new_tokens == 1:
-            num_decodes += 1
-        decodes = chunks[:num_decodes]
-        max_blocks = max((-(-c.end // bs) for c in decodes), default=0)
+        num_decodes = batch.num_decodes
+        decodes = batch.chunks[:num_decodes]
+        max_blocks = max((len(c.block_table) for c in decodes), default=0)
         tables = []
         for c in decodes:
-            table = c.seq.block_table[: -(-c.end // bs)]
-            tables.extend(table + [0] * (max_blocks - len(table)))  # padding is masked out
+            tables.extend(c.block_table + [0] * (max_blocks - len(c.block_table)))  # padding is masked out
         context_lens = self._tensor([c.end for c in decodes])  # [num_decodes]
         decode_mask = None
         if not self.use_kernels:
@@ -112,15 +118,14 @@ class ModelRunner:
             decode_mask = decode_mask.view(num_decodes, 1, 1, max_blocks * bs)
         prefills = []
         offset = num_decodes
-        for c in chunks[num_decodes:]:
+        for c in batch.chunks[num_decodes:]:
             mask = None
             if c.start > 0 and not self.prefill_kernel:
-                mask = chunk_mask(c.num_new_tokens, c.start, self.dtype, self.device)  # [chunk, context]
-            table = self._tensor(c.seq.block_table[: -(-c.end // bs)])
-            prefills.append(PrefillSpan(offset, c.num_new_tokens, c.start, table, mask))
-            offset += c.num_new_tokens
+                mask = chunk_mask(c.num_tokens, c.start, self.dtype, self.device)  # [chunk, context]
+            prefills.append(PrefillSpan(offset, c.num_tokens, c.start, self._tensor(c.block_table), mask))
+            offset += c.num_tokens
         return AttentionMetadata(
-            slot_mapping=self._tensor(slots),
+            slot_mapping=self._tensor(batch.cache_slots),
             num_decode_tokens=num_decodes,
             decode_block_tables=self._tensor(tables).view(num_decodes, max_blocks),
             decode_context_lens=context_lens,
@@ -130,39 +135,45 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
+    def run(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+        """The forward every tensor-parallel rank runs alike: (hidden states [num_tokens,
+        hidden], float32 logits of batch.logits_rows [rows, vocab] or None, and the
+        finetuning rows' layer inputs: one [num_finetune_tokens, hidden] per layer and
+        one for the last layer's output; empty without finetuning tokens)."""
+        if self.broadcast is not None:
+            self.broadcast(batch)
+        meta = self._metadata(batch)
+        pos = self._tensor(batch.positions)
+        cos, sin = self.cos.index_select(0, pos), self.sin.index_select(0, pos)  # [num_tokens, head_dim]
+        lora = self._lora_context(batch.lora_slots)
+        per_layer: list[torch.Tensor] = []
+        rows = None
+        if batch.num_finetune_tokens:
+            rows = torch.arange(batch.num_tokens - batch.num_finetune_tokens, batch.num_tokens, device=self.device)
+        hidden = self.model(self._tensor(batch.input_ids), cos, sin, self.kv_caches, meta, lora, rows, per_layer)
+        logits = None
+        if batch.logits_rows:
+            logits = self.model.compute_logits(hidden[self._tensor(batch.logits_rows)])
+        return hidden, logits, per_layer
+
+    @torch.inference_mode()
     def forward(self, plan: IterationPlan, captured: dict[str, list[torch.Tensor]] | None = None) -> torch.Tensor:
         """Run the model over the plan's flat batch (inference chunks, then finetuning
         chunks); returns hidden states [num_tokens, hidden]. With `captured`, fills it
         with each finetuning chunk's layer inputs (per sequence id, one [chunk, hidden]
         tensor per layer and one for the last layer's output)."""
-        bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        lora_slots: list[int] = []
-        chunks = plan.chunks + plan.finetune_chunks
-        for chunk in chunks:
-            seq, start, end = chunk.seq, chunk.start, chunk.end
-            input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            slots.extend(seq.block_table[p // bs] * bs + p % bs for p in range(start, end))
-            lora_slots.extend([seq.lora_slot] * chunk.num_new_tokens)
-        meta = self._metadata(chunks, slots)
-        pos = self._tensor(positions)
-        cos, sin = self.cos.index_select(0, pos), self.sin.index_select(0, pos)  # [num_tokens, head_dim]
-        lora = self._lora_context(lora_slots)
-        if not plan.finetune_chunks:
-            return self.model(self._tensor(input_ids), cos, sin, self.kv_caches, meta, lora)
-        first = len(input_ids) - plan.num_finetune_tokens
-        rows = torch.arange(first, len(input_ids), device=self.device)
-        per_layer: list[torch.Tensor] = []
-        hidden = self.model(self._tensor(input_ids), cos, sin, self.kv_caches, meta, lora, rows, per_layer)
+        hidden, _, per_layer = self.run(forward_batch(plan, self.block_size, []))
+        self._keep_captured(plan, per_layer, captured)
+        return hidden
+
+    @staticmethod
+    def _keep_captured(plan: IterationPlan, per_layer: list[torch.Tensor], captured) -> None:
         offset = 0
         for chunk in plan.finetune_chunks:
             n = chunk.num_new_tokens
-            captured[chunk.seq.request_id] = [t[offset : offset + n] for t in per_layer]
+            if captured is not None:
+                captured[chunk.seq.request_id] = [t[offset : offset + n] for t in per_layer]
             offset += n
-        return hidden
 
     def _lora_context(self, lora_slots: list[int]) -> LoRAContext | None:
         if self.lora_backend is None:
@@ -173,7 +184,6 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan: IterationPlan) -> RunnerOutput:
         out = RunnerOutput()
-        hidden = self.forward(plan, out.captured)
         sample_rows: list[int] = []
         sample_chunks: list[ScheduledChunk] = []
         prompt_rows: dict[str, tuple[ScheduledChunk, list[int], list[int]]] = {}  # request -> (chunk, rows, targets)
@@ -188,13 +198,16 @@ class ModelRunner:
                 first = max(start, len(seq.prompt_logprobs))
                 last = min(end, seq.num_prompt_tokens - 1)
                 if first < last:
-                    rows = [row0 + p - start for p in range(first, last)]
-                    prompt_rows[seq.request_id] = (chunk, rows, seq.token_ids[first + 1 : last + 1])
+                    prompt_rows[seq.request_id] = (chunk, [row0 + p - start for p in range(first, last)],
+                                                   seq.token_ids[first + 1 : last + 1])
             row0 += chunk.num_new_tokens
+        logits_rows = sample_rows + [row for _, rows, _ in prompt_rows.values() for row in rows]
+        _, all_logits, per_layer = self.run(forward_batch(plan, self.block_size, logits_rows))
+        self._keep_captured(plan, per_layer, out.captured)
 
         if sample_rows:
             seqs = [c.seq for c in sample_chunks]
-            logits = self.model.compute_logits(hidden[self._tensor(sample_rows)])  # [n, vocab]
+            logits = all_logits[: len(sample_rows)]  # [n, vocab]
             mask_by_grammar(logits, seqs)
             wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
             raw_logprobs = F.log_softmax(logits[wanted], dim=-1) if wanted else None
@@ -206,8 +219,10 @@ class ModelRunner:
                 chosen = self._tensor([tokens[i] for i in wanted])
                 for i, entry in zip(wanted, token_logprobs(raw_logprobs, chosen, num_top)):
                     out.logprobs[seqs[i].request_id] = (entry[0], entry[1][: seqs[i].params.logprobs])
+        offset = len(sample_rows)
         for request_id, (chunk, rows, targets) in prompt_rows.items():
-            logprobs = F.log_softmax(self.model.compute_logits(hidden[self._tensor(rows)]), dim=-1)
+            logprobs = F.log_softmax(all_logits[offset : offset + len(rows)], dim=-1)
+            offset += len(rows)
             num_top = chunk.seq.params.prompt_logprobs
             out.prompt_logprobs[request_id] = token_logprobs(logprobs, self._tensor(targets), num_top)
         return out
