@@ -87,8 +87,10 @@ class EngineConfig:
     max_num_seqs: int = 128
     # Cap on prompt + output length; None = the model's max_position_embeddings.
     max_model_len: int | None = None
-    # Intra-op threads for the CPU; None = torch's default (one per core).
+    # Intra-op threads for the CPU; None = torch's default (one per core). Per rank.
     num_threads: int | None = None
+    # Ranks the model is split over (engine/parallel/): one process each, this one rank 0.
+    tensor_parallel_size: int = 1
     # LoRA adapters loaded at start, as (name, path).
     lora_modules: tuple[tuple[str, str], ...] = ()
     # Adapters resident for compute at once; more wait in a host LRU of max_cpu_loras.
@@ -118,6 +120,8 @@ class EngineConfig:
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
         if self.kv_cache_memory_gb <= 0:
             raise ValueError("kv_cache_memory_gb must be positive")
+        if self.tensor_parallel_size <= 0:
+            raise ValueError("tensor_parallel_size must be positive")
         if self.max_num_seqs <= 0:
             raise ValueError("max_num_seqs must be positive")
         if self.max_num_batched_tokens < self.max_num_seqs:

@@ -25,7 +25,10 @@ from engine.lora.adapter import AdapterError
 from engine.lora.manager import LoRAManager
 from engine.messages import EngineReady, EngineRequest, IterationStats, RequestOutput
 from engine.model import gemm_probe
+from engine.model.llama import LlamaForCausalLM
 from engine.model.loader import load_config, load_model
+from engine.parallel.tensor_parallel import check_divides
+from engine.parallel.workers import TensorParallelRanks, threads_per_rank
 from engine.plan import IterationPlan, iteration_shape
 from engine.power.governor import LoadState
 from engine.power.load_projection import ArrivalTracker, project_load
@@ -68,18 +71,42 @@ def _compute_types(config: EngineConfig) -> tuple[torch.dtype, int, int]:
     return dtype, panel_rows, packed_rows
 
 
+def kv_cache_blocks(config: EngineConfig, model: LlamaForCausalLM, dtype: torch.dtype) -> int:
+    """KV blocks that fit kv_cache_memory_gb (per tensor-parallel rank: each caches its KV heads)."""
+    return int(config.kv_cache_memory_gb * 2**30 // ModelRunner.kv_bytes_per_block(model, config.block_size, dtype))
+
+
+def model_len_limit(config: EngineConfig, model_config, num_blocks: int) -> int:
+    """The longest sequence served: the model's context, the cache, the setting."""
+    limits = [model_config.max_position_embeddings, num_blocks * config.block_size]
+    if config.max_model_len:
+        limits.append(config.max_model_len)
+    # Beyond its window Mistral attends only locally; we attend fully, so we stop there.
+    window = getattr(model_config, "sliding_window", None)
+    if window and getattr(model_config, "use_sliding_window", True):
+        limits.append(window)
+    return min(limits)
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
+        if config.num_threads or config.tensor_parallel_size > 1:
+            torch.set_num_threads(threads_per_rank(config))
         self.dtype, self.panel_rows, self.packed_rows = _compute_types(config)
-        self.model = load_model(config.model_dir, self.dtype, config.device, self.panel_rows, self.packed_rows)
+        # Tensor parallelism: this process is rank 0 and starts the others
+        # (engine/parallel/workers.py), once the model is known to split.
+        self.ranks = tensor_parallel = None
+        if config.tensor_parallel_size > 1:
+            check_divides(load_config(config.model_dir), config.tensor_parallel_size)
+            self.ranks = TensorParallelRanks(config, self.dtype, self.panel_rows, self.packed_rows)
+            tensor_parallel = self.ranks.tp
+        self.model = load_model(config.model_dir, self.dtype, config.device, self.panel_rows, self.packed_rows,
+                                tensor_parallel)
         model_config = self.model.config
 
-        block_bytes = ModelRunner.kv_bytes_per_block(self.model, config.block_size, self.dtype)
-        num_blocks = int(config.kv_cache_memory_gb * 2**30 // block_bytes)
-        self.max_model_len = self._max_model_len(model_config, num_blocks * config.block_size)
+        num_blocks = kv_cache_blocks(config, self.model, self.dtype)
+        self.max_model_len = model_len_limit(config, model_config, num_blocks)
         self.block_manager = BlockManager(
             num_blocks, config.block_size, prefix_caching=config.enable_prefix_caching,
             max_pinned_blocks=int(num_blocks * config.max_pinned_kv_fraction) if config.enable_prefix_caching else 0,
@@ -91,6 +118,7 @@ class LLMEngine:
             max_rank=config.max_lora_rank,
             dtype=self.dtype,
             device=config.device,
+            tensor_parallel=tensor_parallel,
         )
         for name, path in config.lora_modules:
             self.load_adapter(name, path)
@@ -109,6 +137,9 @@ class LLMEngine:
             self.model, num_blocks, config.block_size, self.max_model_len, config.device,
             lora_backend=self.loras.backend,
         )
+        if self.ranks is not None:
+            self.ranks.loras = self.loras
+            self.runner.broadcast = self.ranks.send
         self.sequences: dict[str, Sequence] = {}
         self.latency = LatencyModel()
         self.policy = CoServingPolicy(
@@ -133,22 +164,13 @@ class LLMEngine:
         # talks to finetune_runs itself; the iteration only calls after_iteration.
         self.finetune_runs = FinetuneRuns(self.finetune, self.model, self.loras.layout)
         log.info(
-            "engine ready: %s, dtype=%s%s%s, %d KV blocks of %d tokens, max_model_len=%d",
+            "engine ready: %s, dtype=%s%s%s, %d KV blocks of %d tokens, max_model_len=%d%s",
             config.model_dir, dtype_name(self.dtype),
             f" (bfloat16 panels up to {self.panel_rows} rows)" if self.panel_rows else "",
             f" (oneDNN-packed weights up to {self.packed_rows} rows)" if self.packed_rows else "",
             num_blocks, config.block_size, self.max_model_len,
+            f", {config.tensor_parallel_size} tensor-parallel ranks" if self.ranks is not None else "",
         )
-
-    def _max_model_len(self, model_config, cache_tokens: int) -> int:
-        limits = [model_config.max_position_embeddings, cache_tokens]
-        if self.config.max_model_len:
-            limits.append(self.config.max_model_len)
-        # Beyond its window Mistral attends only locally; we attend fully, so we stop there.
-        window = getattr(model_config, "sliding_window", None)
-        if window and getattr(model_config, "use_sliding_window", True):
-            limits.append(window)
-        return min(limits)
 
     def ready_info(self) -> EngineReady:
         return EngineReady(
@@ -166,6 +188,8 @@ class LLMEngine:
         self.finetune_runs.close()
         if self.power is not None:
             self.power.close()
+        if self.ranks is not None:
+            self.ranks.close()
 
     # -- adapters ---------------------------------------------------------------
 

@@ -91,7 +91,14 @@ class Settings(BaseSettings):
     max_model_len: int | None = Field(
         None, gt=0, description="Cap on prompt + completion tokens; unset = the model's context length"
     )
-    num_threads: int | None = Field(None, gt=0, description="CPU threads for the engine; unset = one per core")
+    num_threads: int | None = Field(
+        None, gt=0, description="CPU threads for the engine (each tensor-parallel rank); unset = the cores shared out"
+    )
+    tensor_parallel_size: int = Field(
+        1, gt=0, description="Processes the model is split over (Megatron-style: heads and MLP columns, gloo on "
+        "the CPU, NCCL on GPUs); must divide the model's attention heads, KV heads and intermediate size. "
+        "Fine-tuning jobs need 1"
+    )
     max_queued_requests: int = Field(
         256, ge=0, description="Sequences allowed to wait beyond max_num_seqs; more get 429 with Retry-After"
     )
@@ -218,6 +225,7 @@ class Settings(BaseSettings):
             max_num_seqs=self.max_num_seqs,
             max_model_len=self.max_model_len,
             num_threads=self.num_threads,
+            tensor_parallel_size=self.tensor_parallel_size,
             lora_modules=tuple((name, str(path)) for name, path in self.lora_module_paths().items()),
             max_loras=self.max_loras,
             max_cpu_loras=self.max_cpu_loras,

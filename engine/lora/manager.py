@@ -82,6 +82,9 @@ class LoRAManager:
         # with the first adapter.
         compute_layout = layout if self.tensor_parallel is None else shard_layout(layout, self.tensor_parallel.size)
         self.backend = NativeLoRABackend(LoRASlots(compute_layout, max_loras, max_rank, dtype, device))
+        # Under tensor parallelism: (slot, adapter directory) written since the other
+        # ranks last heard, for them to load their own shards (engine/parallel/workers.py).
+        self._slot_loads: list[tuple[int, str]] = []
         self.num_slot_loads = 0
 
     # -- registry ------------------------------------------------------------
@@ -172,9 +175,15 @@ class LoRAManager:
             previous.slot = None
         assert entry.weights is not None, "acquire() keeps a live adapter's weights on the host"
         self.backend.slots.write(slot, entry.weights)
+        if self.tensor_parallel is not None:
+            self._slot_loads.append((slot, str(entry.path)))
         self._slot_owner[slot] = entry
         entry.slot = slot
         self.num_slot_loads += 1
+
+    def take_slot_loads(self) -> list[tuple[int, str]]:
+        loads, self._slot_loads = self._slot_loads, []
+        return loads
 
     # -- memory ----------------------------------------------------------------
 

@@ -58,6 +58,10 @@ class TensorParallel:
     group: dist.ProcessGroup | None = None  # None: the default group
 
     def all_reduce(self, y: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks, added in float32 whatever y's type: partial sums rounded to
+        bfloat16 before they are added would round once per rank."""
+        if y.dtype != torch.float32:
+            return self.all_reduce(y.float()).to(y.dtype)
         dist.all_reduce(y, group=self.group)
         return y
 
