@@ -29,7 +29,7 @@ from engine.lora.adapter import AdapterError, LoRAWeights, load_adapter
 from engine.lora.backend import NativeLoRABackend
 from engine.lora.layout import LoRALayout
 from engine.lora.slots import LoRASlots
-from engine.parallel.tensor_parallel import TensorParallel, shard_layout, shard_lora
+from engine.parallel.tensor_parallel import TensorParallel, read_lora_shard, shard_layout
 
 
 # Versions of adapter weights, unique in the process: a prefix-cache block computed by
@@ -121,8 +121,9 @@ class LoRAManager:
             self._drop(entry)
 
     def _read(self, path: Path) -> LoRAWeights:
-        weights = load_adapter(path, self.layout, self.max_rank, self.dtype)
-        return weights if self.tensor_parallel is None else shard_lora(weights, self.layout, self.tensor_parallel)
+        if self.tensor_parallel is None:
+            return load_adapter(path, self.layout, self.max_rank, self.dtype)
+        return read_lora_shard(path, self.layout, self.max_rank, self.dtype, self.tensor_parallel)
 
     # -- per request ---------------------------------------------------------
 

@@ -36,12 +36,13 @@ once. The transform runs on the loaded float weights, before packing for the CPU
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from engine.lora.adapter import LoRAWeights
+from engine.lora.adapter import LoRAWeights, load_adapter
 from engine.lora.layout import LoRALayout, LoRATarget
 from engine.model.llama import DOWN_PROJ, O_PROJ, LlamaForCausalLM
 
@@ -87,31 +88,30 @@ def check_divides(config, size: int) -> None:
         )
 
 
-def _rows(weight: torch.Tensor, parts: list[int], rank: int, size: int) -> torch.Tensor:
+def _share(t: torch.Tensor, dim: int, tp: TensorParallel) -> torch.Tensor:
+    """This rank's 1/size of `t` along `dim`, contiguous."""
+    share = t.shape[dim] // tp.size
+    return t.narrow(dim, tp.rank * share, share).contiguous()
+
+
+def _rows(weight: torch.Tensor, parts: list[int], tp: TensorParallel) -> torch.Tensor:
     """Rank's share of each consecutive row block of `weight` (block sizes `parts`), concatenated."""
-    shards, start = [], 0
-    for part in parts:
-        share = part // size
-        shards.append(weight[start + rank * share : start + (rank + 1) * share])
-        start += part
-    return torch.cat(shards).clone()
+    return torch.cat([_share(block, 0, tp) for block in weight.split(parts)])
 
 
 def _shard_linear(linear: nn.Linear, parts: list[int] | None, tp: TensorParallel) -> None:
     """Column-parallel (`parts`: the output blocks, each split) or, with parts None,
     row-parallel (the input columns split; the bias kept on rank 0 only)."""
     if parts is not None:
-        linear.weight = nn.Parameter(_rows(linear.weight, parts, tp.rank, tp.size), requires_grad=False)
+        linear.weight = nn.Parameter(_rows(linear.weight, parts, tp), requires_grad=False)
         if linear.bias is not None:
-            linear.bias = nn.Parameter(_rows(linear.bias, parts, tp.rank, tp.size), requires_grad=False)
+            linear.bias = nn.Parameter(_rows(linear.bias, parts, tp), requires_grad=False)
         linear.out_features = linear.weight.shape[0]
         return
-    share = linear.in_features // tp.size
-    weight = linear.weight[:, tp.rank * share : (tp.rank + 1) * share].clone()
-    linear.weight = nn.Parameter(weight, requires_grad=False)
+    linear.weight = nn.Parameter(_share(linear.weight, 1, tp), requires_grad=False)
     if linear.bias is not None and tp.rank != 0:
         linear.bias = None
-    linear.in_features = share
+    linear.in_features = linear.weight.shape[1]
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -193,6 +193,12 @@ def shard_layout(layout: LoRALayout, size: int) -> LoRALayout:
     return LoRALayout(layout.num_layers, tuple(shard(t) for t in layout.targets))
 
 
+def read_lora_shard(path: Path, layout: LoRALayout, max_rank: int, dtype: torch.dtype,
+                    tp: TensorParallel) -> LoRAWeights:
+    """This rank's part of the adapter at `path`, checked whole against the whole model's `layout`."""
+    return shard_lora(load_adapter(path, layout, max_rank, dtype), layout, tp)
+
+
 def shard_lora(weights: LoRAWeights, layout: LoRALayout, tp: TensorParallel) -> LoRAWeights:
     """This rank's part of an adapter read whole against the whole model's `layout`:
     B's rows of a column-parallel projection, A's columns of a row-parallel one."""
@@ -200,10 +206,8 @@ def shard_lora(weights: LoRAWeights, layout: LoRALayout, tp: TensorParallel) -> 
     for (layer, module), (a, b) in weights.modules.items():
         target, _ = layout.locate(module)
         if target.name in ROW_PARALLEL:
-            share = a.shape[1] // tp.size
-            a = a[:, tp.rank * share : (tp.rank + 1) * share].contiguous()
+            a = _share(a, 1, tp)
         else:
-            share = b.shape[0] // tp.size
-            b = b[tp.rank * share : (tp.rank + 1) * share].contiguous()
+            b = _share(b, 0, tp)
         modules[(layer, module)] = (a, b)
     return LoRAWeights(path=weights.path, rank=weights.rank, modules=modules)

@@ -30,12 +30,11 @@ import torch.distributed as dist
 
 from engine.config import EngineConfig
 from engine.forward_batch import ForwardBatch
-from engine.lora.adapter import load_adapter
 from engine.lora.backend import NativeLoRABackend
 from engine.lora.manager import LoRAManager
 from engine.lora.slots import LoRASlots
 from engine.model.loader import load_model
-from engine.parallel.tensor_parallel import TensorParallel, shard_layout, shard_lora
+from engine.parallel.tensor_parallel import TensorParallel, read_lora_shard, shard_layout
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +116,6 @@ def _rank_main(rank: int, config: EngineConfig, dtype: torch.dtype, panel_rows: 
             break
         loads, batch = message[0]
         for slot, path in loads:
-            weights = load_adapter(Path(path), layout, config.max_lora_rank, dtype)
-            slots.write(slot, shard_lora(weights, layout, tp))
+            slots.write(slot, read_lora_shard(Path(path), layout, config.max_lora_rank, dtype, tp))
         runner.run(batch)
     dist.destroy_process_group()
