@@ -11,7 +11,9 @@ Two kinds of sources:
 
 Buckets follow vLLM's so that dashboards built for it read ours. Labels are bounded:
 `model_name` (the base model or an adapter), finish reasons, SLO kinds, token
-kinds, job statuses, and job ids only of jobs running or paused.
+kinds, job statuses, and job ids only of jobs running or paused. Two info gauges are
+for routers rather than dashboards (see `StateCollector._router_info`): they carry
+vLLM's label sets, adapter names and the KV cache's geometry.
 """
 
 from __future__ import annotations
@@ -211,9 +213,11 @@ class ServerMetrics:
 class StateCollector(Collector):
     """Gauges read at scrape time from the engine's newest stats and the job manager."""
 
-    def __init__(self, engine: EngineClient, metrics: ServerMetrics, jobs: JobManager, adapters: AdapterRegistry):
+    def __init__(self, engine: EngineClient, metrics: ServerMetrics, jobs: JobManager, adapters: AdapterRegistry,
+                 max_loras: int):
         self._engine = engine
         self._adapters = adapters
+        self._max_loras = max_loras
         self._metrics = metrics
         self._jobs = jobs
         self._labels = [metrics.model_name]
@@ -245,6 +249,7 @@ class StateCollector(Collector):
         yield preemptions
         yield from self._prefix_cache(stats)
         yield from self._per_adapter(stats)
+        yield from self._router_info(stats)
         yield from self._finetune_jobs()
         yield from self._power(iteration)
 
@@ -278,6 +283,28 @@ class StateCollector(Collector):
             for lora_name, count in counts.items():
                 family.add_metric([*self._labels, lora_name], count)
             yield family
+
+    def _router_info(self, stats):
+        """What an endpoint picker (Gateway API Inference Extension, llm-d) reads besides
+        the waiting, running and KV-usage gauges, in vLLM's label format. The LoRA gauge
+        names the adapters with sequences running and waiting (comma-separated, as vLLM
+        does) and how many adapters fit in a batch; its value is when it was read, which
+        the picker uses to take the newest of several series. The cache gauge gives the
+        KV block geometry that prefix-cache-aware scoring needs."""
+        running = sorted(name for name, n in (stats.lora_running if stats else {}).items() if n)
+        waiting = sorted(name for name, n in (stats.lora_waiting if stats else {}).items() if n)
+        lora = GaugeMetricFamily(
+            "coserve:lora_requests_info",
+            "Adapters with running and waiting sequences, and max_lora; the value is the time of the reading",
+            labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+        )
+        lora.add_metric([str(self._max_loras), ",".join(running), ",".join(waiting)], time.time())
+        yield lora
+        ready = self._engine.ready
+        cache = GaugeMetricFamily("coserve:cache_config_info", "KV-cache geometry (always 1)",
+                                  labels=["block_size", "num_gpu_blocks"])
+        cache.add_metric([str(ready.block_size), str(ready.num_kv_blocks)], 1)
+        yield cache
 
     def _finetune_jobs(self):
         jobs = GaugeMetricFamily("coserve:finetune_jobs", "Finetuning jobs by status", labels=["model_name", "status"])
@@ -332,5 +359,5 @@ def install_metrics(
         metrics.enable_power()
     engine.requests = RequestTracker(metrics, model_name, settings.ttft_slo_ms, settings.tpot_slo_ms)
     engine.on_stats = metrics.iteration
-    metrics.registry.register(StateCollector(engine, metrics, jobs, adapters))
+    metrics.registry.register(StateCollector(engine, metrics, jobs, adapters, settings.max_loras))
     return metrics.registry

@@ -73,6 +73,8 @@ HISTOGRAMS = {
     "coserve:iteration_finetune_share",
     "coserve:request_energy_joules",
 }
+# Read by routers (an endpoint picker), not charted: vLLM's label sets, no model_name.
+ROUTER_INFO = {"coserve:lora_requests_info", "coserve:cache_config_info"}
 HISTOGRAM_SERIES = {f"{name}{suffix}": name for name in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")}
 # Digits too: `e2e`.
 METRIC_NAME = re.compile(r"coserve:[a-z0-9_:]+")

@@ -23,6 +23,7 @@ from tests.deploy.test_deploy_files import (
     GAUGES,
     HISTOGRAM_SERIES,
     HISTOGRAMS,
+    ROUTER_INFO,
 )
 from tests.server.conftest import (
     assert_openai_error,
@@ -203,7 +204,30 @@ def test_the_server_exposes_exactly_the_series_the_dashboards_are_checked_agains
     families = {name for name in traffic["samples"] if name.startswith("coserve:")}
     families |= {name for name in traffic["paused"] if name.startswith("coserve:")}
     exposed = {HISTOGRAM_SERIES.get(name, name) for name in families if not name.endswith("_created")}
-    assert exposed == COUNTERS | GAUGES | HISTOGRAMS
+    assert exposed == COUNTERS | GAUGES | HISTOGRAMS | ROUTER_INFO
+
+
+def test_router_info_names_the_adapter_a_request_runs_on(live, traffic):
+    """The series an endpoint picker reads, in vLLM's label format: while a streamed
+    request on the fine-tuned adapter decodes, the LoRA gauge names it as running."""
+    (idle,) = traffic["samples"]["coserve:lora_requests_info"].items()
+    assert dict(idle[0]) == {"max_lora": "8", "running_lora_adapters": "", "waiting_lora_adapters": ""}
+    (cache,) = traffic["samples"]["coserve:cache_config_info"]
+    assert dict(cache)["block_size"] == "16" and int(dict(cache)["num_gpu_blocks"]) > 0
+    fine_tuned = traffic["job"].fine_tuned_model
+    client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0, timeout=300)
+    stream = client.completions.create(model=fine_tuned, prompt="Count:", max_tokens=400, stream=True,
+                                       extra_body={"ignore_eos": True})
+    try:
+        next(iter(stream))
+        before = time.time()
+        during = scrape(live.url)
+    finally:
+        stream.close()
+    ((labels, read_at),) = during["coserve:lora_requests_info"].items()
+    assert dict(labels) == {"max_lora": "8", "running_lora_adapters": fine_tuned, "waiting_lora_adapters": ""}
+    assert before - 1 <= read_at <= time.time() + 1
+    assert value(during, "coserve:num_requests_running") == 1
 
 
 def test_bad_slo_values_are_400s(live):
