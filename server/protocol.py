@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from server import errors
+from server.router_fields import without_router_no_ops
 from server.tools.schema import check_parameters_schema
 
 MAX_STOP_STRINGS = 4
@@ -119,9 +120,14 @@ class StructuredOutputs(BaseModel):
 
 class GenerationRequest(_UnicodeBody):
     """Fields that completions and chat share. A field not listed here is rejected with a
-    400 naming it, never dropped."""
+    400 naming it, never dropped (but for the no-ops a router adds, server/router_fields.py)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _router_no_ops(cls, data: Any) -> Any:
+        return without_router_no_ops(data)
 
     model: str | None = None
     n: int | None = Field(None, ge=1, le=128)
