@@ -135,6 +135,25 @@ def test_cpu_override_drops_the_gpu_and_builds_for_the_cpu():
     assert args["COSERVE_EXTRAS"] == ""
 
 
+def test_replicas_compose_puts_the_router_before_two_replicas_with_their_own_data():
+    services = _compose("compose.replicas.yaml")["services"]
+    replicas = {name: service for name, service in services.items() if name.startswith("replica-")}
+    assert len(replicas) == 2
+    assert {_mounts(r)[DATA_DIR] for r in replicas.values()} == {f"{name}-data" for name in replicas}
+    devices = [r["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] for r in replicas.values()]
+    assert sorted(devices) == [["0"], ["1"]]
+    extras = replicas["replica-0"]["build"]["args"]["COSERVE_EXTRAS"].split(",")
+    assert "router" in extras and re.search(r"^router = \[", (REPO / "pyproject.toml").read_text(), re.MULTILINE)
+    router = services["router"]
+    assert router["entrypoint"] == ["vllm-router"] and router["image"] == replicas["replica-0"]["image"]
+    command = router["command"]
+    urls = command[command.index("--worker-urls") + 1:command.index("--worker-urls") + 3]
+    assert urls == [f"http://{name}:8000" for name in replicas]
+    assert "--policy=consistent_hash" in command
+    assert set(router["depends_on"]) == set(replicas)
+    assert [port for s in services.values() for port in s.get("ports", [])] == ["127.0.0.1:8000:8000"]
+
+
 def test_docker_compose_accepts_both_variants():
     """The real merge and schema check, where a Docker Compose v2 CLI is installed."""
     if not shutil.which("docker") or subprocess.run(["docker", "compose", "version"], capture_output=True).returncode:
