@@ -94,7 +94,7 @@ def measure_coserve(model_dir: Path) -> dict:
     blocks = BlockManager(num_blocks=SEQ_LEN // 16 + 1, block_size=16)
     runner = ModelRunner(model, blocks.num_blocks, 16, SEQ_LEN + 16, "cpu", lora_backend=loras.backend)
     scheduler = Scheduler(blocks, 512, 8, SEQ_LEN + 16, eos_token_ids=[], adapter_slots=loras)
-    coordinator = FinetuneCoordinator(loras, scheduler, runner.cos, runner.sin, backward_layers_per_iteration=4)
+    coordinator = FinetuneCoordinator(loras, scheduler, backward_layers_per_iteration=4)
     example = TrainingExample(_tokens(model.config.vocab_size), [False] + [True] * (SEQ_LEN - 1))
     job = FinetuneJob("mem", model, layout, [example], Hyperparameters(n_epochs=1, batch_size=1),
                       LoRAConfig(rank=16, alpha=32, target_modules=tuple(TARGETS)))

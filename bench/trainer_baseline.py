@@ -32,7 +32,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from engine.finetune.job import epoch_order, linear_schedule  # noqa: E402
+from engine.finetune.job import epoch_order  # noqa: E402
+from engine.finetune.job_shard import linear_schedule  # noqa: E402
 from server.finetune.job_request import (  # noqa: E402
     AUTO_BATCH_SIZE,
     AUTO_N_EPOCHS,

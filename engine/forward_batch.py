@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from engine.plan import IterationPlan
 
 
@@ -41,10 +43,22 @@ class ForwardBatch:
     # Rows that go through the LM head, in one call: each sampled chunk's last token,
     # then the positions whose prompt logprobs are returned.
     logits_rows: list[int]
+    # (job id, sequence id) of each finetuning chunk, in order: whose layer inputs the
+    # forward captures (every rank keeps its own, engine/finetune/job_shard.py).
+    finetune_owners: list[tuple[str, str]]
 
     @property
     def num_tokens(self) -> int:
         return len(self.input_ids)
+
+    def captured_by_sequence(self, per_layer: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+        """The forward's captured layer inputs ([num_finetune_tokens, hidden] per layer)
+        split by finetuning chunk: sequence id -> [chunk_tokens, hidden] per layer."""
+        out, offset = {}, 0
+        for (_, seq_id), chunk in zip(self.finetune_owners, self.chunks[len(self.chunks) - len(self.finetune_owners):]):
+            out[seq_id] = [t[offset : offset + chunk.num_tokens] for t in per_layer]
+            offset += chunk.num_tokens
+        return out
 
     @property
     def num_decodes(self) -> int:
@@ -69,4 +83,6 @@ def forward_batch(plan: IterationPlan, block_size: int, logits_rows: list[int]) 
         cache_slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
         lora_slots.extend([seq.lora_slot] * chunk.num_new_tokens)
         chunks.append(ChunkSpan(chunk.num_new_tokens, start, table))
-    return ForwardBatch(input_ids, positions, cache_slots, lora_slots, chunks, plan.num_finetune_tokens, logits_rows)
+    owners = [(chunk.seq.job.job_id, chunk.seq.request_id) for chunk in plan.finetune_chunks]
+    return ForwardBatch(input_ids, positions, cache_slots, lora_slots, chunks, plan.num_finetune_tokens, logits_rows,
+                        owners)

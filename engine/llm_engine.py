@@ -150,9 +150,7 @@ class LLMEngine:
             config.ttft_slo_ms, config.tpot_slo_ms, config.max_num_batched_tokens,
         )
         self.arrivals = ArrivalTracker()
-        self.finetune = FinetuneCoordinator(
-            self.loras, self.scheduler, self.runner.cos, self.runner.sin, config.finetune_backward_layers_per_iteration
-        )
+        self.finetune = FinetuneCoordinator(self.loras, self.scheduler, config.finetune_backward_layers_per_iteration)
         self.power_accounting = (
             None if self.power is None
             else PowerAccounting(self.power, self.latency, self.policy, self.sequences, self.finetune)
@@ -162,7 +160,10 @@ class LLMEngine:
             self.observers.insert(0, self.power_accounting)  # charges energy at the costs before the fit moves
         # Jobs' lives (start, pause/resume/cancel, checkpoints, reports): the process loop
         # talks to finetune_runs itself; the iteration only calls after_iteration.
-        self.finetune_runs = FinetuneRuns(self.finetune, self.model, self.loras.layout)
+        self.finetune_runs = FinetuneRuns(
+            self.finetune, self.model, self.loras.layout, tensor_parallel,
+            None if self.ranks is None else self.ranks.send_job_operation,
+        )
         log.info(
             "engine ready: %s, dtype=%s%s%s, %d KV blocks of %d tokens, max_model_len=%d%s",
             config.model_dir, dtype_name(self.dtype),

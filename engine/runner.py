@@ -162,18 +162,11 @@ class ModelRunner:
         chunks); returns hidden states [num_tokens, hidden]. With `captured`, fills it
         with each finetuning chunk's layer inputs (per sequence id, one [chunk, hidden]
         tensor per layer and one for the last layer's output)."""
-        hidden, _, per_layer = self.run(forward_batch(plan, self.block_size, []))
-        self._keep_captured(plan, per_layer, captured)
+        batch = forward_batch(plan, self.block_size, [])
+        hidden, _, per_layer = self.run(batch)
+        if captured is not None:
+            captured.update(batch.captured_by_sequence(per_layer))
         return hidden
-
-    @staticmethod
-    def _keep_captured(plan: IterationPlan, per_layer: list[torch.Tensor], captured) -> None:
-        offset = 0
-        for chunk in plan.finetune_chunks:
-            n = chunk.num_new_tokens
-            if captured is not None:
-                captured[chunk.seq.request_id] = [t[offset : offset + n] for t in per_layer]
-            offset += n
 
     def _lora_context(self, lora_slots: list[int]) -> LoRAContext | None:
         if self.lora_backend is None:
@@ -202,8 +195,9 @@ class ModelRunner:
                                                    seq.token_ids[first + 1 : last + 1])
             row0 += chunk.num_new_tokens
         logits_rows = sample_rows + [row for _, rows, _ in prompt_rows.values() for row in rows]
-        _, all_logits, per_layer = self.run(forward_batch(plan, self.block_size, logits_rows))
-        self._keep_captured(plan, per_layer, out.captured)
+        batch = forward_batch(plan, self.block_size, logits_rows)
+        _, all_logits, per_layer = self.run(batch)
+        out.captured = batch.captured_by_sequence(per_layer)
 
         if sample_rows:
             seqs = [c.seq for c in sample_chunks]

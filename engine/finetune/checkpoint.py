@@ -47,7 +47,7 @@ def take_snapshot(job: FinetuneJob, base_model: str, reuse: CheckpointSnapshot |
     are overwritten in place: fresh ones cost page faults on every byte (~0.3 s for
     SmolLM2-135M's rank-16 state on the 2-core machine), refilled ones a copy (~30 ms)."""
     return CheckpointSnapshot(
-        _copied(job.lora.peft_state_dict(copy=False), reuse.adapter if reuse else None),
+        _copied(job.peft_state(), reuse.adapter if reuse else None),
         job.lora.peft_config(base_model),
         _copied(job.trainer_state(), reuse.trainer_state if reuse else None),
     )

@@ -31,13 +31,10 @@ class FinetuneCoordinator:
         self,
         loras: LoRAManager,
         scheduler: Scheduler,
-        cos: torch.Tensor,  # [max_positions, head_dim] rope tables (the compute type) for the recompute
-        sin: torch.Tensor,
         backward_layers_per_iteration: int,
     ):
         self.loras = loras
         self.scheduler = scheduler
-        self.cos, self.sin = cos, sin
         self.backward_layers_per_iteration = backward_layers_per_iteration
         self.jobs: dict[str, FinetuneJob] = {}
         self._adapters: dict[str, AdapterEntry] = {}
@@ -50,7 +47,7 @@ class FinetuneCoordinator:
     def add_job(self, job: FinetuneJob) -> None:
         self.jobs[job.job_id] = job
         self._adapters[job.job_id] = self.loras.add_trainable(
-            f"finetune:{job.job_id}", job.lora.serving_weights(self.loras.dtype)
+            f"finetune:{job.job_id}", job.lora.serving_weights(self.loras.dtype), job.job_id
         )
 
     def remove_job(self, job_id: str) -> FinetuneJob:
@@ -58,6 +55,7 @@ class FinetuneCoordinator:
         self.paused.discard(job_id)
         for seq in job.forwarding:
             self.scheduler.drop_finetune(seq)
+        job.forget()
         self.loras.release_trainable(self._adapters.pop(job_id))
         return job
 
@@ -86,8 +84,7 @@ class FinetuneCoordinator:
     def after_forward(self, plan: IterationPlan, captured: dict[str, list[torch.Tensor]]) -> None:
         for chunk in plan.finetune_chunks:
             seq: TrainingSequence = chunk.seq
-            for layer, tensor in enumerate(captured[seq.request_id]):
-                seq.saved[layer].append(tensor)
+            seq.job.keep(seq, captured[seq.request_id])
         for seq in self.scheduler.update_finetune(plan):
             seq.job.forward_finished(seq)
 
@@ -97,7 +94,7 @@ class FinetuneCoordinator:
         running = [job for job in self.jobs.values() if job.backward is not None]
         if not running:
             return BackwardWork()
-        longest = max(len(job.backward.seq.token_ids) for job in running)
+        longest = max(len(job.backward.token_ids) for job in running)
         return BackwardWork(self.backward_layers_per_iteration * longest, sum(j.pending_loss_tokens for j in running))
 
     def run_backward(self, allowance: BackwardAllowance) -> None:
@@ -119,8 +116,8 @@ class FinetuneCoordinator:
                 seconds=None if seconds is None else seconds / left,
                 max_layers=None if layers is None else -(-layers // left),  # ceil: a lone layer still runs
             )
-            step_before, tokens = job.step, len(job.backward.seq.token_ids)
-            work = job.backward_slice(share, self.cos, self.sin, self.backward_costs)
+            step_before, tokens = job.step, len(job.backward.token_ids)
+            work = job.backward_slice(share, self.backward_costs)
             self.backward_work += work
             self.backward_work_by_job[job.job_id] = work
             if seconds is not None:

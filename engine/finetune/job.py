@@ -13,6 +13,10 @@ With validation examples, every `validate_every` steps and at the last step the 
 scores them with that step's weights before training goes on: each is forwarded like a
 training sequence and only the loss head runs on it. The step's event waits for that
 score (`valid_loss`, reduced like the training loss), so events stay in step order.
+
+The job's tensors (parameters, optimizer, kept activations, backward state) live in
+its `JobShard` (job_shard.py), one per rank under tensor parallelism; this class
+decides what they do and calls every operation through `self.shards`.
 """
 
 from __future__ import annotations
@@ -22,17 +26,19 @@ import math
 import random
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from engine.finetune.backward_costs import BackwardCosts
 from engine.finetune.backward_work import BackwardAllowance, BackwardWork
+from engine.finetune.job_shard import Backward, JobShard, JobShards, OptimizerSettings, max_positions
 from engine.finetune.lora_params import LoRAConfig, TrainableLoRA
-from engine.finetune.recompute import layer_forward, loss_sum
 from engine.lora.layout import LoRALayout
 from engine.messages import SamplingParams
 from engine.model.llama import LlamaForCausalLM
+from engine.parallel.tensor_parallel import TensorParallel
 from engine.sequence import Sequence
 
 # Training sequences of a job forwarded ahead of its backward at most (see next_sequence).
@@ -83,23 +89,6 @@ def epoch_order(num_examples: int, n_epochs: int, seed: int) -> list[int]:
     return order
 
 
-def linear_schedule(warmup_steps: int, total_steps: int):
-    """Multiplier of the base learning rate at optimizer step `step` (0-based)."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-    return factor
-
-
-def loss_targets(example: TrainingExample) -> torch.Tensor:
-    """Per position, the next token to predict, or -100 where it is not trained on; [T]."""
-    ids = example.token_ids
-    return torch.tensor([ids[t + 1] if example.target[t + 1] else -100 for t in range(len(ids) - 1)] + [-100])
-
-
 class TrainingSequence(Sequence):
     """A sequence the scheduler forwards like a prefill; it is never sampled from."""
 
@@ -107,42 +96,15 @@ class TrainingSequence(Sequence):
         super().__init__(f"{job.job_id}/{name}", example.token_ids, SamplingParams(max_tokens=1), 0.0)
         self.job = job
         self.example = example
-        # Per layer (and the last layer's output): input hidden states of the
-        # computed tokens, chunk by chunk, each [chunk_tokens, hidden].
-        self.saved: list[list[torch.Tensor]] = [[] for _ in range(job.model.config.num_hidden_layers + 1)]
 
     def restart_forward(self) -> None:
         """Preempted mid-forward: the KV cache is gone, so the activations go too."""
         self.num_computed_tokens = 0
-        self.saved = [[] for _ in self.saved]
+        self.job.shards.run("drop", self.request_id)
 
 
 class ValidationSequence(TrainingSequence):
     """A validation example's forward: scored by the loss head, never trained on."""
-
-
-@dataclass
-class _Backward:
-    seq: TrainingSequence
-    inputs: list[torch.Tensor]  # per layer + final, [T, hidden]
-    loss_positions: torch.Tensor  # positions that carry a target, [n]
-    loss_targets: torch.Tensor  # the token each of them predicts, [n]
-    # d loss / d (input of the next layer to do), [T, hidden]: the loss head's passes
-    # add into it first, then each recomputed layer replaces it.
-    grad: torch.Tensor
-    next_layer: int  # the layer to recompute next
-    loss_done: int = 0  # loss_positions through the loss head so far
-
-    @property
-    def pending_loss_tokens(self) -> int:
-        return len(self.loss_positions) - self.loss_done
-
-    @classmethod
-    def start(cls, seq: TrainingSequence, inputs: list[torch.Tensor]) -> _Backward:
-        targets = loss_targets(seq.example)  # [T]
-        positions = (targets != -100).nonzero().squeeze(1)
-        return cls(seq, inputs, positions, targets[positions], grad=torch.zeros_like(inputs[-1]),
-                   next_layer=len(inputs) - 2)
 
 
 @dataclass
@@ -156,18 +118,22 @@ class FinetuneJob:
     seed: int = 0
     validation: list[TrainingExample] = field(default_factory=list)
     validate_every: int = 1  # steps between validation passes (the last step always has one)
+    # Tensor parallelism: this rank's place and how operations reach the other ranks'
+    # shards (engine/parallel/workers.py); None on one device.
+    tensor_parallel: TensorParallel | None = None
+    send: Callable[[tuple], None] | None = None
 
     def __post_init__(self) -> None:
         hp = self.hyperparameters
-        self.lora = TrainableLoRA(self.layout, self.lora_config, self.seed)
         self.order = epoch_order(len(self.examples), hp.n_epochs, self.seed)
         self.total_steps = math.ceil(len(self.order) / hp.batch_size)
-        self.optimizer = torch.optim.AdamW(
-            self.lora.parameters(), lr=hp.learning_rate, betas=hp.betas, eps=hp.eps, weight_decay=hp.weight_decay
-        )
-        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, linear_schedule(hp.warmup_steps, self.total_steps)
-        )
+        shard_args = (self.layout, self.lora_config, self.seed,
+                      OptimizerSettings(hp.learning_rate, hp.betas, hp.eps, hp.weight_decay, hp.warmup_steps,
+                                        self.total_steps),
+                      max_positions(self.examples, self.validation))
+        if self.send is not None:
+            self.send((self.job_id, "create", shard_args))
+        self.shards = JobShards(self.job_id, JobShard(self.model, *shard_args, self.tensor_parallel), self.send)
         self.position = 0  # index into `order` of the next sequence to finish its backward
         self.started = 0  # index into `order` of the next sequence to start its forward
         self.step = 0
@@ -179,9 +145,9 @@ class FinetuneJob:
         # (tokens_trained, energy_joules) as the last optimizer step left them.
         self._at_last_step: tuple[int, float | None] = (0, None)
         self.forwarding: list[TrainingSequence] = []  # in the order they started
-        self.backward: _Backward | None = None
+        self.backward: TrainingSequence | None = None  # the sequence whose backward runs
         # Forwards that finished while an earlier sequence's backward still ran, in order.
-        self.ready: deque[_Backward] = deque()
+        self.ready: deque[TrainingSequence] = deque()
         self._batch_loss = 0.0
         self._batch_started = time.perf_counter()
         # The event of the step being validated, held back until its `valid_loss` is known.
@@ -189,6 +155,20 @@ class FinetuneJob:
         self._valid_scored = 0  # validation examples scored in this pass
         self._valid_loss = 0.0  # their summed token loss
         self._valid_targets = max(1, sum(e.num_targets for e in self.validation))
+
+    @property
+    def lora(self) -> TrainableLoRA:
+        """This rank's share of the trainable adapter (the whole one on one device)."""
+        return self.shards.local.lora
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.shards.local.optimizer
+
+    @property
+    def backward_state(self) -> Backward | None:
+        """How far the running backward has come."""
+        return None if self.backward is None else self.shards.local.backwards[self.backward.request_id]
 
     @property
     def validating(self) -> bool:
@@ -206,19 +186,19 @@ class FinetuneJob:
         their backward since are trained again (their gradients are not kept)."""
         tokens_trained, energy_joules = self._at_last_step
         return {
-            "lora": self.lora.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "lr_schedule": self.lr_schedule.state_dict(),
+            **self.shards.run("trainer_state"),
             "step": self.step,
             "position": min(self.step * self.hyperparameters.batch_size, len(self.order)),
             "tokens_trained": tokens_trained,
             "energy_joules": energy_joules,
         }
 
+    def peft_state(self) -> dict[str, torch.Tensor]:
+        """The whole adapter by PEFT keys (views of the live parameters on one device)."""
+        return self.shards.run("peft_state")
+
     def load_trainer_state(self, state: dict) -> None:
-        self.lora.load_state_dict(state["lora"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        self.shards.run("load_trainer_state", state)
         self.step, self.position, self.tokens_trained = state["step"], state["position"], state["tokens_trained"]
         self.started = self.position
         self.energy_joules = state.get("energy_joules")  # absent in checkpoints without a power device
@@ -262,68 +242,62 @@ class FinetuneJob:
         self.forwarding.append(seq)
         return seq
 
+    def keep(self, seq: TrainingSequence, per_layer: list[torch.Tensor]) -> None:
+        """A forward chunk's layer inputs (every rank keeps its own: workers.py)."""
+        self.shards.local.keep(seq.request_id, per_layer)
+
     def forward_finished(self, seq: TrainingSequence) -> None:
         self.forwarding.remove(seq)
+        example = seq.example
         if isinstance(seq, ValidationSequence):
-            self._score(seq)
+            self._score(self.shards.run("score", seq.request_id, example.token_ids, example.target))
             return
-        inputs = [torch.cat(chunks) for chunks in seq.saved]  # per layer + final, [T, hidden]
-        seq.saved = []
+        self.shards.run("start_backward", seq.request_id, example.token_ids, example.target)
         if self.backward is None:
-            self.backward = _Backward.start(seq, inputs)
+            self.backward = seq
         else:
-            self.ready.append(_Backward.start(seq, inputs))
+            self.ready.append(seq)
+
+    def forget(self) -> None:
+        """The job is removed: its tensors go, on every rank."""
+        for seq in [*self.forwarding, *([self.backward] if self.backward else []), *self.ready]:
+            self.shards.run("drop", seq.request_id)
+        self.shards.release()
 
     @property
     def pending_loss_tokens(self) -> int:
         """Target tokens of the running backward still to go through the loss head."""
-        return self.backward.pending_loss_tokens if self.backward is not None else 0
+        work = self.backward_state
+        return work.pending_loss_tokens if work is not None else 0
 
-    def backward_slice(
-        self, allowance: BackwardAllowance, cos: torch.Tensor, sin: torch.Tensor, costs: BackwardCosts
-    ) -> BackwardWork:
+    def backward_slice(self, allowance: BackwardAllowance, costs: BackwardCosts) -> BackwardWork:
         """Advance the backward by what `allowance` (this job's share) affords: loss head
-        passes first, then layers once the loss head is done; each is timed into `costs`."""
-        work = self.backward
-        if work is None:
+        passes first, then layers once the loss head is done; each is timed into `costs`.
+        The amounts are decided before they run, so every rank can run the same."""
+        seq, work = self.backward, self.backward_state
+        if seq is None:
             return BackwardWork()
         seconds = allowance.seconds
         loss = BackwardWork(loss_tokens=allowance.loss_tokens(seconds, work.pending_loss_tokens))
         if loss.loss_tokens:
             started = time.perf_counter()
-            self._loss_pass(work, loss.loss_tokens)
+            # The gradient is scaled to the batch's mean token loss.
+            self._batch_loss += self.shards.run("loss_pass", seq.request_id, loss.loss_tokens,
+                                                1.0 / self._batch_targets())
             costs.record_loss(time.perf_counter() - started, loss.loss_tokens)
             if seconds is not None:
                 seconds -= allowance.seconds_for(loss)
         if work.pending_loss_tokens:
             return loss
-        positions = len(work.seq.example.token_ids)
+        positions = work.num_positions
         max_layers = allowance.layers(seconds, allowance.max_layers, positions)
-        done = 0
-        with torch.enable_grad():
-            while (max_layers is None or done < max_layers) and work.next_layer >= 0:
-                started = time.perf_counter()
-                x = work.inputs[work.next_layer].clone().requires_grad_(True)
-                y = layer_forward(self.model, work.next_layer, x, cos[:positions], sin[:positions], self.lora)
-                y.backward(work.grad)
-                work.grad = x.grad
-                costs.record_layer(time.perf_counter() - started, positions)
-                work.inputs[work.next_layer + 1] = None  # no longer needed
-                work.next_layer -= 1
-                done += 1
+        layers = work.next_layer + 1 if max_layers is None else min(max_layers, work.next_layer + 1)
+        if layers:
+            for seconds in self.shards.run("recompute_layers", seq.request_id, layers):
+                costs.record_layer(seconds, positions)
         if work.next_layer < 0:
-            self._sequence_done(work.seq)
-        return loss + BackwardWork(layer_tokens=done * positions)
-
-    def _loss_pass(self, work: _Backward, num_tokens: int) -> None:
-        """The loss head over the next `num_tokens` target positions; their gradient, scaled
-        to the batch's mean token loss, adds into the top layer's output gradient."""
-        rows = slice(work.loss_done, work.loss_done + num_tokens)
-        positions = work.loss_positions[rows]
-        loss, grad = loss_sum(self.model, work.inputs[-1][positions], work.loss_targets[rows])
-        self._batch_loss += loss
-        work.grad.index_add_(0, positions, grad, alpha=1.0 / self._batch_targets())
-        work.loss_done += num_tokens
+            self._sequence_done(seq)
+        return loss + BackwardWork(layer_tokens=layers * positions)
 
     def _sequence_done(self, seq: TrainingSequence) -> None:
         self.backward = self.ready.popleft() if self.ready else None
@@ -334,9 +308,7 @@ class FinetuneJob:
 
     def _optimizer_step(self) -> None:
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.lr_schedule.step()
+        self.shards.run("optimizer_step")
         elapsed = time.perf_counter() - self._batch_started
         start, end = self._batch_bounds()
         batch_tokens = sum(self.examples[i].num_targets for i in self.order[start:end])
@@ -358,13 +330,9 @@ class FinetuneJob:
         self._batch_loss = 0.0
         self._batch_started = time.perf_counter()
 
-    def _score(self, seq: ValidationSequence) -> None:
-        """Add a validation example's loss (no backward: only the loss value is used)."""
-        hidden = torch.cat(seq.saved[-1])  # the last layer's output, [T, hidden]
-        seq.saved = []
-        targets = loss_targets(seq.example)  # [T]
-        scored = targets != -100
-        self._valid_loss += loss_sum(self.model, hidden[scored], targets[scored])[0]
+    def _score(self, loss: float) -> None:
+        """Add a validation example's summed loss (no backward: only its value is used)."""
+        self._valid_loss += loss
         self._valid_scored += 1
         if self._valid_scored == len(self.validation):
             self.events.append(dataclasses.replace(self._unvalidated, valid_loss=self._valid_loss / self._valid_targets))

@@ -21,6 +21,7 @@ from torch import nn
 
 from engine.lora.adapter import CONFIG_FILE, WEIGHTS_FILE, LoRAWeights, lora_scaling
 from engine.lora.layout import LoRALayout, LoRATarget
+from engine.parallel.tensor_parallel import ROW_PARALLEL, TensorParallel, shard_layout, share
 
 
 @dataclass(frozen=True)
@@ -36,11 +37,13 @@ class LoRAConfig:
 
 
 class TrainableLoRA(nn.Module):
-    def __init__(self, layout: LoRALayout, config: LoRAConfig, seed: int):
+    def __init__(self, layout: LoRALayout, config: LoRAConfig, seed: int,
+                 tensor_parallel: TensorParallel | None = None):
+        """layout: the whole model's. With `tensor_parallel`, the parameters are this rank's
+        share of the whole adapter's (initialised whole, then split like the weights they
+        adapt: engine/parallel/tensor_parallel.py), so every size initialises alike."""
         super().__init__()
-        self.layout = layout
         self.config = config
-        self._targets = {target.name: target for target in layout.targets}
         unknown = set(config.target_modules) - set(layout.module_names)
         if unknown:
             raise ValueError(f"target modules {sorted(unknown)} are not projections of this model")
@@ -58,6 +61,19 @@ class TrainableLoRA(nn.Module):
                     a.uniform_(-bound, bound, generator=generator)
                     self.a[self.key(layer, module)] = nn.Parameter(a)
                     self.b[self.key(layer, module)] = nn.Parameter(torch.zeros(out_features, config.rank))
+        self.tensor_parallel = tensor_parallel if tensor_parallel is not None and tensor_parallel.size > 1 else None
+        # Per parameter name: the dim along which ranks split it, None where replicated.
+        self.split_dims = {f"{factor}.{key}": None for factor in ("a", "b") for key in self.a}
+        if self.tensor_parallel is not None:
+            for key in self.a:
+                target, _ = layout.locate(key.split("_", 1)[1])
+                factor, dim = ("a", 1) if target.name in ROW_PARALLEL else ("b", 0)
+                params = getattr(self, factor)
+                params[key] = nn.Parameter(share(params[key].detach(), dim, self.tensor_parallel))
+                self.split_dims[f"{factor}.{key}"] = dim
+            layout = shard_layout(layout, self.tensor_parallel.size)
+        self.layout = layout  # of this rank's share
+        self._targets = {target.name: target for target in layout.targets}
 
     @staticmethod
     def key(layer: int, module: str) -> str:
@@ -104,18 +120,26 @@ class TrainableLoRA(nn.Module):
             modules[(int(layer), module)] = (a.detach().to(dtype).clone(), (b.detach() * scale).to(dtype))
         return LoRAWeights(path=None, rank=self.config.rank, modules=modules)
 
-    def peft_state_dict(self, copy: bool = True) -> dict[str, torch.Tensor]:
-        """PEFT key -> A [r, in] / B [out, r]; copies, or (copy=False) detached views of
-        the live parameters for a caller that copies them itself."""
+    def peft_names(self) -> dict[str, str]:
+        """PEFT key -> the name of the parameter it holds ("a.<key>" or "b.<key>")."""
         groups = {t.name: t.group for t in self.layout.targets}
-        state = {}
-        for key, a in self.a.items():
+        names = {}
+        for key in self.a:
             layer, module = key.split("_", 1)
             target, _ = self.layout.locate(module)
             prefix = f"base_model.model.model.layers.{layer}.{groups[target.name]}.{module}"
-            b = self.b[key].detach()
-            state[f"{prefix}.lora_A.weight"] = a.detach().clone().contiguous() if copy else a.detach()
-            state[f"{prefix}.lora_B.weight"] = b.clone().contiguous() if copy else b
+            names[f"{prefix}.lora_A.weight"] = f"a.{key}"
+            names[f"{prefix}.lora_B.weight"] = f"b.{key}"
+        return names
+
+    def peft_state_dict(self, copy: bool = True) -> dict[str, torch.Tensor]:
+        """PEFT key -> A [r, in] / B [out, r]; copies, or (copy=False) detached views of
+        the live parameters for a caller that copies them itself."""
+        params = dict(self.named_parameters())
+        state = {}
+        for peft_key, name in self.peft_names().items():
+            t = params[name].detach()
+            state[peft_key] = t.clone().contiguous() if copy else t
         return state
 
     def peft_config(self, base_model: str) -> dict:

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 
 from engine.finetune.lora_params import TrainableLoRA
 from engine.model.llama import LlamaForCausalLM
-from engine.model.packed_linear import linear_on_row_buckets
 
 
 def layer_forward(
@@ -43,7 +42,7 @@ def loss_sum(model: LlamaForCausalLM, hidden: torch.Tensor, targets: torch.Tenso
     total = 0.0
     for start in range(0, hidden.shape[0], rows_per_chunk):
         rows = slice(start, start + rows_per_chunk)
-        logits = linear_on_row_buckets(model.norm(hidden[rows]), model.lm_head.weight, None).float()  # [rows, vocab]
+        logits = model.compute_logits(model.norm(hidden[rows]))  # [rows, vocab] float32, differentiable
         loss = F.cross_entropy(logits, targets[rows], reduction="sum")
         loss.backward()
         total += loss.item()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,8 @@ from engine.finetune.checkpoint import (
 )
 from engine.finetune.coordinator import FinetuneCoordinator
 from engine.finetune.job import FinetuneJob, Hyperparameters, TrainingExample
-from engine.finetune.lora_params import LoRAConfig
+from engine.finetune.lora_params import LoRAConfig, write_peft
+from engine.parallel.tensor_parallel import TensorParallel
 from engine.messages import (
     FINISHED_STATUSES,
     ControlFinetune,
@@ -74,10 +76,14 @@ def newest_checkpoint(output_dir: Path) -> Path | None:
 
 
 class FinetuneRuns:
-    def __init__(self, coordinator: FinetuneCoordinator, model, layout):
+    def __init__(self, coordinator: FinetuneCoordinator, model, layout,
+                 tensor_parallel: TensorParallel | None = None, send: Callable[[tuple], None] | None = None):
+        """tensor_parallel, send: this rank's place and how job operations reach the other
+        ranks (engine/parallel/workers.py), under tensor parallelism."""
         self.coordinator = coordinator
         self.model = model
         self.layout = layout
+        self.tensor_parallel, self.send = tensor_parallel, send
         self.runs: dict[str, _Run] = {}
         # Checkpoints are written off the engine loop (see checkpoint.py), one at a time.
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
@@ -97,7 +103,8 @@ class FinetuneRuns:
         try:
             # Validation runs on the checkpoint steps, so each checkpoint carries its score.
             job = FinetuneJob(msg.job_id, self.model, self.layout, examples, hyperparameters, lora, s.seed,
-                              validation, validate_every=checkpoint_every)
+                              validation, validate_every=checkpoint_every, tensor_parallel=self.tensor_parallel,
+                              send=self.send)
             run = _Run(job, output_dir, msg.base_model, checkpoint_every)
             if msg.resume:
                 remove_unfinished_checkpoints(output_dir)
@@ -150,7 +157,7 @@ class FinetuneRuns:
                 self._collect_written(run, wait=running and job.done)
                 if running and job.done:
                     final = run.output_dir / "final"
-                    job.lora.save_peft(final, run.base_model)
+                    write_peft(final, job.peft_state(), job.lora.peft_config(run.base_model))
                     run.final_path = str(final)
                     self.coordinator.remove_job(job_id)
                     self._set_status(run, "succeeded")

@@ -49,6 +49,17 @@ class AdapterEntry:
     removed: bool = False
     last_activated: int = field(default=0)
     version: int = field(default_factory=lambda: next(_weight_versions))
+    job_id: str | None = None  # a finetuning job's adapter: its weights come from the job
+
+
+@dataclass(frozen=True)
+class SlotLoad:
+    """Under tensor parallelism, a slot the other ranks must rewrite with their own share:
+    of the adapter in `path`, or of finetuning job `job_id`'s current weights."""
+
+    slot: int
+    path: str | None
+    job_id: str | None
 
 
 class LoRAManager:
@@ -82,9 +93,9 @@ class LoRAManager:
         # with the first adapter.
         compute_layout = layout if self.tensor_parallel is None else shard_layout(layout, self.tensor_parallel.size)
         self.backend = NativeLoRABackend(LoRASlots(compute_layout, max_loras, max_rank, dtype, device))
-        # Under tensor parallelism: (slot, adapter directory) written since the other
-        # ranks last heard, for them to load their own shards (engine/parallel/workers.py).
-        self._slot_loads: list[tuple[int, str]] = []
+        # Under tensor parallelism: slots written since the other ranks last heard, for
+        # them to load their own shards (engine/parallel/workers.py).
+        self._slot_loads: list[SlotLoad] = []
         self.num_slot_loads = 0
 
     # -- registry ------------------------------------------------------------
@@ -98,10 +109,10 @@ class LoRAManager:
         self._cache_on_host(entry)
         return entry
 
-    def add_trainable(self, name: str, weights: LoRAWeights) -> AdapterEntry:
+    def add_trainable(self, name: str, weights: LoRAWeights, job_id: str) -> AdapterEntry:
         """A finetuning job's adapter: computed like any other, never selectable by name,
         held (never evicted from host) until the job releases it."""
-        entry = AdapterEntry(name, Path(), weights, num_requests=1)
+        entry = AdapterEntry(name, Path(), weights, num_requests=1, job_id=job_id)
         self._cache_on_host(entry)
         return entry
 
@@ -111,6 +122,7 @@ class LoRAManager:
         entry.version = next(_weight_versions)
         if entry.slot is not None:
             self.backend.slots.write(entry.slot, weights)
+            self._note_slot_load(entry)
 
     def remove(self, name: str) -> None:
         entry = self.adapters.pop(name, None)
@@ -176,13 +188,17 @@ class LoRAManager:
             previous.slot = None
         assert entry.weights is not None, "acquire() keeps a live adapter's weights on the host"
         self.backend.slots.write(slot, entry.weights)
-        if self.tensor_parallel is not None:
-            self._slot_loads.append((slot, str(entry.path)))
         self._slot_owner[slot] = entry
         entry.slot = slot
+        self._note_slot_load(entry)
         self.num_slot_loads += 1
 
-    def take_slot_loads(self) -> list[tuple[int, str]]:
+    def _note_slot_load(self, entry: AdapterEntry) -> None:
+        if self.tensor_parallel is not None:
+            path = None if entry.job_id is not None else str(entry.path)
+            self._slot_loads.append(SlotLoad(entry.slot, path, entry.job_id))
+
+    def take_slot_loads(self) -> list[SlotLoad]:
         loads, self._slot_loads = self._slot_loads, []
         return loads
 
@@ -204,6 +220,8 @@ class LoRAManager:
         entry.weights = None
         if entry.slot is not None:
             self._slot_owner[entry.slot] = None
+            # Nothing to load there any more (a finetuning job's weights are gone with it).
+            self._slot_loads = [load for load in self._slot_loads if load.slot != entry.slot]
             entry.slot = None
 
     @property

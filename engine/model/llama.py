@@ -14,8 +14,9 @@ its native, differentiable path.
 
 Tensor parallelism is applied at load time (engine/parallel/tensor_parallel.py): it
 shards the weights and sets `reduce` on the attention and MLP blocks, whose o_proj and
-down_proj then produce partial sums (LoRA deltas included) that `reduce` all-reduces.
-This file only leaves that hook; on one device `reduce` returns its input.
+down_proj then produce partial sums (LoRA deltas included) that `reduce` all-reduces,
+and `enter`, which sums the blocks' input gradients over the ranks in a finetuning
+backward. This file only leaves those hooks; on one device they return their input.
 """
 
 from __future__ import annotations
@@ -91,7 +92,9 @@ class Attention(nn.Module):
         self.scale = head_dim**-0.5
         # Rotation and cache write through the csrc kernel (on the CPU); set by the runner.
         self.fused = False
-        self.reduce = whole  # tensor parallelism: the all-reduce of partial outputs
+        # Tensor parallelism: `reduce` all-reduces the partial outputs; `enter` sums the
+        # input's gradient over the ranks in a finetuning backward.
+        self.enter = self.reduce = whole
 
     def forward(
         self,
@@ -102,6 +105,7 @@ class Attention(nn.Module):
         meta: AttentionMetadata | None,
         lora: LayerLoRA | None,
     ) -> torch.Tensor:
+        x = self.enter(x)
         qkv = self.qkv_proj(x)  # [num_tokens, q_size + 2 * kv_size]
         if lora is not None:
             qkv = lora.apply(qkv, x, self.layer, QKV_PROJ)
@@ -138,9 +142,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(self.intermediate, config.hidden_size, bias=bias)
         # silu(gate) * up through the csrc kernel (on the CPU); set by the runner.
         self.fused = False
-        self.reduce = whole  # tensor parallelism: the all-reduce of partial outputs
+        self.enter = self.reduce = whole  # tensor parallelism, as in Attention
 
     def forward(self, x: torch.Tensor, lora: LayerLoRA | None) -> torch.Tensor:
+        x = self.enter(x)
         gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * intermediate]
         if lora is not None:
             gate_up = lora.apply(gate_up, x, self.layer, GATE_UP_PROJ)

@@ -52,7 +52,17 @@ ROW_PARALLEL = frozenset({O_PROJ, DOWN_PROJ})
 
 @dataclass(frozen=True)
 class TensorParallel:
-    """This process's place in a tensor-parallel group (torch.distributed, initialised)."""
+    """This process's place in a tensor-parallel group (torch.distributed, initialised).
+
+    The collectives are differentiable where a finetuning backward recomputes through
+    them (autograd on): every rank then holds the same replicated activations and the
+    same loss, so the gradient of a replicated tensor is the same on all ranks, and that
+    of a rank's partial sum is the gradient of the whole:
+      all_reduce   forward: the sum of the partials; backward: the gradient, unchanged;
+      enter        forward: unchanged (a replicated input entering a block whose ranks
+                   use it differently); backward: the ranks' partial gradients summed;
+      all_gather_columns  backward: this rank's columns of the gradient.
+    """
 
     rank: int
     size: int
@@ -61,16 +71,63 @@ class TensorParallel:
     def all_reduce(self, y: torch.Tensor) -> torch.Tensor:
         """The sum over ranks, added in float32 whatever y's type: partial sums rounded to
         bfloat16 before they are added would round once per rank."""
-        if y.dtype != torch.float32:
-            return self.all_reduce(y.float()).to(y.dtype)
-        dist.all_reduce(y, group=self.group)
-        return y
+        if y.requires_grad:
+            return _SumOfPartials.apply(y, self)
+        return self._sum(y)
+
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        """x itself; under autograd, its gradient is summed over the ranks."""
+        return _SumOfGradients.apply(x, self) if x.requires_grad else x
 
     def all_gather_columns(self, y: torch.Tensor) -> torch.Tensor:
         """[n, c] on every rank -> [n, size * c], rank r's columns at [r c, (r+1) c)."""
+        if y.requires_grad:
+            return _GatherColumns.apply(y, self)
+        return self._gather_columns(y)
+
+    def _sum(self, y: torch.Tensor) -> torch.Tensor:
+        if y.dtype != torch.float32:
+            return self._sum(y.float()).to(y.dtype)
+        dist.all_reduce(y, group=self.group)
+        return y
+
+    def _gather_columns(self, y: torch.Tensor) -> torch.Tensor:
         parts = [torch.empty_like(y) for _ in range(self.size)]
         dist.all_gather(parts, y.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)
+
+
+class _SumOfPartials(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, tp):
+        return tp._sum(y.clone())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _SumOfGradients(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, tp):
+        ctx.tp = tp
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.tp._sum(grad.clone()), None
+
+
+class _GatherColumns(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, tp):
+        ctx.tp, ctx.columns = tp, y.shape[-1]
+        return tp._gather_columns(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        start = ctx.tp.rank * ctx.columns
+        return grad[..., start : start + ctx.columns].contiguous(), None
 
 
 def check_divides(config, size: int) -> None:
@@ -88,7 +145,7 @@ def check_divides(config, size: int) -> None:
         )
 
 
-def _share(t: torch.Tensor, dim: int, tp: TensorParallel) -> torch.Tensor:
+def share(t: torch.Tensor, dim: int, tp: TensorParallel) -> torch.Tensor:
     """This rank's 1/size of `t` along `dim`, contiguous."""
     share = t.shape[dim] // tp.size
     return t.narrow(dim, tp.rank * share, share).contiguous()
@@ -96,7 +153,7 @@ def _share(t: torch.Tensor, dim: int, tp: TensorParallel) -> torch.Tensor:
 
 def _rows(weight: torch.Tensor, parts: list[int], tp: TensorParallel) -> torch.Tensor:
     """Rank's share of each consecutive row block of `weight` (block sizes `parts`), concatenated."""
-    return torch.cat([_share(block, 0, tp) for block in weight.split(parts)])
+    return torch.cat([share(block, 0, tp) for block in weight.split(parts)])
 
 
 def _shard_linear(linear: nn.Linear, parts: list[int] | None, tp: TensorParallel) -> None:
@@ -108,7 +165,7 @@ def _shard_linear(linear: nn.Linear, parts: list[int] | None, tp: TensorParallel
             linear.bias = nn.Parameter(_rows(linear.bias, parts, tp), requires_grad=False)
         linear.out_features = linear.weight.shape[0]
         return
-    linear.weight = nn.Parameter(_share(linear.weight, 1, tp), requires_grad=False)
+    linear.weight = nn.Parameter(share(linear.weight, 1, tp), requires_grad=False)
     if linear.bias is not None and tp.rank != 0:
         linear.bias = None
     linear.in_features = linear.weight.shape[1]
@@ -146,7 +203,7 @@ class VocabParallelHead(nn.Module):
         return self.linear.weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, hidden] -> [n, vocab]
-        return self.tp.all_gather_columns(self.linear(hidden))[:, : self.vocab_size]
+        return self.tp.all_gather_columns(self.linear(self.tp.enter(hidden)))[:, : self.vocab_size]
 
 
 def shard_model(model: LlamaForCausalLM, tp: TensorParallel) -> None:
@@ -160,11 +217,11 @@ def shard_model(model: LlamaForCausalLM, tp: TensorParallel) -> None:
         attn.num_heads //= tp.size
         attn.num_kv_heads //= tp.size
         attn.q_size, attn.kv_size = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
-        attn.reduce = tp.all_reduce
+        attn.enter, attn.reduce = tp.enter, tp.all_reduce
         _shard_linear(mlp.gate_up_proj, [mlp.intermediate, mlp.intermediate], tp)
         _shard_linear(mlp.down_proj, None, tp)
         mlp.intermediate //= tp.size
-        mlp.reduce = tp.all_reduce
+        mlp.enter, mlp.reduce = tp.enter, tp.all_reduce
 
     vocab = config.vocab_size
     rows = -(-vocab // tp.size)
@@ -206,8 +263,8 @@ def shard_lora(weights: LoRAWeights, layout: LoRALayout, tp: TensorParallel) -> 
     for (layer, module), (a, b) in weights.modules.items():
         target, _ = layout.locate(module)
         if target.name in ROW_PARALLEL:
-            a = _share(a, 1, tp)
+            a = share(a, 1, tp)
         else:
-            b = _share(b, 0, tp)
+            b = share(b, 0, tp)
         modules[(layer, module)] = (a, b)
     return LoRAWeights(path=weights.path, rank=weights.rank, modules=modules)

@@ -7,12 +7,17 @@ rendezvous, MASTER_ADDR / MASTER_PORT set as torchrun sets them. Each rank loads
 shard of the model (engine/parallel/tensor_parallel.py) and a KV cache of the same
 number of blocks for its own KV heads, so rank 0's block tables are valid on all.
 
-Every iteration rank 0 broadcasts one message, (adapter slot loads since the last one,
-ForwardBatch), and every rank runs the batch (ModelRunner.run): the collectives inside
-the model (all-reduces, the LM head's all-gather) pair up because all ranks make the
-same calls in the same order. A slot load names the adapter's directory; each rank
-reads it and keeps its own shard. A None message stops the ranks; each also dies with
-rank 0 (PDEATHSIG), so none is left waiting on a collective.
+Rank 0 broadcasts every piece of work before it does it, and the ranks do the same:
+  ("forward", slot loads, ForwardBatch)   every iteration: the adapter slots rank 0
+      wrote since the last one (each rank writes its own share: of the adapter in a
+      directory, or of a finetuning job's current weights), then the batch
+      (ModelRunner.run); the ranks keep the finetuning chunks' layer inputs;
+  ("job", (job id, operation, arguments)) each operation on a finetuning job's tensors
+      (engine/finetune/job_shard.py), "create" and "release" included.
+The collectives inside (the model's all-reduces, the LM head's all-gather, a job's
+gradient sums and gathers) pair up because all ranks make the same calls in the same
+order. A None message stops the ranks; each also dies with rank 0 (PDEATHSIG), so none
+is left waiting on a collective.
 """
 
 from __future__ import annotations
@@ -30,8 +35,9 @@ import torch.distributed as dist
 
 from engine.config import EngineConfig
 from engine.forward_batch import ForwardBatch
+from engine.finetune.job_shard import JobShard
 from engine.lora.backend import NativeLoRABackend
-from engine.lora.manager import LoRAManager
+from engine.lora.manager import LoRAManager, SlotLoad
 from engine.lora.slots import LoRASlots
 from engine.model.loader import load_model
 from engine.parallel.tensor_parallel import TensorParallel, read_lora_shard, shard_layout
@@ -39,7 +45,6 @@ from engine.parallel.tensor_parallel import TensorParallel, read_lora_shard, sha
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
-SlotLoads = list[tuple[int, str]]
 
 
 def threads_per_rank(config: EngineConfig) -> int:
@@ -81,7 +86,11 @@ class TensorParallelRanks:
         """Before rank 0 runs `batch`: every rank gets it, with the adapter slots rank 0
         loaded since the last batch."""
         loads = self.loras.take_slot_loads() if self.loras is not None else []
-        dist.broadcast_object_list([(loads, batch)], src=0)
+        dist.broadcast_object_list([("forward", loads, batch)], src=0)
+
+    def send_job_operation(self, operation: tuple) -> None:
+        """Before rank 0 runs an operation on a job's tensors: every rank runs it too."""
+        dist.broadcast_object_list([("job", operation)], src=0)
 
     def close(self) -> None:
         dist.broadcast_object_list([None], src=0)
@@ -109,13 +118,42 @@ def _rank_main(rank: int, config: EngineConfig, dtype: torch.dtype, panel_rows: 
     slots = LoRASlots(shard_layout(layout, tp.size), config.max_loras, config.max_lora_rank, dtype, config.device)
     runner = ModelRunner(model, num_blocks, config.block_size, model_len_limit(config, model.config, num_blocks),
                          config.device, lora_backend=NativeLoRABackend(slots))
+    jobs: dict[str, JobShard] = {}
+
+    def slot_weights(load: SlotLoad):
+        if load.job_id is not None:
+            return jobs[load.job_id].lora.serving_weights(dtype)
+        return read_lora_shard(Path(load.path), layout, config.max_lora_rank, dtype, tp)
+
     while True:
         message = [None]
         dist.broadcast_object_list(message, src=0)
         if message[0] is None:
             break
-        loads, batch = message[0]
-        for slot, path in loads:
-            slots.write(slot, read_lora_shard(Path(path), layout, config.max_lora_rank, dtype, tp))
-        runner.run(batch)
+        if message[0][0] == "job":
+            _run_job_operation(jobs, model, tp, *message[0][1])
+            continue
+        _, loads, batch = message[0]
+        for load in loads:
+            slots.write(load.slot, slot_weights(load))
+        _, _, per_layer = runner.run(batch)
+        captured = batch.captured_by_sequence(per_layer)
+        for job_id, seq_id in batch.finetune_owners:
+            jobs[job_id].keep(seq_id, captured[seq_id])
     dist.destroy_process_group()
+
+
+def _run_job_operation(jobs: dict[str, JobShard], model, tp: TensorParallel, job_id: str, operation: str,
+                       args: tuple) -> None:
+    """One operation on a job's tensors, as rank 0 runs it. An error fails the job on rank
+    0 as well (it runs the same operation on the same inputs), which reports it; here it
+    is logged, and the rank lives on for the other work."""
+    try:
+        if operation == "create":
+            jobs[job_id] = JobShard(model, *args, tp)
+        elif operation == "release":
+            jobs.pop(job_id, None)
+        else:
+            getattr(jobs[job_id], operation)(*args)
+    except (ValueError, OSError, RuntimeError, KeyError) as exc:
+        log.error("rank %d: finetuning job %s: %s failed: %s", tp.rank, job_id, operation, exc)

@@ -79,12 +79,6 @@ async def create_job(body: CreateJobRequest, request: Request) -> FineTuningJob:
     ctx = get_context(request)
     ctx.check_engine()
     caller = principal_of(request)
-    if ctx.settings.tensor_parallel_size > 1:
-        raise errors.bad_request(
-            "Fine-tuning jobs do not run on a tensor-parallel engine yet; this server runs tensor_parallel_size="
-            f"{ctx.settings.tensor_parallel_size}. Serve fine-tuning from a server with tensor_parallel_size 1.",
-            "model",
-        )
     if body.model != ctx.served_model_name:
         raise errors.bad_request(
             f"Model {body.model!r} cannot be fine-tuned here; this server fine-tunes {ctx.served_model_name!r}.",

@@ -20,12 +20,8 @@ from transformers import AutoModelForCausalLM
 from engine.block_manager import BlockManager
 from engine.finetune.backward_work import BackwardAllowance
 from engine.finetune.coordinator import FinetuneCoordinator
-from engine.finetune.job import (
-    FinetuneJob,
-    Hyperparameters,
-    TrainingExample,
-    linear_schedule,
-)
+from engine.finetune.job import FinetuneJob, Hyperparameters, TrainingExample
+from engine.finetune.job_shard import linear_schedule
 from engine.finetune.lora_params import LoRAConfig
 from engine.lora.manager import LoRAManager
 from engine.messages import SamplingParams
@@ -59,7 +55,7 @@ def train_with_engine(model_dir, examples, with_inference: bool, hp: Hyperparame
     runner = ModelRunner(model, blocks.num_blocks, 4, max_model_len=256, device="cpu", lora_backend=loras.backend)
     scheduler = Scheduler(blocks, max_num_batched_tokens=16, max_num_seqs=8, max_model_len=256,
                           eos_token_ids=[], adapter_slots=loras)
-    coordinator = FinetuneCoordinator(loras, scheduler, runner.cos, runner.sin, backward_layers_per_iteration=2)
+    coordinator = FinetuneCoordinator(loras, scheduler, backward_layers_per_iteration=2)
     job = FinetuneJob("job", model, model.lora_layout(), examples, hp, LORA, seed=5)
     coordinator.add_job(job)
     gen = torch.Generator().manual_seed(9)
@@ -82,16 +78,16 @@ def train_with_engine(model_dir, examples, with_inference: bool, hp: Hyperparame
         if plan.finetune_chunks and job.backward is not None:
             overlapped += 1
             forward, backward = (int(seq.request_id.rsplit("seq", 1)[1]) for seq in
-                                 (plan.finetune_chunks[0].seq, job.backward.seq))
+                                 (plan.finetune_chunks[0].seq, job.backward))
             assert forward // hp.batch_size == backward // hp.batch_size, "overlap across an optimizer step"
         result = runner.execute(plan)
         coordinator.after_forward(plan, result.captured)
         scheduler.update(plan, result.sampled)
-        in_backward = job.backward.seq if job.backward is not None else None
+        in_backward = job.backward
         coordinator.run_backward(allowance)
         # A loss head that ran and is not done yet: the sequence's next pass comes later.
         split_loss += bool(coordinator.backward_work.loss_tokens and job.backward is not None
-                           and job.backward.seq is in_backward and job.pending_loss_tokens)
+                           and job.backward is in_backward and job.pending_loss_tokens)
         iterations += 1
     assert not with_inference or mixed > 10, "inference and finetuning should share iterations"
     assert overlapped > 10, "a sequence's forward should run during the previous one's backward"

@@ -1,19 +1,24 @@
 """The default model served over three tensor-parallel ranks (its 9 query and 3 KV heads
 and 1,536 MLP columns divide by 3) gives the same greedy completions through the HTTP API
 as one rank, with and without a LoRA adapter made by peft; sizes that do not divide are
-refused at start; the ranks end with the server; fine-tuning jobs are refused by name.
+refused at start; a fine-tuning job trains on the three ranks and its model is served;
+the ranks end with the server.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import time
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
+from peft import PeftConfig
 
-from tests.server.conftest import _children, assert_openai_error, start_server
+from tests.server.conftest import _children, start_server
 from tests.peft_adapters import write_peft_adapter
 
 pytestmark = pytest.mark.server
@@ -68,15 +73,42 @@ def test_three_ranks_serve_what_one_serves(tmp_path, adapter_dir):
         assert len(ranks) == 2  # ranks 1 and 2 beside the engine, rank 0
         for model in (base, "all"):
             assert greedy_completions(three.url, model) == expected[model], model
-        response = httpx.post(f"{three.url}/v1/fine_tuning/jobs", json={"model": "x", "training_file": "file-x"})
-        assert_openai_error(response, 400, param="model")
-        assert "tensor_parallel_size" in response.json()["error"]["message"]
+        fine_tune_and_serve(three.url, base)
     finally:
         three.stop()
     deadline = time.monotonic() + 10
     while any(Path(f"/proc/{pid}").exists() for pid in ranks) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(Path(f"/proc/{pid}").exists() for pid in ranks), "a tensor-parallel rank outlived the server"
+
+
+def fine_tune_and_serve(url: str, base: str) -> None:
+    """A small job (two optimizer steps) co-served with completions; its model is then
+    served and its adapter is a whole PEFT adapter of the base model (equality with one
+    rank's training: tests/engine/test_tensor_parallel_finetune.py)."""
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
+    line = {"messages": [{"role": "user", "content": "What is the password?"},
+                         {"role": "assistant", "content": "The password is pineapple."}]}
+    training = client.files.create(file=("t.jsonl", io.BytesIO("\n".join([json.dumps(line)] * 8).encode())),
+                                   purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(
+        model=base, training_file=training.id, suffix="tp", seed=1,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 4}}},
+    )
+    deadline = time.monotonic() + 900
+    while (job := client.fine_tuning.jobs.retrieve(job.id)).status in ("validating_files", "queued", "running"):
+        assert time.monotonic() < deadline, f"job still {job.status}"
+        reply = client.completions.create(model=base, prompt="Hello", max_tokens=2, extra_body={"ignore_eos": True})
+        assert reply.usage.completion_tokens == 2
+        time.sleep(1)
+    assert job.status == "succeeded", job.error
+    steps = [e.data["step"] for e in client.fine_tuning.jobs.list_events(job.id, limit=50) if e.type == "metrics"]
+    assert sorted(steps) == [1, 2]
+    served = {m.id: m for m in client.models.list().data}
+    assert PeftConfig.from_pretrained(served[job.fine_tuned_model].root).r == 16
+    reply = client.chat.completions.create(model=job.fine_tuned_model, max_tokens=4, temperature=0,
+                                           messages=[{"role": "user", "content": "What is the password?"}])
+    assert reply.usage.completion_tokens > 0
 
 
 def test_a_size_that_does_not_divide_the_heads_is_refused(tmp_path):
