@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed-stamp
 # Converted models are cached here across test runs (the server's own default is ~/.cache/coserve).
 TEST_CACHE := $(CURDIR)/.data/cache
 
-.PHONY: serve test test-fast bench bench-load clean
+.PHONY: serve test test-fast gpu-check bench bench-load clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -27,6 +27,11 @@ test: $(STAMP)
 # Units and tiny-model parity only (tests/conftest.py: the tiers): well under a minute.
 test-fast: $(STAMP)
 	COSERVE_CACHE_DIR=$${COSERVE_CACHE_DIR:-$(TEST_CACHE)} $(PY) -m pytest --tiers unit,tiny
+
+# The GPU tier on a CUDA machine: the engine against transformers, co-served fine-tuning
+# against the CPU's, and over two GPUs (NCCL) where there are two.
+gpu-check: $(STAMP)
+	COSERVE_CACHE_DIR=$${COSERVE_CACHE_DIR:-$(TEST_CACHE)} $(PY) -m pytest --tiers gpu -rs
 
 bench: $(STAMP)
 	$(PY) -m bench.bench_serving

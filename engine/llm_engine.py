@@ -147,7 +147,7 @@ class LLMEngine:
         )
         self.power = PowerMonitor.create(
             config.power_device, config.power_mode, config.device, self.latency,
-            config.ttft_slo_ms, config.tpot_slo_ms, config.max_num_batched_tokens,
+            config.ttft_slo_ms, config.tpot_slo_ms, config.max_num_batched_tokens, config.tensor_parallel_size,
         )
         self.arrivals = ArrivalTracker()
         self.finetune = FinetuneCoordinator(self.loras, self.scheduler, config.finetune_backward_layers_per_iteration)

@@ -80,7 +80,9 @@ class JobShard:
                  optimizer: OptimizerSettings, max_positions: int, tensor_parallel: TensorParallel | None = None):
         """layout: the whole model's; max_positions: the longest sequence the job trains on."""
         self.model = model
-        self.lora = TrainableLoRA(layout, lora_config, seed, tensor_parallel)
+        self.device = model.norm.weight.device
+        # Initialised on the CPU from the seed (the same values on any device), then moved.
+        self.lora = TrainableLoRA(layout, lora_config, seed, tensor_parallel).to(self.device)
         self.tp = self.lora.tensor_parallel
         self.optimizer = torch.optim.AdamW(self.lora.parameters(), lr=optimizer.learning_rate, betas=optimizer.betas,
                                            eps=optimizer.eps, weight_decay=optimizer.weight_decay)
@@ -88,7 +90,7 @@ class JobShard:
             self.optimizer, linear_schedule(optimizer.warmup_steps, optimizer.total_steps))
         dtype = model.embed_tokens.weight.dtype
         cos, sin = rope_tables(model.config, model.head_dim, max_positions)  # [max_positions, head_dim]
-        self.cos, self.sin = cos.to(dtype), sin.to(dtype)
+        self.cos, self.sin = cos.to(self.device, dtype), sin.to(self.device, dtype)
         # Per sequence in its forward: per layer (and the last layer's output), the
         # chunks' input hidden states, each [chunk_tokens, hidden].
         self.saved: dict[str, list[list[torch.Tensor]]] = {}
@@ -109,7 +111,7 @@ class JobShard:
 
     def start_backward(self, seq_id: str, token_ids: list[int], target: list[bool]) -> None:
         inputs = [torch.cat(chunks) for chunks in self.saved.pop(seq_id)]  # per layer + final, [T, hidden]
-        targets = loss_targets(token_ids, target)  # [T]
+        targets = loss_targets(token_ids, target).to(self.device)  # [T]
         positions = (targets != -100).nonzero().squeeze(1)
         self.backwards[seq_id] = Backward(len(token_ids), inputs, positions, targets[positions],
                                           grad=torch.zeros_like(inputs[-1]), next_layer=len(inputs) - 2)
@@ -117,7 +119,7 @@ class JobShard:
     def score(self, seq_id: str, token_ids: list[int], target: list[bool]) -> float:
         """Summed token loss of a validation sequence's forward (no backward)."""
         hidden = torch.cat(self.saved.pop(seq_id)[-1])  # the last layer's output, [T, hidden]
-        targets = loss_targets(token_ids, target)  # [T]
+        targets = loss_targets(token_ids, target).to(self.device)  # [T]
         scored = targets != -100
         return loss_sum(self.model, hidden[scored], targets[scored])[0]
 

@@ -53,6 +53,15 @@ def threads_per_rank(config: EngineConfig) -> int:
     return config.num_threads or max(1, (os.cpu_count() or 1) // config.tensor_parallel_size)
 
 
+def rank_device(device: str, rank: int) -> str:
+    """The device of `rank`: the CPU for all, or on CUDA one GPU each, counted from the
+    engine's (rank 0's) GPU."""
+    if not device.startswith("cuda"):
+        return device
+    _, _, index = device.partition(":")
+    return f"cuda:{int(index or 0) + rank}"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -69,6 +78,12 @@ class TensorParallelRanks:
 
     def __init__(self, config: EngineConfig, dtype: torch.dtype, panel_rows: int, packed_rows: int):
         size = config.tensor_parallel_size
+        if config.device.startswith("cuda"):
+            last = rank_device(config.device, size - 1)
+            if int(last.partition(":")[2]) >= torch.cuda.device_count():
+                raise ValueError(f"tensor_parallel_size {size} needs one GPU per rank, {config.device} to {last}; "
+                                 f"this machine has {torch.cuda.device_count()}")
+            torch.cuda.set_device(rank_device(config.device, 0))
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         context = multiprocessing.get_context("spawn")
@@ -111,13 +126,16 @@ def _rank_main(rank: int, config: EngineConfig, dtype: torch.dtype, panel_rows: 
     from engine.runner import ModelRunner
 
     torch.set_num_threads(threads_per_rank(config))
-    tp = _join_group(rank, config.tensor_parallel_size, config.device)
-    model = load_model(config.model_dir, dtype, config.device, panel_rows, packed_rows, tensor_parallel=tp)
+    device = rank_device(config.device, rank)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)  # NCCL's communicator for this rank lives on its GPU
+    tp = _join_group(rank, config.tensor_parallel_size, device)
+    model = load_model(config.model_dir, dtype, device, panel_rows, packed_rows, tensor_parallel=tp)
     num_blocks = kv_cache_blocks(config, model, dtype)
     layout = model.lora_layout()
-    slots = LoRASlots(shard_layout(layout, tp.size), config.max_loras, config.max_lora_rank, dtype, config.device)
+    slots = LoRASlots(shard_layout(layout, tp.size), config.max_loras, config.max_lora_rank, dtype, device)
     runner = ModelRunner(model, num_blocks, config.block_size, model_len_limit(config, model.config, num_blocks),
-                         config.device, lora_backend=NativeLoRABackend(slots))
+                         device, lora_backend=NativeLoRABackend(slots))
     jobs: dict[str, JobShard] = {}
 
     def slot_weights(load: SlotLoad):

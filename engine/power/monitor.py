@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from engine.latency_model import IterationShape, LatencyModel
 from engine.power.device import GpuDevice, PowerControlError
+from engine.power.device_group import DeviceGroup
 from engine.power.governor import FrequencyGovernor, LoadState
 from engine.power.simulated_device import SimulatedGpu
 
@@ -35,9 +36,11 @@ class PowerReading:
     power_watts: float
 
 
-def open_device(kind: str, torch_device: str) -> GpuDevice | None:
+def open_device(kind: str, torch_device: str, num_devices: int = 1) -> GpuDevice | None:
     """The device named by the `power_device` setting; `auto` = NVML on a CUDA device where
-    NVML opens, else none."""
+    NVML opens, else none. `num_devices`: the GPUs of a tensor-parallel engine (from
+    `torch_device`'s index on), governed as one (device_group.py); the simulated card
+    models the whole engine."""
     if kind not in DEVICES:
         raise ValueError(f"power_device must be one of {', '.join(DEVICES)}; got {kind!r}")
     if kind == "none" or (kind == "auto" and not torch_device.startswith("cuda")):
@@ -48,8 +51,11 @@ def open_device(kind: str, torch_device: str) -> GpuDevice | None:
     from engine.power.nvml_device import NvmlDevice
 
     _, _, index = torch_device.partition(":")
+    first = int(index or 0)
     try:
-        return NvmlDevice(int(index or 0))
+        if num_devices == 1:
+            return NvmlDevice(first)
+        return DeviceGroup([NvmlDevice(first + rank) for rank in range(num_devices)])
     except PowerControlError as exc:
         if kind == "nvml":
             raise
@@ -82,9 +88,10 @@ class PowerMonitor:
         ttft_slo_ms: float,
         tpot_slo_ms: float,
         max_num_batched_tokens: int,
+        num_devices: int = 1,
     ) -> PowerMonitor | None:
         """None when there is no device to watch (a CPU deployment)."""
-        device = open_device(kind, torch_device)
+        device = open_device(kind, torch_device, num_devices)
         if device is None:
             if mode == "apply":
                 raise PowerControlError("power_mode apply needs a GPU (power_device nvml or auto on CUDA)")

@@ -57,12 +57,13 @@ def model_dir(tmp_path, monkeypatch):
     torch.set_num_threads(threads)
 
 
-def _train(model_dir: Path, out_dir: Path, tensor_parallel_size: int, resume: bool = False) -> list:
+def train(model_dir: Path, out_dir: Path, tensor_parallel_size: int, resume: bool = False,
+          device: str = "cpu") -> list:
     """Run the job to its end in a fresh engine, with inference requests arriving every
     few iterations; returns its reports."""
     engine = LLMEngine(EngineConfig(
-        model_dir=model_dir, dtype="float32", kv_cache_memory_gb=0.01, max_num_batched_tokens=32, max_num_seqs=8, max_lora_rank=8,
-        tensor_parallel_size=tensor_parallel_size, num_threads=1,
+        model_dir=model_dir, dtype="float32", kv_cache_memory_gb=0.01, max_num_batched_tokens=32, max_num_seqs=8,
+        max_lora_rank=8, tensor_parallel_size=tensor_parallel_size, num_threads=1, device=device,
     ))
     try:
         examples = [FinetuneExample(e.token_ids, e.target) for e in make_examples(97, count=6, seed=4)]
@@ -80,22 +81,22 @@ def _train(model_dir: Path, out_dir: Path, tensor_parallel_size: int, resume: bo
         engine.close()
 
 
-def _assert_close_tensors(actual: dict, expected: dict, atol: float = 1e-4) -> None:
+def assert_close_tensors(actual: dict, expected: dict, atol: float = 1e-4) -> None:
     assert set(actual) == set(expected)
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], atol=atol, rtol=0, msg=key)
 
 
 def test_a_co_served_job_at_tp2_trains_the_adapter_tp1_trains(model_dir, tmp_path):
-    one = _train(model_dir, tmp_path / "tp1", 1)
-    two = _train(model_dir, tmp_path / "tp2", 2)
+    one = train(model_dir, tmp_path / "tp1", 1)
+    two = train(model_dir, tmp_path / "tp2", 2)
     assert two[-1].status == "succeeded" and one[-1].status == "succeeded"
     losses = {n: [s.loss for r in reports for s in r.steps] for n, reports in (("tp1", one), ("tp2", two))}
     assert len(losses["tp2"]) == 6
     torch.testing.assert_close(losses["tp2"], losses["tp1"], atol=1e-4, rtol=0)
 
     final = load_file(tmp_path / "tp2" / "final" / "adapter_model.safetensors")
-    _assert_close_tensors(final, load_file(tmp_path / "tp1" / "final" / "adapter_model.safetensors"))
+    assert_close_tensors(final, load_file(tmp_path / "tp1" / "final" / "adapter_model.safetensors"))
     # Whole PEFT shapes: B of q_proj [q heads x head_dim, r], A of down_proj [r, intermediate].
     config = tiny_llama_config()
     assert final["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].shape == (config.hidden_size, 4)
@@ -105,11 +106,11 @@ def test_a_co_served_job_at_tp2_trains_the_adapter_tp1_trains(model_dir, tmp_pat
     for step in (2, 4, 6):
         state_two = load_state(tmp_path / "tp2" / "checkpoints" / f"step-{step}" / TRAINER_STATE)
         state_one = load_state(tmp_path / "tp1" / "checkpoints" / f"step-{step}" / TRAINER_STATE)
-        _assert_close_tensors(state_two["lora"], state_one["lora"])
+        assert_close_tensors(state_two["lora"], state_one["lora"])
         moments_two, moments_one = state_two["optimizer"]["state"], state_one["optimizer"]["state"]
         assert len(moments_two) == len(moments_one) == len(state_one["lora"])
         for index in moments_one:
-            _assert_close_tensors({k: v for k, v in moments_two[index].items() if k != "step"},
+            assert_close_tensors({k: v for k, v in moments_two[index].items() if k != "step"},
                                   {k: v for k, v in moments_one[index].items() if k != "step"})
 
     # The TP=2 adapter is an ordinary PEFT adapter of the base model.
@@ -122,11 +123,11 @@ def test_a_co_served_job_at_tp2_trains_the_adapter_tp1_trains(model_dir, tmp_pat
 
 
 def test_tp2_resumes_a_tp1_checkpoint_to_the_tp1_result(model_dir, tmp_path):
-    _train(model_dir, tmp_path / "tp1", 1)
+    train(model_dir, tmp_path / "tp1", 1)
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "tp1" / "checkpoints" / "step-2", resumed / "checkpoints" / "step-2")
-    reports = _train(model_dir, resumed, 2, resume=True)
+    reports = train(model_dir, resumed, 2, resume=True)
     assert [s.step for r in reports for s in r.steps] == [3, 4, 5, 6]
-    _assert_close_tensors(load_file(resumed / "final" / "adapter_model.safetensors"),
+    assert_close_tensors(load_file(resumed / "final" / "adapter_model.safetensors"),
                           load_file(tmp_path / "tp1" / "final" / "adapter_model.safetensors"))
