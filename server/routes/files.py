@@ -8,6 +8,10 @@ uploaded; a finetuning job validates them when it starts.
 
 A file belongs to the owner of the API key that uploaded it; other owners get a 404,
 as for a file that does not exist (admins see every owner's files).
+
+Beside OpenAI's multipart upload, a file's text may come as a JSON body, for paths that
+forward JSON only (vllm-router, README "Replicas behind a router"); that body is parsed
+in memory, so it is bounded by `max_request_body_bytes`.
 """
 
 from __future__ import annotations
@@ -27,8 +31,10 @@ from starlette.requests import ClientDisconnect
 from server import errors
 from server.auth import principal_of
 from server.context import get_context
+from server.limits import body_too_large
 from server.store import FileNotFound, FileRecord
-from server.store.files import StorageQuotaExceeded, Upload
+from server.settings import Settings
+from server.store.files import FileStore, StorageQuotaExceeded, Upload
 
 router = APIRouter()
 
@@ -85,6 +91,16 @@ class ListFilesQuery(BaseModel):
     limit: int = Field(MAX_LIST_LIMIT, ge=1, le=MAX_LIST_LIMIT)
     order: Literal["asc", "desc"] = "desc"
     after: str | None = None
+
+
+class FileAsJSON(BaseModel):
+    """`POST /v1/files` as `application/json`: the file's text, its name and purpose."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    purpose: str
+    filename: str = Field(min_length=1, max_length=255)
+    content: str
 
 
 def list_files_query(request: Request) -> ListFilesQuery:
@@ -250,6 +266,8 @@ async def create_file(request: Request) -> FileObject:
     settings, files = ctx.settings, ctx.store.files
     owner, limit = principal_of(request).owner, settings.max_upload_bytes
     quota = settings.max_stored_bytes_per_owner or None
+    if parse_options_header(request.headers.get("content-type", ""))[0] == b"application/json":
+        return await _create_from_json(request, settings, files, owner, quota)
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit + MAX_FORM_OVERHEAD_BYTES:
         raise upload_too_large(limit)
@@ -268,6 +286,35 @@ async def create_file(request: Request) -> FileObject:
         filename, purpose = form.finish()
         try:
             record = await asyncio.to_thread(upload.commit, owner, filename, purpose, quota)
+        except StorageQuotaExceeded as exc:
+            raise quota_exceeded(exc) from None
+    return FileObject.of(record)
+
+
+async def _create_from_json(
+    request: Request, settings: Settings, files: FileStore, owner: str, quota: int | None
+) -> FileObject:
+    body, max_body = bytearray(), settings.max_request_body_bytes
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_body:
+                raise body_too_large(max_body)
+    except ClientDisconnect:
+        raise errors.bad_request("The client disconnected during the upload.", "content") from None
+    try:
+        form = FileAsJSON.model_validate_json(bytes(body))
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
+    if form.purpose not in PURPOSES:
+        raise invalid_purpose(form.purpose)
+    data = form.content.encode()
+    if len(data) > settings.max_upload_bytes:
+        raise upload_too_large(settings.max_upload_bytes)
+    with files.upload() as upload:
+        await asyncio.to_thread(upload.write, data)
+        try:
+            record = await asyncio.to_thread(upload.commit, owner, form.filename, form.purpose, quota)
         except StorageQuotaExceeded as exc:
             raise quota_exceeded(exc) from None
     return FileObject.of(record)

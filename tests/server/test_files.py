@@ -173,6 +173,19 @@ def test_bad_uploads_400(client, http):
     assert_openai_error(http.post("/v1/files", content=body, headers=headers), 400)
 
 
+def test_a_file_sent_as_json_is_stored_as_an_upload_would_be(client, http):
+    """The JSON form, for paths that forward JSON only (vllm-router): the openai client's `post`."""
+    body = {"purpose": "fine-tune", "filename": "train.jsonl", "content": JSONL.decode()}
+    stored = client.post("/files", body=body, cast_to=openai.types.FileObject)
+    assert (stored.filename, stored.purpose, stored.bytes) == ("train.jsonl", "fine-tune", len(JSONL))
+    assert client.files.content(stored.id).content == JSONL
+    for bad, param in (({"content": None}, "content"), ({"filename": ""}, "filename"),
+                       ({"purpose": "batch"}, "purpose"), ({"note": "x"}, "note")):
+        assert_openai_error(http.post("/v1/files", json=body | bad), 400, param=param)
+    malformed = http.post("/v1/files", content=b'{"purpose": ', headers={"content-type": "application/json"})
+    assert_openai_error(malformed, 400)
+
+
 @pytest.mark.parametrize(
     "params, param",
     [({"limit": 0}, "limit"), ({"limit": 10001}, "limit"), ({"limit": "x"}, "limit"), ({"order": "sideways"}, "order")],
@@ -264,11 +277,13 @@ def test_store_locks_its_directory_and_checks_the_schema(tmp_path):
 
 
 def local_client(
-    store: Store, keys: KeyRing | None = None, max_upload_bytes: int = 512 * 1024**2, quota: int = 0
+    store: Store, keys: KeyRing | None = None, max_upload_bytes: int = 512 * 1024**2, quota: int = 0,
+    max_request_body_bytes: int = 16 * 1024**2,
 ) -> TestClient:
     """The files routes in-process; `keys` None = a server without keys."""
     app = FastAPI()
-    settings = SimpleNamespace(max_upload_bytes=max_upload_bytes, max_stored_bytes_per_owner=quota)
+    settings = SimpleNamespace(max_upload_bytes=max_upload_bytes, max_stored_bytes_per_owner=quota,
+                               max_request_body_bytes=max_request_body_bytes)
     app.state.ctx = SimpleNamespace(keys=keys or KeyRing(None, None), store=store, settings=settings)
     install_error_handlers(app)
     app.include_router(files_route.router, dependencies=[Depends(authenticate)])
@@ -283,6 +298,18 @@ def test_upload_size_limit_413(store):
     for size in (1001, 1000 + files_route.MAX_FORM_OVERHEAD_BYTES):
         assert_openai_error(upload(http, b"x" * size), 413, param="file", code="file_too_large")
     assert [p.name for p in store.files.root.iterdir()] == [accepted["id"]]
+
+
+def test_json_upload_limits_413(store):
+    """A JSON body is parsed in memory: bounded by max_request_body_bytes, its text by max_upload_bytes."""
+    http = local_client(store, max_upload_bytes=1000, max_request_body_bytes=2000)
+    body = {"purpose": "fine-tune", "filename": "x.jsonl"}
+    assert http.post("/v1/files", json=body | {"content": "x" * 1000}).json()["bytes"] == 1000
+    too_long = http.post("/v1/files", json=body | {"content": "x" * 1001})
+    assert_openai_error(too_long, 413, param="file", code="file_too_large")
+    too_big = http.post("/v1/files", json=body | {"content": "x" * 2000})
+    assert_openai_error(too_big, 413, code="request_too_large")
+    assert len(list(store.files.root.iterdir())) == 1
 
 
 def test_each_owner_sees_only_its_files_and_admins_see_all(store, tmp_path):

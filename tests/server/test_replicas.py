@@ -1,7 +1,8 @@
 """Two coserve replicas on loopback behind vllm-router (consistent_hash on `x-user-id`),
 driven with the openai client through the router: an adapter loaded through the router
 lands on the replica the caller's key maps to, and that caller's requests for it reach
-it; a caller's file, job and fine-tuned model stay on its replica; when a replica is
+it; a caller's file (uploaded as JSON: the router forwards nothing else), job and
+fine-tuned model stay on its replica; when a replica is
 killed the router routes around it. The test starts and stops every process itself.
 """
 
@@ -155,10 +156,16 @@ def test_an_adapter_on_one_replica_is_reached_through_the_router(cluster, owner_
 def test_files_jobs_and_fine_tuned_models_stay_on_their_owners_replica(cluster, owner_replica):
     router, replicas = cluster
     client = through_router(router, "team-a")
-    # vllm-router 0.1.17 forwards JSON bodies only: a multipart upload stops at the router.
+    # vllm-router 0.1.17 forwards JSON bodies only: a multipart upload stops at the router,
+    # the JSON form of the upload passes.
     with pytest.raises(openai.BadRequestError):
         client.files.create(file=("train.jsonl", io.BytesIO(TRAINING)), purpose="fine-tune")
-    upload = direct(owner_replica).files.create(file=("train.jsonl", io.BytesIO(TRAINING)), purpose="fine-tune")
+    upload = client.post("/files", cast_to=openai.types.FileObject,
+                         body={"purpose": "fine-tune", "filename": "train.jsonl", "content": TRAINING.decode()})
+    assert direct(owner_replica).files.retrieve(upload.id).bytes == len(TRAINING)
+    (other,) = [r for r in replicas if r is not owner_replica]
+    with pytest.raises(openai.NotFoundError):
+        direct(other).files.retrieve(upload.id)
     assert client.files.retrieve(upload.id).bytes == len(TRAINING)
     assert client.files.content(upload.id).content == TRAINING
     job = client.fine_tuning.jobs.create(
@@ -175,7 +182,6 @@ def test_files_jobs_and_fine_tuned_models_stay_on_their_owners_replica(cluster, 
     reply = client.chat.completions.create(model=job.fine_tuned_model, max_tokens=4,
                                            messages=[{"role": "user", "content": "Code 1?"}])
     assert reply.model == job.fine_tuned_model
-    (other,) = [r for r in replicas if r is not owner_replica]
     with pytest.raises(openai.NotFoundError):
         direct(other).fine_tuning.jobs.retrieve(job.id)
     assert holders(replicas, job.fine_tuned_model) == [owner_replica]
