@@ -161,11 +161,17 @@ def _rank_main(rank: int, config: EngineConfig, dtype: torch.dtype, panel_rows: 
     dist.destroy_process_group()
 
 
+# Job operations with no collective inside: an error in one fails the job on rank 0 as
+# well (it runs the same operation on the same inputs), which reports it, so this rank
+# logs it and lives on. An error inside any other operation would leave the ranks'
+# collectives out of step, so it ends this rank, and rank 0's next collective fails
+# rather than waits.
+_LOCAL_OPERATIONS = frozenset({"create", "release", "drop", "start_backward", "load_trainer_state"})
+
+
 def _run_job_operation(jobs: dict[str, JobShard], model, tp: TensorParallel, job_id: str, operation: str,
                        args: tuple) -> None:
-    """One operation on a job's tensors, as rank 0 runs it. An error fails the job on rank
-    0 as well (it runs the same operation on the same inputs), which reports it; here it
-    is logged, and the rank lives on for the other work."""
+    """One operation on a job's tensors, as rank 0 runs it."""
     try:
         if operation == "create":
             jobs[job_id] = JobShard(model, *args, tp)
@@ -174,4 +180,6 @@ def _run_job_operation(jobs: dict[str, JobShard], model, tp: TensorParallel, job
         else:
             getattr(jobs[job_id], operation)(*args)
     except (ValueError, OSError, RuntimeError, KeyError) as exc:
+        if operation not in _LOCAL_OPERATIONS:
+            raise
         log.error("rank %d: finetuning job %s: %s failed: %s", tp.rank, job_id, operation, exc)
