@@ -1,7 +1,8 @@
 """Two coserve replicas on loopback behind vllm-router (consistent_hash on `x-user-id`),
 driven with the openai client through the router: an adapter loaded through the router
 lands on the replica the caller's key maps to, and that caller's requests for it reach
-it; a caller's file (uploaded as JSON: the router forwards JSON bodies only), job and
+it; an adapter keyed by its own name (`x-session-id`) is reached by every tenant; a
+caller's file (uploaded as JSON: the router forwards JSON bodies only), job and
 fine-tuned model stay on its replica; when a replica is killed the router routes around
 it. The test starts and stops every process itself.
 """
@@ -92,8 +93,9 @@ def adapter_root(tmp_path_factory) -> Path:
 
     cache = Path(os.environ.get("COSERVE_CACHE_DIR", "~/.cache/coserve")).expanduser()
     root = tmp_path_factory.mktemp("replica-adapters")
-    write_peft_adapter(resolve_model(None, cache)[0], root / "solo", seed=3, b_scale=0.3, r=4, lora_alpha=8,
-                       target_modules=["q_proj", "v_proj"])
+    for seed, name in enumerate(("solo", "shared")):
+        write_peft_adapter(resolve_model(None, cache)[0], root / name, seed=3 + seed, b_scale=0.3, r=4, lora_alpha=8,
+                           target_modules=["q_proj", "v_proj"])
     return root
 
 
@@ -151,6 +153,34 @@ def test_an_adapter_on_one_replica_is_reached_through_the_router(cluster, owner_
     (other,) = [r for r in replicas if r is not owner_replica]
     with pytest.raises(openai.NotFoundError):
         direct(other).completions.create(model="solo", prompt="Hello", max_tokens=1)
+
+
+def test_an_adapter_keyed_by_its_name_is_reached_by_every_tenant(cluster, adapter_root):
+    """`x-session-id` comes before `x-user-id` in the router's key: an adapter loaded with
+    its own name as the session key lands on the replica that name hashes to, and every
+    tenant's requests that carry the same key reach it, wherever their own keys hash."""
+    router, replicas = cluster
+    loaded = httpx.post(f"{router.url}/v1/load_lora_adapter", timeout=120,
+                        headers={"x-user-id": "team-a", "x-session-id": "adapter-shared"},
+                        json={"lora_name": "shared", "lora_path": str(adapter_root / "shared")})
+    assert loaded.status_code == 200, loaded.text
+    (holder,) = holders(replicas, "shared")
+    tenants = [f"tenant-{i}" for i in range(8)]
+    served_before = finished_requests(holder)
+    for tenant in tenants:
+        client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused", max_retries=0, timeout=300,
+                               default_headers={"x-user-id": tenant, "x-session-id": "adapter-shared"})
+        reply = client.completions.create(model="shared", prompt="Hi", max_tokens=2, extra_body={"ignore_eos": True})
+        assert reply.model == "shared" and reply.usage.completion_tokens == 2
+    assert finished_requests(holder) - served_before == len(tenants)
+    # Without the adapter's key the tenants' own keys decide, and some land where it is not.
+    missed = 0
+    for tenant in tenants:
+        try:
+            through_router(router, tenant).completions.create(model="shared", prompt="Hi", max_tokens=1)
+        except openai.NotFoundError:
+            missed += 1
+    assert 0 < missed < len(tenants)
 
 
 def test_files_jobs_and_fine_tuned_models_stay_on_their_owners_replica(cluster, owner_replica):
