@@ -26,7 +26,14 @@ from engine.config import EngineConfig
 from engine.finetune.checkpoint import TRAINER_STATE
 from engine.finetune.state_file import load_state
 from engine.llm_engine import LLMEngine
-from engine.messages import EngineRequest, FinetuneExample, FinetuneSettings, SamplingParams, StartFinetune
+from engine.messages import (
+    ControlFinetune,
+    EngineRequest,
+    FinetuneExample,
+    FinetuneSettings,
+    SamplingParams,
+    StartFinetune,
+)
 from tests.engine.test_finetune_equivalence import make_examples
 from tests.engine.tiny_models import tiny_llama_config, write_tiny_model
 
@@ -57,26 +64,40 @@ def model_dir(tmp_path, monkeypatch):
     torch.set_num_threads(threads)
 
 
-def train(model_dir: Path, out_dir: Path, tensor_parallel_size: int, resume: bool = False,
-          device: str = "cpu") -> list:
-    """Run the job to its end in a fresh engine, with inference requests arriving every
-    few iterations; returns its reports."""
-    engine = LLMEngine(EngineConfig(
+def _engine(model_dir: Path, tensor_parallel_size: int, device: str = "cpu") -> LLMEngine:
+    return LLMEngine(EngineConfig(
         model_dir=model_dir, dtype="float32", kv_cache_memory_gb=0.01, max_num_batched_tokens=32, max_num_seqs=8,
         max_lora_rank=8, tensor_parallel_size=tensor_parallel_size, num_threads=1, device=device,
     ))
+
+
+def _start(engine: LLMEngine, model_dir: Path, out_dir: Path, job_id: str = "ftjob-tp", resume: bool = False):
+    examples = [FinetuneExample(e.token_ids, e.target) for e in make_examples(97, count=6, seed=4)]
+    engine.finetune_runs.start(StartFinetune(job_id, examples, SETTINGS, str(out_dir), str(model_dir), resume))
+
+
+def _run(engine: LLMEngine, until=lambda reports: False) -> list:
+    """Steps while there is work (or until `until(reports)`), with inference requests
+    arriving every few iterations; returns the jobs' reports."""
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    reports, i = [], 0
+    while engine.has_work() and not until(reports):
+        if i < 60 and i % 4 == 0:
+            engine.add_request(EngineRequest(f"r{i}-{time.monotonic_ns()}", list(range(3, 3 + 5 + i % 7)), params,
+                                             time.time()))
+        engine.step()
+        reports += engine.finetune_runs.reports()
+        i += 1
+    return reports
+
+
+def train(model_dir: Path, out_dir: Path, tensor_parallel_size: int, resume: bool = False,
+          device: str = "cpu") -> list:
+    """Run the job to its end in a fresh engine, co-served; returns its reports."""
+    engine = _engine(model_dir, tensor_parallel_size, device)
     try:
-        examples = [FinetuneExample(e.token_ids, e.target) for e in make_examples(97, count=6, seed=4)]
-        engine.finetune_runs.start(StartFinetune("ftjob-tp", examples, SETTINGS, str(out_dir), str(model_dir), resume))
-        params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
-        reports, i = [], 0
-        while engine.has_work():
-            if i < 60 and i % 4 == 0:
-                engine.add_request(EngineRequest(f"r{i}", list(range(3, 3 + 5 + i % 7)), params, time.time()))
-            engine.step()
-            reports += engine.finetune_runs.reports()
-            i += 1
-        return reports
+        _start(engine, model_dir, out_dir, resume=resume)
+        return _run(engine)
     finally:
         engine.close()
 
@@ -131,3 +152,25 @@ def test_tp2_resumes_a_tp1_checkpoint_to_the_tp1_result(model_dir, tmp_path):
     assert [s.step for r in reports for s in r.steps] == [3, 4, 5, 6]
     assert_close_tensors(load_file(resumed / "final" / "adapter_model.safetensors"),
                           load_file(tmp_path / "tp1" / "final" / "adapter_model.safetensors"))
+
+
+def test_a_job_cancelled_mid_training_at_tp2_leaves_the_ranks_serving_and_training(model_dir, tmp_path):
+    """Cancelled in the middle of its backward (activations kept on both ranks, its slot
+    loaded), a job's tensors go on every rank; the engine serves on, and the next job
+    trains to TP=1's adapter."""
+    engine = _engine(model_dir, 2)
+    try:
+        _start(engine, model_dir, tmp_path / "cancelled", job_id="first")
+        job = engine.finetune.jobs["first"]
+        _run(engine, until=lambda reports: job.step >= 1 and job.backward is not None)
+        assert job.backward is not None and job.step == 1
+        engine.finetune_runs.control(ControlFinetune("first", "cancel"))
+        assert engine.finetune_runs.reports()[-1].status == "cancelled"
+        _start(engine, model_dir, tmp_path / "second", job_id="second")
+        reports = _run(engine)
+    finally:
+        engine.close()
+    assert reports[-1].status == "succeeded"
+    train(model_dir, tmp_path / "tp1", 1)
+    assert_close_tensors(load_file(tmp_path / "second" / "final" / "adapter_model.safetensors"),
+                         load_file(tmp_path / "tp1" / "final" / "adapter_model.safetensors"))
