@@ -82,7 +82,7 @@ class EngineConfig:
     # Memory for the KV cache; the number of blocks follows from it.
     kv_cache_memory_gb: float = 2.0
     # Token budget of one iteration (decodes + prefill chunks).
-    max_num_batched_tokens: int = 512
+    max_num_batched_tokens: int = 2048
     # Sequences in one iteration.
     max_num_seqs: int = 128
     # Cap on prompt + output length; None = the model's max_position_embeddings.

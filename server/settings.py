@@ -86,7 +86,7 @@ class Settings(BaseSettings):
     device: str = Field("cpu", description="Torch device for the engine (cpu, cuda, cuda:1, ...)")
     block_size: int = Field(16, gt=0, description="Tokens per KV-cache block (a power of two)")
     kv_cache_memory_gb: float = Field(2.0, gt=0, description="Memory reserved for the KV cache, in GiB")
-    max_num_batched_tokens: int = Field(512, gt=0, description="Token budget of one engine iteration")
+    max_num_batched_tokens: int = Field(2048, gt=0, description="Token budget of one engine iteration")
     max_num_seqs: int = Field(128, gt=0, description="Most sequences running in one engine iteration")
     max_model_len: int | None = Field(
         None, gt=0, description="Cap on prompt + completion tokens; unset = the model's context length"
