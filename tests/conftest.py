@@ -38,3 +38,26 @@ def pytest_collection_modifyitems(config, items):
     if deselected:
         config.hook.pytest_deselected(items=deselected)
         items[:] = [item for item in items if tier_of(item) in wanted]
+
+
+@pytest.fixture
+def tp_model_dir(tmp_path, monkeypatch):
+    """For an engine at several tensor-parallel ranks in the test process (engine tests
+    on the CPU, gpu tests on CUDA): a tiny Llama whose 4 heads, 2 KV heads and MLP divide
+    by 2; a fresh rendezvous port per test; the test process's thread count restored
+    afterwards (rank 0 is the test process and sets it)."""
+    import socket
+
+    import torch
+
+    from tests.engine.tiny_models import tiny_llama_config, write_tiny_model
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("MASTER_PORT", str(s.getsockname()[1]))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    threads = torch.get_num_threads()
+    path = tmp_path / "model"
+    write_tiny_model(path, tiny_llama_config())
+    yield path
+    torch.set_num_threads(threads)

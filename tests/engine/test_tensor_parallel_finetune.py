@@ -12,7 +12,6 @@ also resumes a TP=1 checkpoint (sharding the whole state it reads) to TP=1's res
 from __future__ import annotations
 
 import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from engine.messages import (
     StartFinetune,
 )
 from tests.engine.test_finetune_equivalence import make_examples
-from tests.engine.tiny_models import tiny_llama_config, write_tiny_model
+from tests.engine.tiny_models import tiny_llama_config
 
 pytestmark = pytest.mark.tiny
 
@@ -46,22 +45,6 @@ SETTINGS = FinetuneSettings(
     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], use_rslora=False,
     seed=3, checkpoint_every_steps=2,
 )
-
-
-@pytest.fixture
-def model_dir(tmp_path, monkeypatch):
-    """A tiny Llama whose 4 heads, 2 KV heads and MLP divide by 2; a fresh rendezvous
-    port per test; the test process's thread count restored afterwards (rank 0 is the
-    test process and sets it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        monkeypatch.setenv("MASTER_PORT", str(s.getsockname()[1]))
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    threads = torch.get_num_threads()
-    path = tmp_path / "model"
-    write_tiny_model(path, tiny_llama_config())
-    yield path
-    torch.set_num_threads(threads)
 
 
 def _engine(model_dir: Path, tensor_parallel_size: int, device: str = "cpu") -> LLMEngine:
@@ -108,9 +91,9 @@ def assert_close_tensors(actual: dict, expected: dict, atol: float = 1e-4) -> No
         torch.testing.assert_close(actual[key], expected[key], atol=atol, rtol=0, msg=key)
 
 
-def test_a_co_served_job_at_tp2_trains_the_adapter_tp1_trains(model_dir, tmp_path):
-    one = train(model_dir, tmp_path / "tp1", 1)
-    two = train(model_dir, tmp_path / "tp2", 2)
+def test_a_co_served_job_at_tp2_trains_the_adapter_tp1_trains(tp_model_dir, tmp_path):
+    one = train(tp_model_dir, tmp_path / "tp1", 1)
+    two = train(tp_model_dir, tmp_path / "tp2", 2)
     assert two[-1].status == "succeeded" and one[-1].status == "succeeded"
     losses = {n: [s.loss for r in reports for s in r.steps] for n, reports in (("tp1", one), ("tp2", two))}
     assert len(losses["tp2"]) == 6
@@ -135,7 +118,7 @@ def test_a_co_served_job_at_tp2_trains_the_adapter_tp1_trains(model_dir, tmp_pat
                                   {k: v for k, v in moments_one[index].items() if k != "step"})
 
     # The TP=2 adapter is an ordinary PEFT adapter of the base model.
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(tp_model_dir, dtype=torch.float32).eval()
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     with torch.no_grad():
         before = base(ids).logits
@@ -143,34 +126,34 @@ def test_a_co_served_job_at_tp2_trains_the_adapter_tp1_trains(model_dir, tmp_pat
     assert (after - before).abs().max() > 1e-3
 
 
-def test_tp2_resumes_a_tp1_checkpoint_to_the_tp1_result(model_dir, tmp_path):
-    train(model_dir, tmp_path / "tp1", 1)
+def test_tp2_resumes_a_tp1_checkpoint_to_the_tp1_result(tp_model_dir, tmp_path):
+    train(tp_model_dir, tmp_path / "tp1", 1)
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "tp1" / "checkpoints" / "step-2", resumed / "checkpoints" / "step-2")
-    reports = train(model_dir, resumed, 2, resume=True)
+    reports = train(tp_model_dir, resumed, 2, resume=True)
     assert [s.step for r in reports for s in r.steps] == [3, 4, 5, 6]
     assert_close_tensors(load_file(resumed / "final" / "adapter_model.safetensors"),
                           load_file(tmp_path / "tp1" / "final" / "adapter_model.safetensors"))
 
 
-def test_a_job_cancelled_mid_training_at_tp2_leaves_the_ranks_serving_and_training(model_dir, tmp_path):
+def test_a_job_cancelled_mid_training_at_tp2_leaves_the_ranks_serving_and_training(tp_model_dir, tmp_path):
     """Cancelled in the middle of its backward (activations kept on both ranks, its slot
     loaded), a job's tensors go on every rank; the engine serves on, and the next job
     trains to TP=1's adapter."""
-    engine = _engine(model_dir, 2)
+    engine = _engine(tp_model_dir, 2)
     try:
-        _start(engine, model_dir, tmp_path / "cancelled", job_id="first")
+        _start(engine, tp_model_dir, tmp_path / "cancelled", job_id="first")
         job = engine.finetune.jobs["first"]
         _run(engine, until=lambda reports: job.step >= 1 and job.backward is not None)
         assert job.backward is not None and job.step == 1
         engine.finetune_runs.control(ControlFinetune("first", "cancel"))
         assert engine.finetune_runs.reports()[-1].status == "cancelled"
-        _start(engine, model_dir, tmp_path / "second", job_id="second")
+        _start(engine, tp_model_dir, tmp_path / "second", job_id="second")
         reports = _run(engine)
     finally:
         engine.close()
     assert reports[-1].status == "succeeded"
-    train(model_dir, tmp_path / "tp1", 1)
+    train(tp_model_dir, tmp_path / "tp1", 1)
     assert_close_tensors(load_file(tmp_path / "second" / "final" / "adapter_model.safetensors"),
                          load_file(tmp_path / "tp1" / "final" / "adapter_model.safetensors"))
