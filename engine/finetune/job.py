@@ -33,7 +33,7 @@ import torch
 
 from engine.finetune.backward_costs import BackwardCosts
 from engine.finetune.backward_work import BackwardAllowance, BackwardWork
-from engine.finetune.job_shard import Backward, JobShard, JobShards, OptimizerSettings, max_positions
+from engine.finetune.job_shard import Backward, JobShard, JobShards, OptimizerSettings, longest_sequence
 from engine.finetune.lora_params import LoRAConfig, TrainableLoRA
 from engine.lora.layout import LoRALayout
 from engine.messages import SamplingParams
@@ -130,7 +130,7 @@ class FinetuneJob:
         shard_args = (self.layout, self.lora_config, self.seed,
                       OptimizerSettings(hp.learning_rate, hp.betas, hp.eps, hp.weight_decay, hp.warmup_steps,
                                         self.total_steps),
-                      max_positions(self.examples, self.validation))
+                      longest_sequence(self.examples, self.validation))
         if self.send is not None:
             self.send((self.job_id, "create", shard_args))
         self.shards = JobShards(self.job_id, JobShard(self.model, *shard_args, self.tensor_parallel), self.send)

@@ -244,6 +244,6 @@ class JobShards:
             self.send((self.job_id, "release", ()))
 
 
-def max_positions(*example_sets) -> int:
+def longest_sequence(*example_sets) -> int:
     """The longest token sequence among the examples (at least 1)."""
     return max((len(e.token_ids) for examples in example_sets for e in examples), default=1)

@@ -157,9 +157,6 @@ class TrainableLoRA(nn.Module):
             "inference_mode": True,
         }
 
-    def save_peft(self, path: Path, base_model: str) -> None:
-        write_peft(path, self.peft_state_dict(), self.peft_config(base_model))
-
 
 def write_peft(path: Path, state: dict[str, torch.Tensor], config: dict) -> None:
     """Write a PEFT adapter directory atomically (a temp dir renamed into place)."""
