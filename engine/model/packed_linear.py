@@ -48,6 +48,8 @@ MKL), bfloat16 (oneDNN packing) or panels. Everything else runs the layers as th
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -90,10 +92,22 @@ def mkl_linear(x: torch.Tensor, packed: torch.Tensor, weight: torch.Tensor, bias
 
 
 def onednn_packing_available(weight: torch.Tensor) -> bool:
-    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
-        return False
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.bfloat16
+        and torch.backends.mkldnn.is_available()
+        and _onednn_packs_bfloat16()
+    )
+
+
+@functools.cache
+def _onednn_packs_bfloat16() -> bool:
+    """Whether this torch build and this CPU pack bfloat16 weights: the op is absent in
+    some builds, and oneDNN refuses it on CPUs without AVX512-BW/VL/DQ or AVX-NE-CONVERT
+    (a 2-core AMD EPYC with AVX2 only, 2026-12-07, raised at start-up before this was
+    tried here)."""
     try:
-        torch.ops.mkldnn._reorder_linear_weight  # noqa: B018 (resolved on access: absent in some builds)
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=torch.bfloat16), _ONEDNN_PACKING_ROWS)
     except (AttributeError, RuntimeError):
         return False
     return True

@@ -70,7 +70,7 @@ def test_bfloat16_layer_with_panels_computes_in_float32_and_returns_bfloat16():
     torch.testing.assert_close(layer(x), F.linear(x, weight, bias), atol=0, rtol=0)
 
 
-@pytest.mark.skipif(not onednn_packing_available(torch.empty(1, dtype=torch.bfloat16)), reason="torch without oneDNN")
+@pytest.mark.skipif(not onednn_packing_available(torch.empty(1, dtype=torch.bfloat16)), reason="oneDNN does not pack bfloat16 weights here (torch build or CPU)")
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_onednn_packed_bfloat16_matches_plain_call_up_to_its_row_count(with_bias):
     torch.manual_seed(2)
