@@ -83,6 +83,10 @@ class EngineConfig:
     kv_cache_memory_gb: float = 2.0
     # Token budget of one iteration (decodes + prefill chunks).
     max_num_batched_tokens: int = 2048
+    # Prefill tokens an iteration packs past the oldest prefill's chunk (engine/scheduler.py);
+    # None = on a CPU with dtype auto, the chunk the GEMM probe measured at full rate,
+    # else the whole budget.
+    prefill_pack_tokens: int | None = None
     # Sequences in one iteration.
     max_num_seqs: int = 128
     # Cap on prompt + output length; None = the model's max_position_embeddings.
@@ -126,6 +130,8 @@ class EngineConfig:
             raise ValueError("max_num_seqs must be positive")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError("max_num_batched_tokens must be at least max_num_seqs")
+        if self.prefill_pack_tokens is not None and self.prefill_pack_tokens <= 0:
+            raise ValueError("prefill_pack_tokens must be positive")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError("max_model_len must be positive")
         if not 1 <= self.max_loras <= self.max_cpu_loras:

@@ -55,20 +55,22 @@ def _eos_token_ids(config, model_dir) -> set[int]:
     return ids
 
 
-def _compute_types(config: EngineConfig) -> tuple[torch.dtype, int, int]:
-    """The compute type, up to how many rows linears read bfloat16 panels, and up to how
-    many they run on oneDNN-packed bfloat16 weights; on a CPU with `dtype: auto` all
-    three as measured (engine/model/gemm_probe.py)."""
+def _compute_types(config: EngineConfig) -> tuple[torch.dtype, int, int, int | None]:
+    """The compute type, up to how many rows linears read bfloat16 panels, up to how many
+    they run on oneDNN-packed bfloat16 weights, and the prefill pack size; on a CPU with
+    `dtype: auto` all four as measured (engine/model/gemm_probe.py), where not set."""
     dtype = explicit_dtype(config.dtype, config.device)
     probed_rows = packed_rows = 0
+    pack_tokens = config.prefill_pack_tokens
     if dtype is None:
         choice = gemm_probe.choose(load_config(config.model_dir), config.cache_dir)
         dtype, probed_rows = getattr(torch, choice.dtype), choice.panel_max_rows
         packed_rows = choice.packed_max_rows if dtype == torch.bfloat16 else 0
-        log.info("CPU GEMM probe: %s, bfloat16 panels up to %d rows, oneDNN-packed up to %d (ms: %s)",
-                 choice.dtype, probed_rows, packed_rows, choice.timings_ms)
+        pack_tokens = pack_tokens or choice.prefill_pack_rows
+        log.info("CPU GEMM probe: %s, bfloat16 panels up to %d rows, oneDNN-packed up to %d, prefills packed to "
+                 "%d (ms: %s)", choice.dtype, probed_rows, packed_rows, choice.prefill_pack_rows, choice.timings_ms)
     panel_rows = resolve_panel_rows(config.decode_weights, config.dtype, config.device, probed_rows)
-    return dtype, panel_rows, packed_rows
+    return dtype, panel_rows, packed_rows, pack_tokens
 
 
 def kv_cache_blocks(config: EngineConfig, model: LlamaForCausalLM, dtype: torch.dtype) -> int:
@@ -93,7 +95,7 @@ class LLMEngine:
         self.config = config
         if config.num_threads or config.tensor_parallel_size > 1:
             torch.set_num_threads(threads_per_rank(config))
-        self.dtype, self.panel_rows, self.packed_rows = _compute_types(config)
+        self.dtype, self.panel_rows, self.packed_rows, self.prefill_pack_tokens = _compute_types(config)
         # Tensor parallelism: this process is rank 0 and starts the others
         # (engine/parallel/workers.py), once the model is known to split.
         self.ranks = tensor_parallel = None
@@ -129,6 +131,7 @@ class LLMEngine:
             max_model_len=self.max_model_len,
             eos_token_ids=_eos_token_ids(model_config, config.model_dir),
             adapter_slots=self.loras,
+            prefill_pack_tokens=self.prefill_pack_tokens,
         )
         self.grammars = GrammarCompiler(
             lambda: AutoTokenizer.from_pretrained(config.model_dir), model_config.vocab_size, self.scheduler.eos_token_ids

@@ -88,6 +88,12 @@ class Settings(BaseSettings):
     kv_cache_memory_gb: float = Field(2.0, gt=0, description="Memory reserved for the KV cache, in GiB")
     max_num_batched_tokens: int = Field(2048, gt=0, description="Token budget of one engine iteration")
     max_num_seqs: int = Field(128, gt=0, description="Most sequences running in one engine iteration")
+    prefill_pack_tokens: int | None = Field(
+        None, gt=0, description="Prefill tokens an iteration packs past its oldest prefill (which may take the "
+        "whole budget): a burst of prompts gets first tokens one iteration after another instead of all after one "
+        "long iteration; unset = on a CPU with dtype auto, the smallest chunk the GEMM probe measured at full "
+        "rate, else the whole budget",
+    )
     max_model_len: int | None = Field(
         None, gt=0, description="Cap on prompt + completion tokens; unset = the model's context length"
     )
@@ -96,8 +102,7 @@ class Settings(BaseSettings):
     )
     tensor_parallel_size: int = Field(
         1, gt=0, description="Processes the model is split over (Megatron-style: heads and MLP columns, gloo on "
-        "the CPU, NCCL on GPUs); must divide the model's attention heads, KV heads and intermediate size. "
-        "Fine-tuning jobs need 1"
+        "the CPU, NCCL on GPUs); must divide the model's attention heads, KV heads and intermediate size"
     )
     max_queued_requests: int = Field(
         256, ge=0, description="Sequences allowed to wait beyond max_num_seqs; more get 429 with Retry-After"
@@ -223,6 +228,7 @@ class Settings(BaseSettings):
             kv_cache_memory_gb=self.kv_cache_memory_gb,
             max_num_batched_tokens=self.max_num_batched_tokens,
             max_num_seqs=self.max_num_seqs,
+            prefill_pack_tokens=self.prefill_pack_tokens,
             max_model_len=self.max_model_len,
             num_threads=self.num_threads,
             tensor_parallel_size=self.tensor_parallel_size,

@@ -20,7 +20,15 @@ times the candidates on this model's own layer shapes, at a few row counts:
     call, which is all a decode step of a few rows does;
   * for bfloat16, the largest call that runs oneDNN on weights packed once rather
     than re-laid out per call (engine/model/packed_linear.py): on the Xeon above, 30-40%
-    faster from 1 to 128 rows.
+    faster from 1 to 128 rows;
+  * then, for the chosen type, the smallest prefill chunk (128, 256 or 512 rows) at
+    which its GEMM runs at full rate, within 10% of the best time per row: the
+    scheduler packs prefills to that size (engine/scheduler.py). On a 2-core AMD EPYC
+    with AVX2 only (2026-12-07; bfloat16 there is emulated, 5.6x float32 at 128 rows,
+    so the probe keeps float32), float32 linears of SmolLM2-135M took 1.64/1.41/1.25 ms
+    per row at 128/256/512 rows: packed to 512. On the Xeon above the packed bfloat16
+    linears took 0.21/0.20 ms per row at 128/256 rows and plain ones 0.20 at 1,024
+    (engine/model/packed_linear.py): by those timings, 128.
 
 The probe takes ~5 s on 2 cores, so its result is kept in a small JSON file keyed
 by the CPU, torch, the thread count and the shapes; a CPU that differs probes anew.
@@ -61,12 +69,16 @@ PANEL_ROWS = (1, 2, 4, 8, 12, 16)
 # prefill chunk beside it. On the Xeon packed weights won up to 256 rows (30 layers'
 # linears 50.6 against 62.1 ms) and lost from 384 (81.0 against 73.5).
 PACKED_ROWS = (256,)
+# Prefill chunk sizes timed for the chosen type, and how close to the best time per row
+# one must come to count as full rate.
+PREFILL_ROWS = (128, 256, 512)
+FULL_RATE_SLACK = 0.10
 # Layers timed: enough of them to stream weights from memory as a real step does
 # (the working set of a few layers would sit in cache), at most this many bytes.
 _MAX_PROBE_BYTES = 256 * 2**20
 _REPEATS = 3
 # Part of the cache key: a probe that measures other candidates decides anew.
-_CANDIDATES = "float32, bfloat16, bfloat16-packed to 256 rows, panels"
+_CANDIDATES = "float32, bfloat16, bfloat16-packed to 256 rows, panels, prefill 128-512 rows"
 
 
 @dataclass(frozen=True)
@@ -75,6 +87,8 @@ class GemmChoice:
     panel_max_rows: int  # calls of up to this many rows read bfloat16 panels; 0 = never
     # bfloat16 calls of up to this many rows (past the panels') run on oneDNN-packed weights; 0 = never.
     packed_max_rows: int
+    # Prefills are packed to this many tokens an iteration (engine/scheduler.py).
+    prefill_pack_rows: int
     # Milliseconds for the timed layers, per candidate and row count (for logs and docs).
     timings_ms: dict[str, dict[str, float]]
 
@@ -133,6 +147,12 @@ class _Layers:
         x = self.inputs(rows, torch.bfloat16)
         return best_ms(lambda: [onednn_linear(x[w.shape[1]], p, None) for w, p in zip(self.bf16, self.onednn)])
 
+    def prefill_ms(self, rows: int, dtype: str, packed_max_rows: int) -> float:
+        """The type's GEMM at a prefill chunk's rows, as the engine runs it."""
+        if dtype == "float32":
+            return self.float32_ms(rows)
+        return self.bfloat16_packed_ms(rows) if rows <= packed_max_rows else self.bfloat16_ms(rows)
+
     def panels_ms(self, rows: int, dtype: torch.dtype) -> float:
         """The panel kernel as PackedLinear runs it for a model of `dtype` (casts included)."""
         if self.panels is None:
@@ -167,6 +187,8 @@ def measure(config: PretrainedConfig, panels_available: bool) -> GemmChoice:
                 panels = timings["panels"][f"{dtype}/{rows}"] = layers.panels_ms(rows, getattr(torch, dtype))
                 if panels >= gemm[str(rows)]:
                     break  # the GEMM wins from here on: it only gets better per row
+    dtype, _, packed_max_rows = _types(timings)
+    timings["prefill"] = {str(rows): layers.prefill_ms(rows, dtype, packed_max_rows) for rows in PREFILL_ROWS}
     return pick(timings)
 
 
@@ -182,10 +204,21 @@ def _gemm(timings: dict[str, dict[str, float]], dtype: str) -> tuple[int, dict[s
 
 
 def pick(timings: dict[str, dict[str, float]]) -> GemmChoice:
-    """The choice the timings (ms, as `measure` records them) call for: per type, its GEMM
-    (for bfloat16 packed or plain, see _gemm), panels up to the last row count where they
-    beat that GEMM without a loss before; then the type whose kernels take the least
-    time summed over DTYPE_ROWS."""
+    """The choice the timings (ms, as `measure` records them) call for: the types (see
+    _types), then the smallest prefill chunk whose time per row is within
+    FULL_RATE_SLACK of the best."""
+    dtype, panel_max_rows, packed_max_rows = _types(timings)
+    per_row = {rows: timings["prefill"][str(rows)] / rows for rows in PREFILL_ROWS}
+    best = min(per_row.values())
+    pack_rows = next(rows for rows in PREFILL_ROWS if per_row[rows] <= (1 + FULL_RATE_SLACK) * best)
+    return GemmChoice(dtype, panel_max_rows, packed_max_rows, pack_rows, timings)
+
+
+def _types(timings: dict[str, dict[str, float]]) -> tuple[str, int, int]:
+    """(dtype, panel_max_rows, packed_max_rows): per type, its GEMM (for bfloat16 packed
+    or plain, see _gemm), panels up to the last row count where they beat that GEMM
+    without a loss before; then the type whose kernels take the least time summed over
+    DTYPE_ROWS."""
     best: tuple[float, str, int, int] | None = None
     for dtype in ("float32", "bfloat16"):
         packed_max_rows, gemm = _gemm(timings, dtype)
@@ -202,7 +235,7 @@ def pick(timings: dict[str, dict[str, float]]) -> GemmChoice:
         if best is None or total < best[0]:
             best = (total, dtype, panel_max_rows, packed_max_rows)
     _, dtype, panel_max_rows, packed_max_rows = best
-    return GemmChoice(dtype, panel_max_rows, packed_max_rows, timings)
+    return dtype, panel_max_rows, packed_max_rows
 
 
 def _cache_key(config: PretrainedConfig, panels_available: bool) -> str:
@@ -236,7 +269,8 @@ def main() -> None:
     model_dir, name = resolve_model(None, Path("~/.cache/coserve").expanduser())
     choice = measure(load_config(model_dir), ops.bf16_linear_available())
     print(f"{name}, {torch.get_num_threads()} threads: dtype {choice.dtype}, panels up to {choice.panel_max_rows} "
-          f"rows, bfloat16 packed for oneDNN up to {choice.packed_max_rows} rows")
+          f"rows, bfloat16 packed for oneDNN up to {choice.packed_max_rows} rows, prefills packed to "
+          f"{choice.prefill_pack_rows} rows")
     for candidate, by_rows in choice.timings_ms.items():
         print(f"  {candidate:>8}: " + "  ".join(f"{rows}: {ms:.1f}" for rows, ms in by_rows.items()))
 

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from engine.model import gemm_probe
-from engine.model.gemm_probe import DTYPE_ROWS, PANEL_ROWS, GemmChoice, pick
+from engine.model.gemm_probe import DTYPE_ROWS, PANEL_ROWS, PREFILL_ROWS, GemmChoice, pick
 from tests.engine.tiny_models import tiny_llama_config
 
 pytestmark = pytest.mark.tiny
 
 
-def _timings(float32, bfloat16, panels, bfloat16_packed=None) -> dict[str, dict[str, float]]:
+def _timings(float32, bfloat16, panels, bfloat16_packed=None, prefill=lambda r: 1.0 * r) -> dict[str, dict[str, float]]:
     """ms per row count from functions of the row count; panels keyed as measure() keys them."""
     rows = sorted(set(DTYPE_ROWS) | set(PANEL_ROWS))
     return {
@@ -22,7 +22,22 @@ def _timings(float32, bfloat16, panels, bfloat16_packed=None) -> dict[str, dict[
         "bfloat16": {str(r): bfloat16(r) for r in rows},
         "bfloat16-packed": {} if bfloat16_packed is None else {str(r): bfloat16_packed(r) for r in rows},
         "panels": {f"{dtype}/{r}": panels(r) for dtype in ("float32", "bfloat16") for r in PANEL_ROWS},
+        "prefill": {str(r): prefill(r) for r in PREFILL_ROWS},
     }
+
+
+def test_prefills_pack_to_the_smallest_chunk_at_full_rate():
+    def pack_rows(ms_by_rows):
+        return pick(_timings(lambda r: 20 + r, lambda r: 3 * (20 + r), lambda r: 50.0,
+                             prefill=lambda r: ms_by_rows[r])).prefill_pack_rows
+
+    # The AMD EPYC with AVX2 only (the module docstring): 1.64/1.41/1.25 ms per row.
+    assert pack_rows({128: 210.1, 256: 360.5, 512: 640.7}) == 512
+    # A GEMM already at full rate at 128 rows, and one still gaining at 512.
+    assert pack_rows({128: 100.0, 256: 196.0, 512: 390.0}) == 128
+    assert pack_rows({128: 300.0, 256: 400.0, 512: 500.0}) == 512
+    # Slower per row at 512 than at 256 (cache effects): measured against the best.
+    assert pack_rows({128: 160.0, 256: 256.0, 512: 600.0}) == 256
 
 
 def test_amx_like_timings_pick_bfloat16_with_panels_for_small_calls():

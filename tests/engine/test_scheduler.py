@@ -244,3 +244,45 @@ def test_cold_adapter_waits_for_a_slot_without_starving():
     assert later and finished_order.index("c2") < finished_order.index(later[0])
     run_to_completion(scheduler)
     assert slots.peak == 2 and slots.running == {}
+
+
+def test_prefills_after_the_oldest_are_packed_up_to_the_pack_size():
+    """A burst of short prompts goes through a few per iteration, oldest first; the
+    decodes of those already prefilled ride along in every iteration."""
+    blocks = BlockManager(256, 4)
+    scheduler = Scheduler(blocks, 64, 16, 1024, eos_token_ids=[EOS], prefill_pack_tokens=12)
+    for i in range(6):
+        scheduler.add(make_seq(f"r{i}", prompt_len=5, max_tokens=8))
+    plans = [step(scheduler)[0] for _ in range(3)]
+    prefilled = [[c.seq.request_id for c in plan.chunks if c.num_new_tokens > 1] for plan in plans]
+    # 5 + 5 fill 10 of 12 packed tokens and the third prompt takes the 2 left; next time
+    # it goes first with its 3, and the fifth gets 4 of its 5: its last token rides with
+    # the decodes after that.
+    assert prefilled == [["r0", "r1", "r2"], ["r2", "r3", "r4"], ["r5"]]
+    assert [c.num_new_tokens for c in plans[0].chunks] == [5, 5, 2]
+    assert [c.num_new_tokens for c in plans[1].chunks if c.num_new_tokens > 1] == [3, 5, 4]
+    one_token = [{c.seq.request_id for c in plan.chunks if c.num_new_tokens == 1} for plan in plans]
+    assert one_token == [set(), {"r0", "r1"}, {"r0", "r1", "r2", "r3", "r4"}]
+
+
+def test_the_oldest_prefill_takes_the_whole_budget_whatever_the_pack_size():
+    """A long prompt is not split finer than the budget: it goes in one chunk beside the
+    decodes, and the prompt behind it waits rather than splitting it further."""
+    blocks = BlockManager(256, 4)
+    scheduler = Scheduler(blocks, 64, 16, 1024, eos_token_ids=[EOS], prefill_pack_tokens=12)
+    scheduler.add(make_seq("short", prompt_len=3, max_tokens=8))
+    step(scheduler)  # now decoding
+    scheduler.add(make_seq("long", prompt_len=50))
+    scheduler.add(make_seq("next", prompt_len=30))
+    plan, _ = step(scheduler)
+    assert [(c.seq.request_id, c.num_new_tokens) for c in plan.chunks] == [("short", 1), ("long", 50)]
+    plan, _ = step(scheduler)
+    assert [(c.seq.request_id, c.num_new_tokens) for c in plan.chunks] == [("short", 1), ("long", 1), ("next", 30)]
+
+
+def test_without_a_pack_size_prefills_fill_the_budget():
+    scheduler = make_scheduler(budget=32)
+    for i in range(4):
+        scheduler.add(make_seq(f"r{i}", prompt_len=10))
+    plan, _ = step(scheduler)
+    assert [c.num_new_tokens for c in plan.chunks] == [10, 10, 10, 2]
