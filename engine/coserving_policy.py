@@ -11,6 +11,9 @@ the runner; the pacer absorbs the prediction's error on the next iteration.
 - backward (`backward_allowance`): whole backwards when no inference waits, else at
   most the configured slice of layers, and only what the budget has left after the
   plan's predicted forward time;
+- neither when the scheduler's prefill packing held prompt tokens back for later
+  iterations: the time finetuning would take is time those prompts wait for their
+  first token;
 - warm-up: until the latency model has seen a few iterations its predictions are the
   prior's, so finetuning next to inference is held to a few tokens and one layer.
 """
@@ -52,6 +55,8 @@ class CoServingPolicy:
         `tokens_left`; `expected_backward` is the backward the iteration is expected to run."""
         if not plan.chunks:
             return tokens_left
+        if plan.prefill_held_back:
+            return 0
         if self.latency.num_observations < WARMUP_ITERATIONS:
             return min(tokens_left, WARMUP_FINETUNE_TOKENS)
         shape = iteration_shape(plan, expected_backward)
@@ -66,13 +71,14 @@ class CoServingPolicy:
             return BackwardAllowance()
         if not plan.chunks:
             return BackwardAllowance(max_layers=self.backward_layers_per_iteration)
-        if self.latency.num_observations < WARMUP_ITERATIONS:
+        if self.latency.num_observations < WARMUP_ITERATIONS and not plan.prefill_held_back:
             return BackwardAllowance(max_layers=min(self.backward_layers_per_iteration, WARMUP_BACKWARD_LAYERS))
         forward_s = self.latency.predict(iteration_shape(plan), self.clock_mhz)
         prior = self.latency.costs(self.clock_mhz)
+        spare_s = 0.0 if plan.prefill_held_back else max(0.0, self.tpot_budget_s(plan) - forward_s)
         return BackwardAllowance(
             max_layers=self.backward_layers_per_iteration,
-            seconds=max(0.0, self.tpot_budget_s(plan) - forward_s),
+            seconds=spare_s,
             seconds_per_layer_token=costs.per_layer_token(prior=float(prior[FINETUNE_BACKWARD])),
             seconds_per_loss_token=costs.per_loss_token(prior=float(prior[FINETUNE_LOSS])),
         )

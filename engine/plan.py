@@ -40,6 +40,10 @@ class IterationPlan:
     # Forward chunks of training sequences, after all inference; never sampled.
     finetune_chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    # Prompt tokens were ready but prefill packing kept them for later iterations
+    # (engine/scheduler.py): inference is not leaving this iteration idle, so it carries
+    # no finetuning (coserving_policy.py).
+    prefill_held_back: bool = False
     # The finetuning backward that runs after the forward: set by the co-serving policy
     # from predicted costs before the plan runs (coserving_policy.py).
     backward: BackwardAllowance = field(default_factory=BackwardAllowance)

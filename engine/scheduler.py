@@ -147,7 +147,7 @@ class Scheduler:
                 continue  # preempted earlier in this loop
             num_new = min(seq.num_uncomputed_tokens, budget)
             if seq.num_uncomputed_tokens > 1:
-                num_new = min(num_new, self._prefill_room(scheduled))
+                num_new = self._packed(num_new, scheduled, plan)
                 if num_new == 0:
                     break  # prefills come last in this loop
             if not self._make_room(seq, num_new, plan, scheduled):
@@ -161,7 +161,7 @@ class Scheduler:
             # Its prompt logprobs are computed, not read from the cache.
             prefix = [] if seq.wants_prompt_logprobs() else self.block_manager.cached_prefix(seq)
             cached_tokens = len(prefix) * self.block_manager.block_size
-            num_new = min(seq.num_tokens - cached_tokens, budget, self._prefill_room(scheduled))
+            num_new = self._packed(min(seq.num_tokens - cached_tokens, budget), scheduled, plan)
             if num_new == 0:
                 break
             if not self.block_manager.can_allocate(seq, cached_tokens + num_new, prefix):
@@ -187,13 +187,17 @@ class Scheduler:
             self._schedule_finetune(plan, min(budget, finetune_budget(plan, budget)))
         return plan
 
-    def _prefill_room(self, scheduled: dict[str, ScheduledChunk]) -> int:
-        """Prefill tokens the next prefill chunk may take beside those `scheduled`: the
-        whole budget for the first, what packing leaves for the others."""
+    def _packed(self, num_new: int, scheduled: dict[str, ScheduledChunk], plan: IterationPlan) -> int:
+        """Of the `num_new` tokens a prefill chunk could take, those packing lets it take
+        beside the chunks `scheduled`: all for the first prefill, what is left of
+        `prefill_pack_tokens` for the others. Notes on the plan when it held some back."""
         prefilling = sum(c.num_new_tokens for c in scheduled.values() if c.seq.num_uncomputed_tokens > 1)
         if prefilling == 0:
-            return self.max_num_batched_tokens
-        return max(0, self.prefill_pack_tokens - prefilling)
+            return num_new
+        room = max(0, self.prefill_pack_tokens - prefilling)
+        if room < num_new:
+            plan.prefill_held_back = True
+        return min(num_new, room)
 
     def _schedule_finetune(self, plan: IterationPlan, budget: int) -> None:
         """Forward chunks of training sequences, jobs taking turns, within `budget` tokens."""

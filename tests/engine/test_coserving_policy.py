@@ -114,6 +114,22 @@ def test_backward_gets_the_budget_left_after_the_predicted_forward():
     assert p.backward_allowance(decoding_plan(120), True, costs).seconds == 0.0  # never negative
 
 
+def test_no_finetuning_beside_prompts_that_packing_held_back():
+    """A plan that left prompt tokens for later (prefill packing) gets no finetuning, in
+    warm-up or not, though its predicted time leaves room."""
+    for latency in (fitted_latency(), LatencyModel()):
+        p = policy(latency)
+        plan = decoding_plan(4)
+        assert p.finetune_tokens(plan, 4096, BackwardWork()) > 0
+        assert p.backward_allowance(plan, True, BackwardCosts()).max_layers > 0
+        plan.prefill_held_back = True
+        assert p.finetune_tokens(plan, 4096, BackwardWork()) == 0
+        allowance = p.backward_allowance(plan, True, BackwardCosts())
+        assert allowance.seconds == 0.0
+        assert allowance.layers(allowance.seconds, allowance.max_layers, 64) == 0
+        assert allowance.loss_tokens(allowance.seconds, 64) == 0
+
+
 def test_a_late_iteration_shrinks_the_next_budget_and_the_work_with_it():
     p = policy()
     plan = decoding_plan(8)

@@ -263,6 +263,8 @@ def test_prefills_after_the_oldest_are_packed_up_to_the_pack_size():
     assert [c.num_new_tokens for c in plans[1].chunks if c.num_new_tokens > 1] == [3, 5, 4]
     one_token = [{c.seq.request_id for c in plan.chunks if c.num_new_tokens == 1} for plan in plans]
     assert one_token == [set(), {"r0", "r1"}, {"r0", "r1", "r2", "r3", "r4"}]
+    # The first two left prompt tokens waiting; the third took every one there was.
+    assert [plan.prefill_held_back for plan in plans] == [True, True, False]
 
 
 def test_the_oldest_prefill_takes_the_whole_budget_whatever_the_pack_size():
@@ -276,6 +278,7 @@ def test_the_oldest_prefill_takes_the_whole_budget_whatever_the_pack_size():
     scheduler.add(make_seq("next", prompt_len=30))
     plan, _ = step(scheduler)
     assert [(c.seq.request_id, c.num_new_tokens) for c in plan.chunks] == [("short", 1), ("long", 50)]
+    assert plan.prefill_held_back
     plan, _ = step(scheduler)
     assert [(c.seq.request_id, c.num_new_tokens) for c in plan.chunks] == [("short", 1), ("long", 1), ("next", 30)]
 
@@ -286,3 +289,4 @@ def test_without_a_pack_size_prefills_fill_the_budget():
         scheduler.add(make_seq(f"r{i}", prompt_len=10))
     plan, _ = step(scheduler)
     assert [c.num_new_tokens for c in plan.chunks] == [10, 10, 10, 2]
+    assert not plan.prefill_held_back  # the budget, not packing, ran out
