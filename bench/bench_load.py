@@ -28,7 +28,8 @@ Options: --concurrency 1,8,32,64,128, --prompts-per-level 2 and --min-prompts 16
 (requests per concurrency level), --rates 1,2,4,inf, --rate-prompts 64,
 --input-len/--output-len 128, --temperature 1.0, --order coserve,vllm, --skip-coserve, --skip-vllm,
 --port 8321, --quiet-wait 20, --out-dir, --coserve-arg ARG (repeatable: extra
-`coserve serve` arguments), --vllm-own-binding.
+`coserve serve` arguments), --vllm-arg ARG (the same for `vllm serve`, whose bfloat16
+default --vllm-arg=--dtype=float32 overrides), --vllm-own-binding.
 """
 
 from __future__ import annotations
@@ -226,7 +227,7 @@ def run_level(label: str, proc: subprocess.Popen, cmd: list[str], result_file: P
 
 def bench_backend(backend: str, model_dir: Path, name: str, args: argparse.Namespace) -> dict:
     """Both sweeps against one server; its start-up and idle memory."""
-    extra = tuple(args.coserve_arg) if backend == "coserve" else ()
+    extra = tuple(args.coserve_arg if backend == "coserve" else args.vllm_arg)
     cmd = server_cmd(backend, model_dir, name, args.port, extra)
     env = dict(VLLM_ENV) if backend == "vllm" else {k: v for k, v in os.environ.items() if k.startswith("COSERVE_")}
     result: dict = {"command": shlex.join(cmd), "env": env, "concurrency": {}, "rate": {}}
@@ -423,6 +424,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--out-dir", type=Path, default=BENCH / "results")
     ap.add_argument("--coserve-arg", action="append", default=[], metavar="ARG",
                     help="extra argument to `coserve serve` (repeatable; e.g. --coserve-arg=--max-num-seqs=128)")
+    ap.add_argument("--vllm-arg", action="append", default=[], metavar="ARG",
+                    help="extra argument to `vllm serve` (repeatable), after the defaults it overrides: e.g. "
+                         "--vllm-arg=--dtype=float32 on a CPU without bfloat16 arithmetic")
     ap.add_argument("--vllm-own-binding", action="store_true",
                     help="let vLLM bind its OpenMP threads itself (it computes on one core and reserves one); "
                          "by default it computes on all cores, like coserve")
