@@ -51,7 +51,8 @@ Options: --order coserve-on,coserve-off,vllm, --workloads shared,shared-poisson,
 --system-tokens 300, --user-tokens 100, --reply-tokens 60, --chat-output-len 64,
 --chat-concurrency 4, --chat-rate inf (multi-turn); --temperature 1.0, --seed 0,
 --port 8323, --quiet-wait 20, --out-dir, --coserve-arg ARG (repeatable: extra
-`coserve serve` arguments for both coserve servers), --vllm-own-binding.
+`coserve serve` arguments for both coserve servers), --vllm-arg ARG (the same for
+`vllm serve`), --vllm-own-binding.
 """
 
 from __future__ import annotations
@@ -272,7 +273,7 @@ def chat_turns(raw: dict, rows: list[dict]) -> dict:
 
 def bench_server(key: str, model_dir: Path, name: str, args: argparse.Namespace, chat: dict | None) -> dict:
     backend, extra, _ = SERVERS[key]
-    cmd = server_cmd(backend, model_dir, name, args.port, (*extra, *(args.coserve_arg if backend == "coserve" else ())))
+    cmd = server_cmd(backend, model_dir, name, args.port, (*extra, *(args.coserve_arg if backend == "coserve" else args.vllm_arg)))
     env = dict(VLLM_ENV) if backend == "vllm" else {k: v for k, v in os.environ.items() if k.startswith("COSERVE_")}
     result: dict = {"command": shlex.join(cmd), "env": env, "workloads": {}}
     log = PREFIX_WORK / "logs" / f"server-{key}.log"
@@ -478,6 +479,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--out-dir", type=Path, default=BENCH / "results")
     ap.add_argument("--coserve-arg", action="append", default=[], metavar="ARG",
                     help="extra argument to both coserve servers (repeatable; e.g. --coserve-arg=--max-num-seqs=64)")
+    ap.add_argument("--vllm-arg", action="append", default=[], metavar="ARG",
+                    help="extra argument to `vllm serve` (repeatable), after the defaults it overrides: e.g. "
+                         "--vllm-arg=--dtype=float32 on a CPU without bfloat16 arithmetic")
     ap.add_argument("--vllm-own-binding", action="store_true",
                     help="let vLLM bind its OpenMP threads itself (it computes on one core and reserves one); "
                          "by default it computes on all cores, like coserve")
