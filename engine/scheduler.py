@@ -6,6 +6,12 @@ Each `schedule()` fills one token budget (`max_num_batched_tokens`, at most
   2. running sequences with more left (prefill chunks, or a recompute);
   3. waiting sequences, strictly first come first served.
 
+Priority is arrival order. When the cache runs out of blocks the newest running
+sequence is preempted: its blocks are freed and it goes back to the waiting queue
+to be recomputed later. Because admission never skips the head of the queue and
+victims are always the newest, the oldest request always makes progress: nothing
+starves and nothing is dropped.
+
 Prefill is packed in whole prompts. The oldest prefill takes what is left of the
 budget; the prefills after it join only up to `prefill_pack_tokens` prefill tokens in
 all. A CPU's GEMMs reach their full rate at a few hundred rows (the engine measures
@@ -18,11 +24,6 @@ first tokens at 1.2 s for four and 2.4-2.8 s for the others packed to 512, again
 3.3-3.5 s for all eight in one iteration). A long prompt still goes through in one
 chunk of up to the whole budget: split finer, a prompt of 1,152 tokens took three
 passes beside the decodes and its TTFT at 2 req/s tripled (bench/results/history.md).
-Priority is arrival order. When the cache runs out of blocks the newest running
-sequence is preempted: its blocks are freed and it goes back to the waiting queue
-to be recomputed later. Because admission never skips the head of the queue and
-victims are always the newest, the oldest request always makes progress: nothing
-starves and nothing is dropped.
 
 With prefix caching, a sequence admitted from the queue first takes the cached blocks
 of its longest cached prefix (engine/block_manager.py) and its first chunk starts after
