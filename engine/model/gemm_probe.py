@@ -25,8 +25,8 @@ times the candidates on this model's own layer shapes, at a few row counts:
     which its GEMM runs at full rate, within 10% of the best time per row: the
     scheduler packs prefills to that size (engine/scheduler.py). On a 2-core AMD EPYC
     with AVX2 only (2026-12-07; bfloat16 there is emulated, 5.6x float32 at 128 rows,
-    so the probe keeps float32), float32 linears of SmolLM2-135M took 1.64/1.41/1.25 ms
-    per row at 128/256/512 rows: packed to 512. On the Xeon above the packed bfloat16
+    so the probe keeps float32), plain float32 linears of SmolLM2-135M took 1.70/1.51/1.34
+    ms per row at 128/256/512 rows: packed to 512. On the Xeon above the packed bfloat16
     linears took 0.21/0.20 ms per row at 128/256 rows and plain ones 0.20 at 1,024
     (engine/model/packed_linear.py): by those timings, 128.
 
@@ -78,7 +78,7 @@ FULL_RATE_SLACK = 0.10
 _MAX_PROBE_BYTES = 256 * 2**20
 _REPEATS = 3
 # Part of the cache key: a probe that measures other candidates decides anew.
-_CANDIDATES = "float32, bfloat16, bfloat16-packed to 256 rows, panels, prefill 128-512 rows"
+_CANDIDATES = "float32, bfloat16, bfloat16-packed to 256 rows, panels, prefill 128-512 rows as run"
 
 
 @dataclass(frozen=True)
@@ -127,11 +127,15 @@ class _Layers:
     def inputs(self, rows: int, dtype: torch.dtype) -> dict[int, torch.Tensor]:
         return {k: torch.randn(rows, k, dtype=dtype) for k in {w.shape[1] for w in self.fp32}}
 
-    def float32_ms(self, rows: int) -> float:
+    def float32_plain_ms(self, rows: int) -> float:
         x = self.inputs(rows, torch.float32)
-        plain = best_ms(lambda: [F.linear(x[w.shape[1]], w) for w in self.fp32])
+        return best_ms(lambda: [F.linear(x[w.shape[1]], w) for w in self.fp32])
+
+    def float32_ms(self, rows: int) -> float:
+        plain = self.float32_plain_ms(rows)
         if self.mkl is None:
             return plain
+        x = self.inputs(rows, torch.float32)
         packed = best_ms(
             lambda: [mkl_linear(x[w.shape[1]], p, w, None) for w, p in zip(self.fp32, self.mkl)]
         )
@@ -148,9 +152,10 @@ class _Layers:
         return best_ms(lambda: [onednn_linear(x[w.shape[1]], p, None) for w, p in zip(self.bf16, self.onednn)])
 
     def prefill_ms(self, rows: int, dtype: str, packed_max_rows: int) -> float:
-        """The type's GEMM at a prefill chunk's rows, as the engine runs it."""
+        """The type's GEMM at a prefill chunk's rows, as the engine runs it (float32: plain,
+        since MKL-packed weights serve calls of at most 64 rows, engine/model/packed_linear.py)."""
         if dtype == "float32":
-            return self.float32_ms(rows)
+            return self.float32_plain_ms(rows)
         return self.bfloat16_packed_ms(rows) if rows <= packed_max_rows else self.bfloat16_ms(rows)
 
     def panels_ms(self, rows: int, dtype: torch.dtype) -> float:
