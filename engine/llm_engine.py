@@ -57,7 +57,7 @@ def _eos_token_ids(config, model_dir) -> set[int]:
 
 def _compute_types(config: EngineConfig) -> tuple[torch.dtype, int, int, int | None]:
     """The compute type, up to how many rows linears read bfloat16 panels, up to how many
-    they run on oneDNN-packed bfloat16 weights, and the prefill pack size; on a CPU with
+    they run on oneDNN-packed weights, and the prefill pack size; on a CPU with
     `dtype: auto` all four as measured (engine/model/gemm_probe.py), where not set."""
     dtype = explicit_dtype(config.dtype, config.device)
     probed_rows = packed_rows = 0
@@ -65,7 +65,7 @@ def _compute_types(config: EngineConfig) -> tuple[torch.dtype, int, int, int | N
     if dtype is None:
         choice = gemm_probe.choose(load_config(config.model_dir), config.cache_dir)
         dtype, probed_rows = getattr(torch, choice.dtype), choice.panel_max_rows
-        packed_rows = choice.packed_max_rows if dtype == torch.bfloat16 else 0
+        packed_rows = choice.packed_max_rows
         pack_tokens = pack_tokens or choice.prefill_pack_rows
         log.info("CPU GEMM probe: %s, bfloat16 panels up to %d rows, oneDNN-packed up to %d, prefills packed to "
                  "%d (ms: %s)", choice.dtype, probed_rows, packed_rows, choice.prefill_pack_rows, choice.timings_ms)

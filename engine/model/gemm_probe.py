@@ -18,9 +18,10 @@ times the candidates on this model's own layer shapes, at a few row counts:
   * the largest call (up to 16 rows) that reads bfloat16 panels with float32
     arithmetic (csrc/cpu/bf16_linear.cpp) instead: it streams the weights once per
     call, which is all a decode step of a few rows does;
-  * for bfloat16, the largest call that runs oneDNN on weights packed once rather
-    than re-laid out per call (engine/model/packed_linear.py): on the Xeon above, 30-40%
-    faster from 1 to 128 rows;
+  * the largest call that runs oneDNN on weights packed once rather than re-laid out
+    per call (engine/model/packed_linear.py): for bfloat16 on the Xeon above, 30-40%
+    faster from 1 to 128 rows; for float32 on the AMD EPYC below, 20-40% faster than
+    MKL's best from 1 to 64 rows, 12% at 128 and 256;
   * then, for the chosen type, the smallest prefill chunk (128, 256 or 512 rows) at
     which its GEMM runs at full rate, within 10% of the best time per row: the
     scheduler packs prefills to that size (engine/scheduler.py). On a 2-core AMD EPYC
@@ -50,6 +51,7 @@ from transformers import PretrainedConfig
 
 from engine import ops
 from engine.model.packed_linear import (
+    MKL_PACKED_MAX_ROWS,
     mkl_linear,
     mkl_pack,
     mkl_packing_available,
@@ -64,10 +66,11 @@ log = logging.getLogger(__name__)
 DTYPE_ROWS = (1, 8, 32, 128)
 # Row counts at which the panel kernel is tried against the compute type's GEMM.
 PANEL_ROWS = (1, 2, 4, 8, 12, 16)
-# Further row counts at which bfloat16 weights packed for oneDNN are tried against plain
-# calls (not float32: the compute type is decided on DTYPE_ROWS): a decode batch with a
-# prefill chunk beside it. On the Xeon packed weights won up to 256 rows (30 layers'
-# linears 50.6 against 62.1 ms) and lost from 384 (81.0 against 73.5).
+# A further row count at which weights packed for oneDNN are tried against plain calls
+# (the compute type is decided on DTYPE_ROWS): a decode batch with a prefill chunk beside
+# it. On the Xeon packed bfloat16 weights won up to 256 rows (30 layers' linears 50.6
+# against 62.1 ms) and lost from 384 (81.0 against 73.5); on the AMD EPYC packed float32
+# weights won at 256 (486 against 554) and lost at 512 (948 against 888).
 PACKED_ROWS = (256,)
 # Prefill chunk sizes timed for the chosen type, and how close to the best time per row
 # one must come to count as full rate.
@@ -78,14 +81,14 @@ FULL_RATE_SLACK = 0.10
 _MAX_PROBE_BYTES = 256 * 2**20
 _REPEATS = 3
 # Part of the cache key: a probe that measures other candidates decides anew.
-_CANDIDATES = "float32, bfloat16, bfloat16-packed to 256 rows, panels, prefill 128-512 rows as run"
+_CANDIDATES = "float32, bfloat16, both oneDNN-packed to 256 rows, panels, prefill 128-512 rows as run"
 
 
 @dataclass(frozen=True)
 class GemmChoice:
     dtype: str  # "float32" or "bfloat16": weights and activations
     panel_max_rows: int  # calls of up to this many rows read bfloat16 panels; 0 = never
-    # bfloat16 calls of up to this many rows (past the panels') run on oneDNN-packed weights; 0 = never.
+    # Calls of up to this many rows (past the panels') run on oneDNN-packed weights; 0 = never.
     packed_max_rows: int
     # Prefills are packed to this many tokens an iteration (engine/scheduler.py).
     prefill_pack_rows: int
@@ -121,7 +124,11 @@ class _Layers:
         self.fp32 = [torch.randn(n, k) * 0.02 for n, k in shapes]
         self.bf16 = [w.to(torch.bfloat16) for w in self.fp32]
         self.mkl = [mkl_pack(w) for w in self.fp32] if mkl_packing_available(self.fp32[0]) else None
-        self.onednn = [onednn_pack(w) for w in self.bf16] if onednn_packing_available(self.bf16[0]) else None
+        self.onednn = {
+            dtype: [onednn_pack(w) for w in weights]
+            for dtype, weights in (("float32", self.fp32), ("bfloat16", self.bf16))
+            if onednn_packing_available(weights[0])
+        }
         self.panels = None
 
     def inputs(self, rows: int, dtype: torch.dtype) -> dict[int, torch.Tensor]:
@@ -132,8 +139,9 @@ class _Layers:
         return best_ms(lambda: [F.linear(x[w.shape[1]], w) for w in self.fp32])
 
     def float32_ms(self, rows: int) -> float:
+        """float32 without oneDNN: the faster of plain and MKL-packed calls, where those serve."""
         plain = self.float32_plain_ms(rows)
-        if self.mkl is None:
+        if self.mkl is None or rows > MKL_PACKED_MAX_ROWS:
             return plain
         x = self.inputs(rows, torch.float32)
         packed = best_ms(
@@ -145,18 +153,21 @@ class _Layers:
         x = self.inputs(rows, torch.bfloat16)
         return best_ms(lambda: [F.linear(x[w.shape[1]], w) for w in self.bf16])
 
-    def bfloat16_packed_ms(self, rows: int) -> float | None:
-        if self.onednn is None:
+    def onednn_ms(self, rows: int, dtype: str) -> float | None:
+        """oneDNN on packed weights of `dtype`; None where it does not pack them."""
+        if dtype not in self.onednn:
             return None
-        x = self.inputs(rows, torch.bfloat16)
-        return best_ms(lambda: [onednn_linear(x[w.shape[1]], p, None) for w, p in zip(self.bf16, self.onednn)])
+        x = self.inputs(rows, getattr(torch, dtype))
+        weights = self.fp32 if dtype == "float32" else self.bf16
+        return best_ms(lambda: [onednn_linear(x[w.shape[1]], p, None) for w, p in zip(weights, self.onednn[dtype])])
 
     def prefill_ms(self, rows: int, dtype: str, packed_max_rows: int) -> float:
-        """The type's GEMM at a prefill chunk's rows, as the engine runs it (float32: plain,
-        since MKL-packed weights serve calls of at most 64 rows, engine/model/packed_linear.py)."""
-        if dtype == "float32":
-            return self.float32_plain_ms(rows)
-        return self.bfloat16_packed_ms(rows) if rows <= packed_max_rows else self.bfloat16_ms(rows)
+        """The type's GEMM at a prefill chunk's rows, as the engine runs it: oneDNN-packed
+        up to `packed_max_rows`, plain above (float32: MKL-packed weights serve calls of at
+        most 64 rows, engine/model/packed_linear.py)."""
+        if rows <= packed_max_rows:
+            return self.onednn_ms(rows, dtype)
+        return self.float32_plain_ms(rows) if dtype == "float32" else self.bfloat16_ms(rows)
 
     def panels_ms(self, rows: int, dtype: torch.dtype) -> float:
         """The panel kernel as PackedLinear runs it for a model of `dtype` (casts included)."""
@@ -177,14 +188,16 @@ def measure(config: PretrainedConfig, panels_available: bool) -> GemmChoice:
     layer_bytes = 4 * sum(n * k for n, k in layer_shapes)
     num_layers = max(1, min(config.num_hidden_layers, _MAX_PROBE_BYTES // layer_bytes))
     layers = _Layers(layer_shapes, head_shape, num_layers)
-    timings: dict[str, dict[str, float]] = {"float32": {}, "bfloat16": {}, "bfloat16-packed": {}, "panels": {}}
+    timings: dict[str, dict[str, float]] = {
+        "float32": {}, "bfloat16": {}, "float32-onednn": {}, "bfloat16-onednn": {}, "panels": {}
+    }
     for rows in sorted(set(DTYPE_ROWS) | set(PANEL_ROWS) | set(PACKED_ROWS)):
-        if rows not in PACKED_ROWS:
-            timings["float32"][str(rows)] = layers.float32_ms(rows)
+        timings["float32"][str(rows)] = layers.float32_ms(rows)
         timings["bfloat16"][str(rows)] = layers.bfloat16_ms(rows)
-        packed = layers.bfloat16_packed_ms(rows)
-        if packed is not None:
-            timings["bfloat16-packed"][str(rows)] = packed
+        for dtype in ("float32", "bfloat16"):
+            packed = layers.onednn_ms(rows, dtype)
+            if packed is not None:
+                timings[f"{dtype}-onednn"][str(rows)] = packed
     if panels_available:
         for dtype in ("float32", "bfloat16"):
             gemm = _gemm(timings, dtype)[1]
@@ -199,10 +212,10 @@ def measure(config: PretrainedConfig, panels_available: bool) -> GemmChoice:
 
 def _gemm(timings: dict[str, dict[str, float]], dtype: str) -> tuple[int, dict[str, float]]:
     """(packed_max_rows, ms per row count) of the type's GEMM as the engine would run it:
-    for bfloat16, oneDNN-packed weights up to the largest row count where they beat the
-    plain call, plain above."""
+    oneDNN-packed weights up to the largest row count where they beat the call without
+    them, that call above."""
     plain = timings[dtype]
-    packed = timings.get("bfloat16-packed", {}) if dtype == "bfloat16" else {}
+    packed = timings.get(f"{dtype}-onednn", {})
     wins = [int(rows) for rows, ms in packed.items() if ms < plain[rows]]
     packed_max_rows = max(wins, default=0)
     return packed_max_rows, {rows: packed[rows] if int(rows) <= packed_max_rows else ms for rows, ms in plain.items()}
@@ -220,8 +233,8 @@ def pick(timings: dict[str, dict[str, float]]) -> GemmChoice:
 
 
 def _types(timings: dict[str, dict[str, float]]) -> tuple[str, int, int]:
-    """(dtype, panel_max_rows, packed_max_rows): per type, its GEMM (for bfloat16 packed
-    or plain, see _gemm), panels up to the last row count where they beat that GEMM
+    """(dtype, panel_max_rows, packed_max_rows): per type, its GEMM (oneDNN-packed or
+    not, see _gemm), panels up to the last row count where they beat that GEMM
     without a loss before; then the type whose kernels take the least time summed over
     DTYPE_ROWS."""
     best: tuple[float, str, int, int] | None = None
@@ -274,7 +287,7 @@ def main() -> None:
     model_dir, name = resolve_model(None, Path("~/.cache/coserve").expanduser())
     choice = measure(load_config(model_dir), ops.bf16_linear_available())
     print(f"{name}, {torch.get_num_threads()} threads: dtype {choice.dtype}, panels up to {choice.panel_max_rows} "
-          f"rows, bfloat16 packed for oneDNN up to {choice.packed_max_rows} rows, prefills packed to "
+          f"rows, packed for oneDNN up to {choice.packed_max_rows} rows, prefills packed to "
           f"{choice.prefill_pack_rows} rows")
     for candidate, by_rows in choice.timings_ms.items():
         print(f"  {candidate:>8}: " + "  ".join(f"{rows}: {ms:.1f}" for rows, ms in by_rows.items()))

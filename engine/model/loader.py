@@ -66,7 +66,7 @@ def load_model(
 ) -> LlamaForCausalLM:
     """The model with its linears packed where that applies; `panel_max_rows` adds the
     bfloat16 panels that calls of up to that many rows read, `onednn_max_rows` the
-    bfloat16 weights packed for oneDNN up to that many (engine/model/packed_linear.py).
+    weights packed for oneDNN up to that many (engine/model/packed_linear.py).
     With `tensor_parallel`, this rank's shard (engine/parallel/tensor_parallel.py)."""
     config = load_config(model_dir)
     ckpt = _Checkpoint(model_dir)

@@ -1,5 +1,5 @@
 """Linear layers with weights pre-packed for the CPU: MKL's GEMM (float32), oneDNN's
-(bfloat16), bfloat16 panels.
+(float32 or bfloat16), bfloat16 panels.
 
 Packing a weight once into MKL's internal panel layout saves the re-layout that
 every plain `F.linear` call does: on the 2-core Xeon (quiet, 2026-11-21) the
@@ -24,26 +24,32 @@ streamed once per call at half the bytes of float32, float32 arithmetic. How man
 rows that pays for is measured per CPU (engine/model/gemm_probe.py); it applies to
 a bfloat16 model too, whose GEMM is no faster than the panels at a few rows.
 
-A bfloat16 weight is packed the same way for oneDNN, once, into the blocked layout its
-kernels read (AMX tiles, where the CPU has them): `F.linear` re-lays the weight out on
-every call. On the 2-core Xeon with AMX (2026-12-06) 30 layers' linears of SmolLM2-135M
-took, in ms at 1/8/32/64/128 rows, 20.1/19.7/21.9/29.5/45.1 plain against
+A weight is packed for oneDNN too, once, into the blocked layout its kernels read
+(AMX tiles for bfloat16, where the CPU has them): `F.linear` re-lays the weight out on
+every call. On the 2-core Xeon with AMX (2026-12-06) 30 layers' bfloat16 linears of
+SmolLM2-135M took, in ms at 1/8/32/64/128 rows, 20.1/19.7/21.9/29.5/45.1 plain against
 13.0/13.0/16.4/17.9/27.3 packed, at 256 rows 62.1 against 50.6; from 384 rows up the
-plain call was faster (1024 rows: 206 against 226).
-Up to how many rows the packed weight is used is measured per CPU
-(engine/model/gemm_probe.py). Outputs are those of `F.linear` to bfloat16 rounding.
+plain call was faster (1024 rows: 206 against 226). On a 2-core AMD EPYC with AVX2 only
+(2026-12-07), where the model runs float32, its 30 layers' linears and LM head took
+34.1/85.5/125.8/179.8/319.7 ms at 1/8/32/64/128 rows MKL-packed, 41.5/73.0/114.5/174.9/285.1
+plain and 26.9/45.5/78.6/138.5/252.3 packed for oneDNN, at 256 rows 554 plain against 486;
+at 512 plain won (888 against 948). Which calls run on oneDNN-packed weights is measured per CPU
+(engine/model/gemm_probe.py), and where they cover MKL's calls the MKL copy is not
+made. Outputs are those of `F.linear` to the type's rounding.
 
 oneDNN builds (JIT-compiles) and caches one primitive per distinct input shape, and a
 packed-weight primitive holds about 0.6 MiB: with every row count from 2 to 256 seen
 (a serving engine sees them all) that is ~470 MiB kept by its cache of 1,024
 primitives, and once the cache evicts, rebuilt primitives fragment the heap until
 resident memory grows without bound (`bench/engine_memory.py`; 2026-12-06, the soak
-grew 1.5 GiB in 5 minutes). bfloat16 calls therefore run on row counts rounded up to a
-few buckets (`bucket_rows`), the extra rows zeros, cut off the result: at most a few
-dozen shapes per weight, and the padded rows of a call this small cost little.
+grew 1.5 GiB in 5 minutes). Calls on oneDNN (packed weights, and plain bfloat16 ones)
+therefore run on row counts rounded up to a few buckets (`bucket_rows`), the extra rows
+zeros, cut off the result: at most a few dozen shapes per weight, and the padded rows of
+a call this small cost little. Plain float32 calls run MKL's GEMM, which caches nothing.
 
 Used only where it applies: the CPU, float32 (MKL packing, with a torch built with
-MKL), bfloat16 (oneDNN packing) or panels. Everything else runs the layers as they are.
+MKL), oneDNN packing where this build and CPU do it for the weight's type, or panels.
+Everything else runs the layers as they are.
 """
 
 from __future__ import annotations
@@ -58,9 +64,9 @@ from engine import ops
 
 # Row count handed to MKL's packing call; the packed layout is the same for any count.
 _PACKING_ROWS = 32
-# Largest call that takes the packed path (see the module docstring).
-_PACKED_MAX_ROWS = 64
-# bfloat16 calls run on row counts rounded up to a multiple of these (see the module
+# Largest call that takes MKL's packed path (see the module docstring).
+MKL_PACKED_MAX_ROWS = 64
+# oneDNN calls run on row counts rounded up to a multiple of these (see the module
 # docstring): fine steps up to _SMALL_ROWS (decodes, where oneDNN's packed weights
 # serve), coarser ones above (prefill and training chunks).
 _SMALL_ROWS = 256
@@ -94,27 +100,27 @@ def mkl_linear(x: torch.Tensor, packed: torch.Tensor, weight: torch.Tensor, bias
 def onednn_packing_available(weight: torch.Tensor) -> bool:
     return (
         weight.device.type == "cpu"
-        and weight.dtype == torch.bfloat16
+        and weight.dtype in (torch.float32, torch.bfloat16)
         and torch.backends.mkldnn.is_available()
-        and _onednn_packs_bfloat16()
+        and _onednn_packs(weight.dtype)
     )
 
 
 @functools.cache
-def _onednn_packs_bfloat16() -> bool:
-    """Whether this torch build and this CPU pack bfloat16 weights: the op is absent in
-    some builds, and oneDNN refuses it on CPUs without AVX512-BW/VL/DQ or AVX-NE-CONVERT
-    (a 2-core AMD EPYC with AVX2 only, 2026-12-07, raised at start-up before this was
-    tried here)."""
+def _onednn_packs(dtype: torch.dtype) -> bool:
+    """Whether this torch build and this CPU pack weights of `dtype`: the op is absent in
+    some builds, and oneDNN refuses bfloat16 on CPUs without AVX512-BW/VL/DQ or
+    AVX-NE-CONVERT (a 2-core AMD EPYC with AVX2 only, 2026-12-07, raised at start-up
+    before this was tried here)."""
     try:
-        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=torch.bfloat16), _ONEDNN_PACKING_ROWS)
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=dtype), _ONEDNN_PACKING_ROWS)
     except (AttributeError, RuntimeError):
         return False
     return True
 
 
 def onednn_pack(weight: torch.Tensor) -> torch.Tensor:
-    """A bfloat16 [out, in] weight in oneDNN's layout, for onednn_linear."""
+    """A float32 or bfloat16 [out, in] weight in oneDNN's layout, for onednn_linear."""
     return torch.ops.mkldnn._reorder_linear_weight(weight, _ONEDNN_PACKING_ROWS)
 
 
@@ -123,7 +129,7 @@ def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 
 
 def bucket_rows(rows: int, onednn_max_rows: int) -> int:
-    """The row count a bfloat16 call of `rows` runs on (see the module docstring)."""
+    """The row count a oneDNN call of `rows` runs on (see the module docstring)."""
     step = _SMALL_ROW_STEP if rows <= _SMALL_ROWS else _LARGE_ROW_STEP
     padded = -(-rows // step) * step
     # A call on the packed path stays there.
@@ -159,16 +165,17 @@ class PackedLinear(nn.Module):
         # finetuning recompute and adapters (LoRA) use it.
         self.weight = weight
         self.bias = bias
+        self.onednn = onednn_pack(weight) if onednn_max_rows and onednn_packing_available(weight) else None
+        self.onednn_max_rows = onednn_max_rows if self.onednn is not None else 0
+        # MKL's copy only where it would serve calls that oneDNN's does not.
         self.packed = None
-        if mkl_packing_available(weight):
+        if mkl_packing_available(weight) and self.onednn_max_rows < MKL_PACKED_MAX_ROWS:
             self.packed = mkl_pack(weight)
         self.panel_max_rows = min(panel_max_rows, ops.BF16_LINEAR_MAX_ROWS)
         self.bf16_panels = self.panel_bias = None
         if self.panel_max_rows:
             self.bf16_panels = ops.pack_bf16_weight(weight)  # [ceil(out / 16), in, 16]
             self.panel_bias = None if bias is None else bias.float()
-        self.onednn = onednn_pack(weight) if onednn_max_rows and onednn_packing_available(weight) else None
-        self.onednn_max_rows = onednn_max_rows if self.onednn is not None else 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
@@ -182,7 +189,7 @@ class PackedLinear(nn.Module):
                                     bucket_rows(rows, self.onednn_max_rows))
         if self.weight.dtype == torch.bfloat16:
             return linear_on_row_buckets(x, self.weight, self.bias)
-        if self.packed is None or rows > _PACKED_MAX_ROWS:
+        if self.packed is None or rows > MKL_PACKED_MAX_ROWS:
             return F.linear(x, self.weight, self.bias)
         return mkl_linear(x, self.packed, self.weight, self.bias)
 
@@ -192,8 +199,8 @@ class PackedLinear(nn.Module):
 
 def pack_linears(model: nn.Module, panel_max_rows: int = 0, onednn_max_rows: int = 0) -> None:
     """Replace every nn.Linear in `model` by a PackedLinear, where packing applies:
-    float32 weights (MKL), panels for calls of up to `panel_max_rows` rows, bfloat16
-    weights packed for oneDNN for calls of up to `onednn_max_rows`."""
+    float32 weights (MKL), panels for calls of up to `panel_max_rows` rows, weights
+    packed for oneDNN for calls of up to `onednn_max_rows`."""
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             weight = child.weight if isinstance(child, nn.Linear) else None

@@ -8,19 +8,21 @@ import pytest
 import torch
 
 from engine.model import gemm_probe
-from engine.model.gemm_probe import DTYPE_ROWS, PANEL_ROWS, PREFILL_ROWS, GemmChoice, pick
+from engine.model.gemm_probe import DTYPE_ROWS, PACKED_ROWS, PANEL_ROWS, PREFILL_ROWS, GemmChoice, pick
 from tests.engine.tiny_models import tiny_llama_config
 
 pytestmark = pytest.mark.tiny
 
 
-def _timings(float32, bfloat16, panels, bfloat16_packed=None, prefill=lambda r: 1.0 * r) -> dict[str, dict[str, float]]:
+def _timings(float32, bfloat16, panels, bfloat16_packed=None, prefill=lambda r: 1.0 * r,
+             float32_packed=None) -> dict[str, dict[str, float]]:
     """ms per row count from functions of the row count; panels keyed as measure() keys them."""
-    rows = sorted(set(DTYPE_ROWS) | set(PANEL_ROWS))
+    rows = sorted(set(DTYPE_ROWS) | set(PANEL_ROWS) | set(PACKED_ROWS))
     return {
         "float32": {str(r): float32(r) for r in rows},
         "bfloat16": {str(r): bfloat16(r) for r in rows},
-        "bfloat16-packed": {} if bfloat16_packed is None else {str(r): bfloat16_packed(r) for r in rows},
+        "float32-onednn": {} if float32_packed is None else {str(r): float32_packed(r) for r in rows},
+        "bfloat16-onednn": {} if bfloat16_packed is None else {str(r): bfloat16_packed(r) for r in rows},
         "panels": {f"{dtype}/{r}": panels(r) for dtype in ("float32", "bfloat16") for r in PANEL_ROWS},
         "prefill": {str(r): prefill(r) for r in PREFILL_ROWS},
     }
@@ -67,7 +69,7 @@ def test_packed_bfloat16_weights_where_they_beat_the_plain_call():
     # GEMM below 2.2 rows, so they take up to 2 rows and the packed weights every call above.
     choice = pick(_timings(lambda r: 15 + 0.8 * r, lambda r: 18 + 0.14 * r, lambda r: 10 + 1.0 * r,
                            bfloat16_packed=lambda r: 12 + 0.1 * r))
-    assert (choice.dtype, choice.panel_max_rows, choice.packed_max_rows) == ("bfloat16", 2, 128)
+    assert (choice.dtype, choice.panel_max_rows, choice.packed_max_rows) == ("bfloat16", 2, 256)
     # Packed weights that lose from 32 rows up serve the calls below that only.
     choice = pick(_timings(lambda r: 40.0, lambda r: 20.0, lambda r: 50.0, bfloat16_packed=lambda r: 10 + r / 2))
     assert (choice.dtype, choice.panel_max_rows, choice.packed_max_rows) == ("bfloat16", 0, 16)
@@ -76,6 +78,21 @@ def test_packed_bfloat16_weights_where_they_beat_the_plain_call():
 def test_float32_choice_packs_no_bfloat16_weights():
     choice = pick(_timings(lambda r: 20 + r, lambda r: 3 * (20 + r), lambda r: 50.0, bfloat16_packed=lambda r: 40 + r))
     assert (choice.dtype, choice.packed_max_rows) == ("float32", 0)
+
+
+def test_packed_float32_weights_where_they_beat_mkl():
+    # The AMD EPYC with AVX2 only (packed_linear's docstring): 30 layers' linears and LM
+    # head without oneDNN (MKL-packed or plain, as the engine runs them) against
+    # oneDNN-packed, in ms, measured at 1/8/32/128/256 rows, the rows between interpolated;
+    # bfloat16 emulated there.
+    mkl = {1: 34.1, 2: 36.0, 4: 45.0, 8: 73.0, 12: 85.0, 16: 95.0, 32: 114.5, 128: 285.1, 256: 554.1}
+    onednn = {1: 26.9, 2: 29.0, 4: 35.0, 8: 45.5, 12: 55.0, 16: 60.0, 32: 78.6, 128: 252.3, 256: 486.0}
+    choice = pick(_timings(lambda r: mkl[r], lambda r: 5.6 * mkl[r], lambda r: 500.0, float32_packed=lambda r: onednn[r]))
+    assert (choice.dtype, choice.panel_max_rows, choice.packed_max_rows) == ("float32", 0, 256)
+    # With them float32 wins where bfloat16 would have without them.
+    choice = pick(_timings(lambda r: 2 * mkl[r], lambda r: 1.5 * mkl[r], lambda r: 500.0,
+                           float32_packed=lambda r: onednn[r]))
+    assert (choice.dtype, choice.packed_max_rows) == ("float32", 256)
 
 
 def test_panels_stop_at_their_first_loss():
@@ -95,8 +112,8 @@ def test_choose_measures_once_then_reads_its_cache(tmp_path, monkeypatch):
     config = tiny_llama_config()
     first = gemm_probe.choose(config, tmp_path)
     assert first.dtype in ("float32", "bfloat16") and first.panel_max_rows in (0, *PANEL_ROWS)
-    assert first.packed_max_rows in (0, *DTYPE_ROWS, *PANEL_ROWS)
-    assert set(first.timings_ms["float32"]) == {str(r) for r in sorted(set(DTYPE_ROWS) | set(PANEL_ROWS))}
+    assert first.packed_max_rows in (0, *DTYPE_ROWS, *PANEL_ROWS, *PACKED_ROWS)
+    assert set(first.timings_ms["float32"]) == {str(r) for r in set(DTYPE_ROWS) | set(PANEL_ROWS) | set(PACKED_ROWS)}
     [cached] = (tmp_path / "gemm-probe").glob("*.json")
     assert GemmChoice(**json.loads(cached.read_text())) == first
 

@@ -13,6 +13,7 @@ import torch
 from engine.block_manager import BlockManager
 from engine.messages import SamplingParams
 from engine.model.loader import load_model
+from engine.model.packed_linear import onednn_packing_available
 from engine.ops import (
     BF16_LINEAR_MAX_ROWS,
     bf16_linear_available,
@@ -87,6 +88,16 @@ def test_llama_tied_embeddings_and_scaled_rope(tmp_path, use_kernels):
     )
     reference = write_tiny_model(tmp_path, config)
     _run_and_compare(tmp_path, reference, prompt_lens=[9, 30], decode_steps=5, budget=16, use_kernels=use_kernels)
+
+
+@pytest.mark.skipif(not onednn_packing_available(torch.empty(1)), reason="oneDNN does not pack float32 weights here")
+@pytest.mark.parametrize("use_kernels", KERNEL_CHOICES)
+def test_float32_onednn_packed_linears_match_transformers(tmp_path, use_kernels):
+    """Calls of up to 16 rows on oneDNN-packed weights (their rows padded to buckets), larger
+    ones plain: the iterations here are both."""
+    reference = write_tiny_model(tmp_path, tiny_qwen2_config())
+    _run_and_compare(tmp_path, reference, prompt_lens=[3, 21, 11], decode_steps=4, budget=20, use_kernels=use_kernels,
+                     onednn_max_rows=16)
 
 
 @pytest.mark.parametrize("use_kernels", KERNEL_CHOICES)

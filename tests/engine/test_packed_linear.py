@@ -70,19 +70,35 @@ def test_bfloat16_layer_with_panels_computes_in_float32_and_returns_bfloat16():
     torch.testing.assert_close(layer(x), F.linear(x, weight, bias), atol=0, rtol=0)
 
 
-@pytest.mark.skipif(not onednn_packing_available(torch.empty(1, dtype=torch.bfloat16)), reason="oneDNN does not pack bfloat16 weights here (torch build or CPU)")
+def _skip_unless_onednn_packs(dtype: torch.dtype):
+    if not onednn_packing_available(torch.empty(1, dtype=dtype)):
+        pytest.skip(f"oneDNN does not pack {dtype} weights here (torch build or CPU)")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_onednn_packed_bfloat16_matches_plain_call_up_to_its_row_count(with_bias):
+def test_onednn_packed_weights_match_plain_call_up_to_their_row_count(dtype, with_bias):
+    _skip_unless_onednn_packs(dtype)
     torch.manual_seed(2)
-    weight = torch.randn(96, 48).to(torch.bfloat16)
-    bias = torch.randn(96).to(torch.bfloat16) if with_bias else None
+    weight = torch.randn(96, 48).to(dtype)
+    bias = torch.randn(96).to(dtype) if with_bias else None
     layer = PackedLinear(weight, bias, onednn_max_rows=32)
     assert layer.onednn is not None
     for rows in (1, 7, 32, 33, 300):
-        x = torch.randn(rows, 48).to(torch.bfloat16)
+        x = torch.randn(rows, 48).to(dtype)
         y = layer(x)
-        assert y.dtype == torch.bfloat16 and y.shape == (rows, 96)
+        assert y.dtype == dtype and y.shape == (rows, 96)
         torch.testing.assert_close(y, F.linear(x, weight, bias))
+
+
+def test_float32_layer_keeps_mkl_copy_only_for_calls_onednn_does_not_take():
+    _skip_unless_onednn_packs(torch.float32)
+    weight = torch.randn(32, 16)
+    assert PackedLinear(weight, None, onednn_max_rows=16).packed is not None
+    layer = PackedLinear(weight, None, onednn_max_rows=256)
+    assert layer.packed is None
+    x = torch.randn(100, 16)  # past MKL's packed rows, within oneDNN's
+    torch.testing.assert_close(layer(x), F.linear(x, weight))
 
 
 def test_pack_linears_packs_bfloat16_for_onednn_only_when_asked():
