@@ -18,6 +18,9 @@
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__)
+#include "decode_avx2.h"
+#define COSERVE_DECODE_AVX2 1
 #endif
 
 namespace {
@@ -234,6 +237,9 @@ void decode_kernel(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cac
 #else
   constexpr void* group_scores_fn = nullptr;
 #endif
+#if defined(COSERVE_DECODE_AVX2)
+  const auto [rows_scores_fn, rows_values_fn] = coserve::avx2::passes<T>(head_dim);
+#endif
 
   // One work item per sequence, all heads together.
   at::parallel_for(0, num_seqs, 1, [&](int64_t begin, int64_t end) {
@@ -259,6 +265,12 @@ void decode_kernel(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cac
         for (int64_t g = 0; g < kv_heads; ++g)
           group_scores_fn(&query[g * group * head_dim], k_ptr + g * head_dim, offsets.data(), ctx,
                           &scores[g * group * ctx], g == 0 ? row_lines : 0);
+#endif
+#if defined(COSERVE_DECODE_AVX2)
+      } else if (rows_scores_fn != nullptr) {
+        coserve::avx2::prefetch_rows(k_ptr, offsets.data(), 0, std::min<int64_t>(8, ctx), row_lines);
+        coserve::avx2::prefetch_rows(v_ptr, offsets.data(), 0, std::min<int64_t>(16, ctx), row_lines);
+        rows_scores_fn(query.data(), k_ptr, offsets.data(), ctx, kv_heads, group, scores.data(), row_lines);
 #endif
       } else {
         for (int64_t t = 0; t < ctx; ++t) {
@@ -289,6 +301,10 @@ void decode_kernel(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cac
         for (int64_t g = 0; g < kv_heads; ++g)
           group_values_fn(&scores[g * group * ctx], v_ptr + g * head_dim, offsets.data(), ctx,
                           &acc[g * group * head_dim], g == 0 ? row_lines : 0);
+#endif
+#if defined(COSERVE_DECODE_AVX2)
+      } else if (rows_scores_fn != nullptr) {
+        rows_values_fn(scores.data(), v_ptr, offsets.data(), ctx, kv_heads, group, acc.data(), row_lines);
 #endif
       } else {
         std::fill(acc.begin(), acc.end(), 0.f);
