@@ -9,9 +9,9 @@ converted default model under the same name. Level by level, each in turn gets
 `vllm bench serve` (vLLM's benchmark client, run from bench/.vllm-venv) while the
 other idles, the order flipping from level to level (this host's speed drifts by 20%
 or more within an hour: a level's two runs are minutes apart, not half an hour).
-The client sends streaming /v1/completions of 128
-random prompt tokens x 128 output tokens, ignore_eos, temperature 1 (--temperature), a fixed seed per level
-(the same prompts for both servers):
+The client sends streaming /v1/completions of 128 random prompt tokens x 128 output
+tokens, ignore_eos, temperature 1 (--temperature), a fixed seed per level (the same
+prompts for both servers):
   * a concurrency sweep: --max-concurrency 1, 8, 32, 64, 128, every request sent at
     once (--request-rate inf), max(16, 2 x concurrency) requests per level;
   * a request-rate sweep: Poisson arrivals at 1, 2, 4 req/s and all at once (inf),
@@ -23,16 +23,18 @@ random prompt tokens x 128 output tokens, ignore_eos, temperature 1 (--temperatu
 Per level: request and output-token throughput, TTFT and TPOT p50/p99, ITL p99,
 completed and failed requests, and the share of the CPU other processes took
 ("foreign CPU %"; each level first waits up to --quiet-wait s for the machine to go
-quiet) and the share the idle server took: read numbers with a high share as skewed. The client runs on the same cores
-as the server, the same for both. Writes bench/results/<date>-<time>-load.json and
-.md (machine, versions, command, env). About 35 minutes on 2 cores (2026-12-07).
+quiet) and the share the idle server took: read numbers with a high share as skewed.
+The client runs on the same cores as the server, the same for both. Writes
+bench/results/<date>-<time>-load.json and .md (machine, versions, command, env). About
+32 minutes on 2 cores (2026-12-07).
 
 Options: --concurrency 1,8,32,64,128, --prompts-per-level 2 and --min-prompts 16
 (requests per concurrency level), --rates 1,2,4,inf, --rate-prompts 64,
---input-len/--output-len 128, --temperature 1.0, --order coserve,vllm (which runs
-first at the first level, and starts first), --skip-coserve, --skip-vllm, --port 8321, --quiet-wait 20, --out-dir, --coserve-arg ARG (repeatable: extra
-`coserve serve` arguments), --vllm-arg ARG (the same for `vllm serve`, whose bfloat16
-default --vllm-arg=--dtype=float32 overrides), --vllm-own-binding.
+--input-len/--output-len 128, --temperature 1.0, --order coserve,vllm (which starts
+first and runs first at the first level), --skip-coserve, --skip-vllm, --port 8321,
+--quiet-wait 20, --out-dir, --coserve-arg ARG (repeatable: extra `coserve serve`
+arguments), --vllm-arg ARG (the same for `vllm serve`, whose bfloat16 default
+--vllm-arg=--dtype=float32 overrides), --vllm-own-binding.
 """
 
 from __future__ import annotations
@@ -211,14 +213,14 @@ def run_bench(cmd: list[str], result_file: Path, log: Path) -> dict:
 
 
 def run_level(label: str, proc: subprocess.Popen, cmd: list[str], result_file: Path, log: Path,
-              quiet_wait: float, idle_peers: list[int] = ()) -> dict:
+              quiet_wait: float, idle_peers: list[int] | None = None) -> dict:
     """One `vllm bench serve` run; a failure is recorded for this level and the sweep goes on.
     idle_peers: the other servers' process group leaders, whose CPU during the run is recorded."""
     if proc.poll() is not None:  # ends this server's sweeps: nothing left to measure
         raise RuntimeError(f"server exited with code {proc.returncode}")
     print(f"[load] {label}: {shlex.join(cmd)}  (log: {log})", flush=True)
     wait_for_quiet(quiet_wait)
-    with ForeignCpu() as foreign, PeakRss(proc.pid) as rss, TreeCpu(idle_peers) as peers:
+    with ForeignCpu() as foreign, PeakRss(proc.pid) as rss, TreeCpu(idle_peers or []) as peers:
         raw = run_bench(cmd, result_file, log)
     if "error" in raw:
         return raw
