@@ -61,7 +61,7 @@ from bench.bench_serving import (  # noqa: E402
     BACKENDS, BENCH, VLLM_ENV, VLLM_VENV, WORK, _tail, backend_env, bind_vllm_threads_to_all_cores,
     result_header, server_cmd, stop, wait_healthy,
 )
-from bench.cpu_monitor import ForeignCpu, TreeCpu, process_stats, wait_for_quiet  # noqa: E402
+from bench.cpu_monitor import HZ, NCPU, ForeignCpu, process_stats, wait_for_quiet  # noqa: E402
 from bench.loadgen import warmup  # noqa: E402
 
 VLLM_CLI = VLLM_VENV / "bin/vllm"
@@ -87,22 +87,24 @@ def port_free(port: int) -> bool:
     return True
 
 
-def _processes() -> dict[int, tuple[int, int, int]]:
-    """pid -> (ppid, process group, resident pages), from /proc/<pid>/stat; zombies left out
-    (they hold no memory, and an unreaped one would look like a server still running)."""
+def _processes() -> dict[int, tuple[int, int, int, int]]:
+    """pid -> (ppid, process group, resident pages, CPU ticks (user + system)), from
+    /proc/<pid>/stat; zombies left out (they hold no memory, and an unreaped one would
+    look like a server still running)."""
     return {
-        pid: (int(rest[1]), int(rest[2]), int(rest[21])) for pid, rest in process_stats().items() if rest[0] != "Z"
+        pid: (int(rest[1]), int(rest[2]), int(rest[21]), int(rest[11]) + int(rest[12]))
+        for pid, rest in process_stats().items() if rest[0] != "Z"
     }
 
 
-def server_tree(root: int, procs: dict[int, tuple[int, int, int]]) -> set[int]:
+def server_tree(root: int, procs: dict[int, tuple[int, int, int, int]]) -> set[int]:
     """The server's process group (start_new_session made `root` its leader) plus any
     descendant that moved to a group of its own."""
-    tree = {pid for pid, (_, pgrp, _) in procs.items() if pgrp == root}
+    tree = {pid for pid, (_, pgrp, *_) in procs.items() if pgrp == root}
     frontier = [root, *tree]
     while frontier:
         parent = frontier.pop()
-        for pid, (ppid, _, _) in procs.items():
+        for pid, (ppid, *_) in procs.items():
             if ppid == parent and pid not in tree:
                 tree.add(pid)
                 frontier.append(pid)
@@ -112,6 +114,28 @@ def server_tree(root: int, procs: dict[int, tuple[int, int, int]]) -> set[int]:
 def tree_rss_mib(root: int) -> float:
     procs = _processes()
     return sum(procs[pid][2] for pid in server_tree(root, procs)) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class TreeCpu:
+    """`with TreeCpu([root, ...]) as tc: ...` then `tc.share`: the busy cores of these servers'
+    process trees / all cores."""
+
+    def __init__(self, roots: list[int]):
+        self._roots = roots
+
+    def _ticks(self) -> int:
+        procs = _processes()
+        return sum(procs[pid][3] for root in self._roots for pid in server_tree(root, procs))
+
+    def __enter__(self) -> "TreeCpu":
+        self._t0 = time.monotonic()
+        self._ticks0 = self._ticks()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall = time.monotonic() - self._t0
+        # max(0, ...): a process that exited during the run takes its ticks with it.
+        self.share = max(0, self._ticks() - self._ticks0) / HZ / (wall * NCPU)
 
 
 class PeakRss:

@@ -4,8 +4,6 @@ The machine is shared (test suites may run beside the benchmark), and on 2 cores
 foreign load skews both backends unequally. So each measured phase records the
 machine's busy time (/proc/stat) minus the time of this process's own tree
 (/proc/<pid>/stat, reaped children included), as a fraction of all cores.
-TreeCpu measures the other way round: what given process groups (an idle server
-beside the measured one) took.
 """
 
 from __future__ import annotations
@@ -13,8 +11,8 @@ from __future__ import annotations
 import os
 import time
 
-_NCPU = os.cpu_count() or 1
-_HZ = os.sysconf("SC_CLK_TCK")
+NCPU = os.cpu_count() or 1
+HZ = os.sysconf("SC_CLK_TCK")
 
 
 def _machine_busy_ticks() -> int:
@@ -63,30 +61,7 @@ class ForeignCpu:
     def __exit__(self, *exc) -> None:
         wall = time.monotonic() - self._t0
         foreign = (_machine_busy_ticks() - self._machine0) - (_own_tree_ticks() - self._own0)
-        self.share = max(0.0, foreign / _HZ / (wall * _NCPU))
-
-
-def _group_ticks(groups: set[int]) -> int:
-    """CPU ticks (user + system) of the live processes in these process groups."""
-    return sum(sum(int(x) for x in rest[11:13]) for rest in process_stats().values() if int(rest[2]) in groups)
-
-
-class TreeCpu:
-    """`with TreeCpu([leader, ...]) as tc: ...` then `tc.share`: the busy cores of these process
-    groups (servers started with start_new_session lead their own) / all cores."""
-
-    def __init__(self, leaders):
-        self._groups = set(leaders)
-
-    def __enter__(self) -> "TreeCpu":
-        self._t0 = time.monotonic()
-        self._ticks0 = _group_ticks(self._groups)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        wall = time.monotonic() - self._t0
-        # max(0, ...): a process that exited during the run takes its ticks with it.
-        self.share = max(0, _group_ticks(self._groups) - self._ticks0) / _HZ / (wall * _NCPU)
+        self.share = max(0.0, foreign / HZ / (wall * NCPU))
 
 
 def wait_for_quiet(max_wait: float, threshold: float = 0.15, sample: float = 3.0) -> float:
