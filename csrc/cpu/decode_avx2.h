@@ -20,6 +20,8 @@
 #include <type_traits>
 #include <utility>
 
+#include "prefetch_rows.h"
+
 namespace coserve::avx2 {
 
 // 8 values as float32, exactly: a bfloat16 is the high half of a float32.
@@ -40,14 +42,6 @@ inline float sum1(__m256 a) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
   s = _mm_hadd_ps(s, s);
   return _mm_cvtss_f32(_mm_hadd_ps(s, s));
-}
-
-template <typename T>
-inline void prefetch_rows(const T* base, const int64_t* offsets, int64_t begin, int64_t end, int64_t lines) {
-  for (int64_t t = begin; t < end; ++t) {
-    const char* row = reinterpret_cast<const char*>(base + offsets[t]);
-    for (int64_t l = 0; l < lines; ++l) _mm_prefetch(row + 64 * l, _MM_HINT_T0);
-  }
 }
 
 // Every head's scores in one pass over the rows: out[h * ctx + t] = q_h . K_t, where

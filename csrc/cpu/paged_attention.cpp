@@ -18,12 +18,18 @@
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
+
+#include "prefetch_rows.h"
 #elif defined(__AVX2__) && defined(__FMA__)
 #include "decode_avx2.h"
 #define COSERVE_DECODE_AVX2 1
 #endif
 
 namespace {
+
+#if defined(__AVX512F__) || defined(COSERVE_DECODE_AVX2)
+using coserve::prefetch_rows;
+#endif
 
 template <typename T>
 inline float dot(const float* q, const T* k, int64_t n) {
@@ -58,19 +64,6 @@ inline __m512 sum16(const __m512* a) {
   const __m512 q23 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], 0x88),
                                    _mm512_shuffle_f32x4(quads[2], quads[3], 0xDD));
   return _mm512_add_ps(_mm512_shuffle_f32x4(q01, q23, 0x88), _mm512_shuffle_f32x4(q01, q23, 0xDD));
-}
-
-// Cached rows [begin, end) into L1, `lines` cache lines of each from its start (0: none).
-// The rows of a sequence are scattered over its blocks and, within a block, strided
-// by the kv heads: the hardware prefetchers lose the stream at every block, and the
-// kernel waited on memory (8.6 GB/s of KV read at 64 sequences x 200 tokens, 30
-// layers' caches in rotation, against ~21 GB/s the machine streams).
-template <typename T>
-inline void prefetch_rows(const T* base, const int64_t* offsets, int64_t begin, int64_t end, int64_t lines) {
-  for (int64_t t = begin; t < end; ++t) {
-    const char* row = reinterpret_cast<const char*>(base + offsets[t]);
-    for (int64_t l = 0; l < lines; ++l) _mm_prefetch(row + 64 * l, _MM_HINT_T0);
-  }
 }
 
 // A cached row of 16 * CH values as CH float32 vectors. A bfloat16 row is read in
@@ -268,8 +261,8 @@ void decode_kernel(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cac
 #endif
 #if defined(COSERVE_DECODE_AVX2)
       } else if (rows_scores_fn != nullptr) {
-        coserve::avx2::prefetch_rows(k_ptr, offsets.data(), 0, std::min<int64_t>(8, ctx), row_lines);
-        coserve::avx2::prefetch_rows(v_ptr, offsets.data(), 0, std::min<int64_t>(16, ctx), row_lines);
+        prefetch_rows(k_ptr, offsets.data(), 0, std::min<int64_t>(8, ctx), row_lines);
+        prefetch_rows(v_ptr, offsets.data(), 0, std::min<int64_t>(16, ctx), row_lines);
         rows_scores_fn(query.data(), k_ptr, offsets.data(), ctx, kv_heads, group, scores.data(), row_lines);
 #endif
       } else {
