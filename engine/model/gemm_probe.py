@@ -28,13 +28,14 @@ times the candidates on this model's own layer shapes, at a few row counts:
     with AVX2 only (2026-12-07; bfloat16 there is emulated, 5.6x float32 at 128 rows,
     so the probe keeps float32), plain float32 linears of SmolLM2-135M took 1.70/1.51/1.34
     ms per row at 128/256/512 rows: packed to 512; with the float32 weights packed for
-    oneDNN up to 128 or 256 rows, 1.26-1.36 at all three: 128. On the Xeon above the packed bfloat16
-    linears took 0.21/0.20 ms per row at 128/256 rows and plain ones 0.20 at 1,024
-    (engine/model/packed_linear.py): by those timings, 128.
+    oneDNN up to 128 or 256 rows, 1.26-1.36 at all three: 128. On the Xeon above the
+    packed bfloat16 linears took 0.21/0.20 ms per row at 128/256 rows and plain ones 0.20
+    at 1,024 (engine/model/packed_linear.py): by those timings, 128.
 
 The probe takes ~5 s on the 2-core Xeon and 32 s on the 2-core AMD EPYC with AVX2
 (2026-12-07; its emulated bfloat16 GEMMs about half of that), so its result is kept in
-a small JSON file keyed by the CPU, torch, the thread count and the shapes; a CPU that differs probes anew.
+a small JSON file keyed by the CPU, torch, the thread count and the shapes; a CPU that
+differs probes anew.
 `python -m engine.model.gemm_probe` prints the measurement for the default model.
 """
 
@@ -185,7 +186,7 @@ class _Layers:
 
 
 def measure(config: PretrainedConfig, panels_available: bool) -> GemmChoice:
-    """Time the candidates on this machine now (5-30 s on 2 cores) and pick."""
+    """Time the candidates on this machine now (5-40 s on 2 cores) and pick."""
     *layer_shapes, head_shape = linear_shapes(config)
     layer_bytes = 4 * sum(n * k for n, k in layer_shapes)
     num_layers = max(1, min(config.num_hidden_layers, _MAX_PROBE_BYTES // layer_bytes))
