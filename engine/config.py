@@ -58,7 +58,7 @@ def resolve_panel_rows(decode_weights: str, dtype: str, device: str, probed_rows
     from engine import ops
 
     if not ops.bf16_linear_available():
-        raise ValueError("decode_weights bfloat16 needs the CPU kernels on a CPU with AVX-512")
+        raise ValueError("decode_weights bfloat16 needs the CPU kernels on a CPU with AVX-512 or AVX2 and FMA")
     return ops.BF16_LINEAR_MAX_ROWS
 
 

@@ -133,7 +133,7 @@ BF16_LINEAR_MAX_ROWS = 16
 
 
 def bf16_linear_available() -> bool:
-    """The CPU kernels built, and for a CPU with AVX-512 (the kernel's instructions)."""
+    """The CPU kernels built, for a CPU with AVX-512 or AVX2 and FMA (the kernel's instructions)."""
     return cpu_kernels_available() and torch.ops.coserve.bf16_linear_supported()
 
 

@@ -17,7 +17,9 @@ times the candidates on this model's own layer shapes, at a few row counts:
     type at each count);
   * the largest call (up to 16 rows) that reads bfloat16 panels with float32
     arithmetic (csrc/cpu/bf16_linear.cpp) instead: it streams the weights once per
-    call, which is all a decode step of a few rows does;
+    call, which is all a decode step of a few rows does. On a 2-core AMD EPYC with
+    AVX2 only (2026-12-07) the panels took 8.6/11.0/14.9/26.6/37.8 ms at 1/2/4/8/12
+    rows against 15.3/17.8/18.8/27.1/29.1 for float32 on oneDNN-packed weights: up to 8;
   * the largest call that runs oneDNN on weights packed once rather than re-laid out
     per call (engine/model/packed_linear.py): for bfloat16 on the Xeon above, 30-40%
     faster from 1 to 128 rows; for float32 on the AMD EPYC below, 20-40% less time than
@@ -32,8 +34,8 @@ times the candidates on this model's own layer shapes, at a few row counts:
     packed bfloat16 linears took 0.21/0.20 ms per row at 128/256 rows and plain ones 0.20
     at 1,024 (engine/model/packed_linear.py): by those timings, 128.
 
-The probe takes ~5 s on the 2-core Xeon and 32 s on the 2-core AMD EPYC with AVX2
-(2026-12-07; its emulated bfloat16 GEMMs about half of that), so its result is kept in
+The probe takes ~5 s on the 2-core Xeon and ~40 s on the 2-core AMD EPYC with AVX2
+(2026-12-07; its emulated bfloat16 GEMMs 15-20 s of that), so its result is kept in
 a small JSON file keyed by the CPU, torch, the thread count and the shapes; a CPU that
 differs probes anew.
 `python -m engine.model.gemm_probe` prints the measurement for the default model.

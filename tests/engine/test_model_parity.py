@@ -118,7 +118,7 @@ def _with_bf16_linear_weights(reference):
     return reference
 
 
-@pytest.mark.skipif(not bf16_linear_available(), reason="bf16_linear needs the C++ build on an AVX-512 CPU")
+@pytest.mark.skipif(not bf16_linear_available(), reason="bf16_linear needs the C++ build on a CPU with AVX-512 or AVX2")
 @pytest.mark.parametrize("config", [tiny_llama_config(tie_word_embeddings=True), tiny_qwen2_config()],
                          ids=["llama-tied", "qwen2-qkv-bias"])
 def test_bfloat16_decode_weights_match_transformers_with_rounded_weights(tmp_path, config):
@@ -138,7 +138,7 @@ def test_bfloat16_compute_matches_transformers_with_rounded_parameters(tmp_path,
     float32 reference holding the same bfloat16-rounded parameters: within bfloat16's
     rounding of the activations (measured 0.003 at most, logits of std 0.17)."""
     if panel_max_rows and not bf16_linear_available():
-        pytest.skip("bf16_linear needs the C++ build on an AVX-512 CPU")
+        pytest.skip("bf16_linear needs the C++ build on a CPU with AVX-512 or AVX2")
     reference = write_tiny_model(tmp_path, tiny_llama_config())
     with torch.no_grad():
         for parameter in reference.parameters():

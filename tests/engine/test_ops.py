@@ -60,7 +60,7 @@ def test_kernel_checks_its_inputs():
                                    torch.ones(2, dtype=torch.long), 0.25)
 
 
-bf16_kernel = pytest.mark.skipif(not ops.bf16_linear_available(), reason="bf16_linear needs an AVX-512 CPU")
+bf16_kernel = pytest.mark.skipif(not ops.bf16_linear_available(), reason="bf16_linear needs a CPU with AVX-512 or AVX2 (and FMA)")
 
 
 @bf16_kernel

@@ -39,7 +39,7 @@ def test_pack_linears_replaces_float32_layers_only():
     assert isinstance(model[0], PackedLinear) and isinstance(model[1], nn.Linear)
 
 
-@pytest.mark.skipif(not ops.bf16_linear_available(), reason="bf16_linear needs the C++ build on an AVX-512 CPU")
+@pytest.mark.skipif(not ops.bf16_linear_available(), reason="bf16_linear needs the C++ build on a CPU with AVX-512 or AVX2")
 def test_panels_read_rounded_weights_up_to_their_row_count_only():
     torch.manual_seed(0)
     weight, bias = torch.randn(96, 48), torch.randn(96)
@@ -51,7 +51,7 @@ def test_panels_read_rounded_weights_up_to_their_row_count_only():
     assert PackedLinear(weight, bias, panel_max_rows=4)(torch.randn(5, 48)).shape == (5, 96)
 
 
-@pytest.mark.skipif(not ops.bf16_linear_available(), reason="bf16_linear needs the C++ build on an AVX-512 CPU")
+@pytest.mark.skipif(not ops.bf16_linear_available(), reason="bf16_linear needs the C++ build on a CPU with AVX-512 or AVX2")
 def test_bfloat16_layer_with_panels_computes_in_float32_and_returns_bfloat16():
     """A bfloat16 model's small calls: float32 arithmetic on the same (bfloat16) weights,
     rounded once at the output; larger calls run the bfloat16 GEMM."""

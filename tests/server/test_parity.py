@@ -73,7 +73,7 @@ def test_greedy_matches_transformers(client, model_name, http, reference, prompt
     _check_greedy(client, model_name, http.post("/tokenize", json={"prompt": prompt}).json()["tokens"], model, tokenizer)
 
 
-@pytest.mark.skipif(not bf16_linear_available(), reason="bf16_linear needs the C++ build on an AVX-512 CPU")
+@pytest.mark.skipif(not bf16_linear_available(), reason="bf16_linear needs the C++ build on a CPU with AVX-512 or AVX2")
 def test_float32_with_bfloat16_panels_equals_rounded_weights(tmp_path, reference):
     """float32 compute with every call of up to 16 rows reading bfloat16 panels (what
     `dtype: auto` picks on a CPU whose bf16 GEMMs are slow); prompts of at most 16 tokens
