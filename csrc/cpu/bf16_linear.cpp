@@ -85,27 +85,44 @@ void dispatch(int64_t rows, std::integer_sequence<int, R...>, const float* x, in
 // hold the accumulators. A tile therefore takes at most 6 rows (12 accumulators, two
 // widened weights and a broadcast); a call of more rows runs its panel once per group
 // of rows, the later groups reading the panel (K x 32 bytes: 18 KB at K = 576) from
-// cache, not memory. One or a few rows take two panels per tile so that more than two
+// cache, not memory. One to three rows take two panels per tile so that enough
 // chains of FMAs are in flight.
 
 constexpr int kMaxGroup = 6;
 
-// 8 bfloat16 values widened to float32 exactly (see load16 in float_rows.h).
-inline __m256 load8(const at::BFloat16* p) {
-  const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+// A panel's 16 bfloat16 weights of one k, widened to float32 exactly (a bfloat16 is
+// the high half of a float32): interleaving zeros below them within each 128-bit lane
+// takes one load and two shuffles, where zero-extending and shifting took four ops
+// more. The lanes come out as outputs {0-3, 8-11} (lo) and {4-7, 12-15} (hi);
+// `in_order` puts them back.
+inline void load16_split(const at::BFloat16* p, __m256& lo, __m256& hi) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i zero = _mm256_setzero_si256();
+  lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v));
+  hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v));
+}
+
+// Outputs 0-7 (first) and 8-15 (second) from accumulators laid out as load16_split's.
+inline void in_order(__m256 lo, __m256 hi, __m256& first, __m256& second) {
+  first = _mm256_permute2f128_ps(lo, hi, 0x20);
+  second = _mm256_permute2f128_ps(lo, hi, 0x31);
 }
 
 // Rows [0, ROWS) of x times panels [p, p + PANELS), K deep; writes y's columns of those panels.
 template <int ROWS, int PANELS>
 void tile(const float* x, int64_t K, const at::BFloat16* w, int64_t p, const float* bias, float* y, int64_t N) {
   __m256 acc[ROWS][PANELS][2];
+#pragma GCC unroll 8
   for (int r = 0; r < ROWS; ++r)
+#pragma GCC unroll 2
     for (int j = 0; j < PANELS; ++j) acc[r][j][0] = acc[r][j][1] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
+#pragma GCC unroll 2
     for (int j = 0; j < PANELS; ++j) {
       const at::BFloat16* wk = w + ((p + j) * K + k) * kPanel;
-      const __m256 lo = load8(wk), hi = load8(wk + 8);
+      __m256 lo, hi;
+      load16_split(wk, lo, hi);
+#pragma GCC unroll 8
       for (int r = 0; r < ROWS; ++r) {
         const __m256 xr = _mm256_broadcast_ss(x + r * K + k);
         acc[r][j][0] = _mm256_fmadd_ps(lo, xr, acc[r][j][0]);
@@ -113,15 +130,23 @@ void tile(const float* x, int64_t K, const at::BFloat16* w, int64_t p, const flo
       }
     }
   }
+  // The stores are masked to the outputs that exist, with no loop over them: a
+  // runtime-length loop here kept the accumulators in memory, stored at every k.
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+#pragma GCC unroll 2
   for (int j = 0; j < PANELS; ++j) {
     const int64_t col = (p + j) * kPanel;
-    const int64_t valid = std::min<int64_t>(kPanel, N - col);
+    const int valid = static_cast<int>(std::min<int64_t>(kPanel, N - col));
+    const __m256i mask_lo = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid), lane);
+    const __m256i mask_hi = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid - 8), lane);
+    const __m256 b_lo = bias ? _mm256_maskload_ps(bias + col, mask_lo) : _mm256_setzero_ps();
+    const __m256 b_hi = bias ? _mm256_maskload_ps(bias + col + 8, mask_hi) : _mm256_setzero_ps();
+#pragma GCC unroll 8
     for (int r = 0; r < ROWS; ++r) {
-      alignas(32) float out[kPanel];
-      _mm256_store_ps(out, acc[r][j][0]);
-      _mm256_store_ps(out + 8, acc[r][j][1]);
-      float* yr = y + r * N + col;
-      for (int64_t c = 0; c < valid; ++c) yr[c] = out[c] + (bias ? bias[col + c] : 0.0f);
+      __m256 first, second;
+      in_order(acc[r][j][0], acc[r][j][1], first, second);
+      _mm256_maskstore_ps(y + r * N + col, mask_lo, _mm256_add_ps(first, b_lo));
+      _mm256_maskstore_ps(y + r * N + col + 8, mask_hi, _mm256_add_ps(second, b_hi));
     }
   }
 }
@@ -141,10 +166,9 @@ void group(int rows, const float* x, int64_t K, const at::BFloat16* w, int64_t p
 
 void run(int64_t rows, const float* x, int64_t K, const at::BFloat16* w, int64_t panels, const float* bias, float* y,
          int64_t N) {
-  // Groups of rows as even as possible: a group of two rows keeps four FMA chains in
-  // flight, too few to hide the FMA latency, and took as long as a group of six.
-  // (Widening a panel to float32 once for all groups ran slower: 36 KB or more of
-  // floats leave the 32 KB L1 cache that holds the bfloat16 panel.)
+  // Groups of rows as even as possible: a group of two rows next to one of six would
+  // keep too few FMA chains in flight, and take as long. Up to 3 rows, two panels per
+  // tile (four panels for one row ran slower: 70 against 46 us at 576 x 1536).
   const int64_t groups = (rows + kMaxGroup - 1) / kMaxGroup;
   const int64_t per_tile = rows <= 3 ? 2 : 1;
   const int64_t tiles = (panels + per_tile - 1) / per_tile;
@@ -155,7 +179,7 @@ void run(int64_t rows, const float* x, int64_t K, const at::BFloat16* w, int64_t
         const int n = static_cast<int>((rows - r0) / (groups - g));
         if (per_tile == 2 && p + 2 <= panels) {
           group<2>(n, x + r0 * K, K, w, p, bias, y + r0 * N, N);
-        } else {
+        } else {  // one panel at a time: more rows, or an odd last panel
           for (int64_t q = p; q < std::min(p + per_tile, panels); ++q) group<1>(n, x + r0 * K, K, w, q, bias, y + r0 * N, N);
         }
         r0 += n;

@@ -266,8 +266,13 @@ def _types(timings: dict[str, dict[str, float]]) -> tuple[str, int, int]:
 
 
 def _cache_key(config: PretrainedConfig, panels_available: bool) -> str:
+    # The panel kernel's source too: a changed kernel times differently (the AVX2 one
+    # went from losing to oneDNN at 12 rows to winning at 16 in one revision).
+    panel_kernel = (
+        hashlib.sha256((ops.CSRC / "cpu" / "bf16_linear.cpp").read_bytes()).hexdigest() if panels_available else None
+    )
     facts = [ops.cpu_signature(), torch.__version__, torch.get_num_threads(), linear_shapes(config),
-             config.num_hidden_layers, panels_available, _CANDIDATES]
+             config.num_hidden_layers, panel_kernel, _CANDIDATES]
     return hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:16]
 
 
