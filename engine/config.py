@@ -47,8 +47,9 @@ def resolve_panel_rows(decode_weights: str, dtype: str, device: str, probed_rows
     `auto` takes what the CPU probe measured (`probed_rows`) when `dtype` is `auto` too;
     an explicit dtype keeps every matmul in that type (the tests that compare with
     transformers rely on that). `bfloat16` forces panels up to 16 rows, `float32` turns
-    them off. A finetuning chunk in a batch that small is forwarded with the panels too;
-    its backward recomputes from the saved layer inputs with the plain weights.
+    them off. A finetuning chunk in a batch within the panels' rows is forwarded with
+    them too; its backward recomputes from the saved layer inputs with the plain weights
+    (the two differ by the weights' rounding to bfloat16).
     """
     _check_decode_weights(decode_weights)
     if decode_weights == "float32" or device != "cpu":

@@ -127,14 +127,21 @@ def prefill_attention(
 
 # Weights packed for `bf16_linear` hold this many outputs per panel.
 BF16_PANEL = 16
-# The most rows `bf16_linear` takes: decode-sized batches, where reading the weights
-# dominates; larger batches are bound by compute and run the float32 GEMM.
+# Rows that `bf16_linear` takes on every build that has it: decode-sized batches, where
+# reading the weights dominates. Some builds take more (bf16_linear_max_rows).
 BF16_LINEAR_MAX_ROWS = 16
 
 
 def bf16_linear_available() -> bool:
     """The CPU kernels built, for a CPU with AVX-512 or AVX2 and FMA (the kernel's instructions)."""
     return cpu_kernels_available() and torch.ops.coserve.bf16_linear_supported()
+
+
+@functools.cache
+def bf16_linear_max_rows() -> int:
+    """The most rows a `bf16_linear` call may have in this build: 16 with AVX-512, 128
+    with AVX2 (see csrc/cpu/bf16_linear.cpp); 0 without the kernel."""
+    return int(torch.ops.coserve.bf16_linear_max_rows()) if bf16_linear_available() else 0
 
 
 def pack_bf16_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -152,7 +159,7 @@ def bf16_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: 
     Semantics: F.linear(x, W.to(bfloat16).float(), b), up to float32 summation order.
 
     Shape:
-        x: [rows, K] float32, 1 <= rows <= BF16_LINEAR_MAX_ROWS
+        x: [rows, K] float32, 1 <= rows <= bf16_linear_max_rows()
         packed: [ceil(out_features / 16), K, 16] bfloat16 (pack_bf16_weight)
         bias: [out_features] float32 or None; returns [rows, out_features] float32
     """

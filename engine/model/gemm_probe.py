@@ -15,11 +15,12 @@ times the candidates on this model's own layer shapes, at a few row counts:
   * the compute type (weights and activations): float32 or bfloat16, whichever runs
     the whole range faster (the sum over the row counts, the best kernel of each
     type at each count);
-  * the largest call (up to 16 rows) that reads bfloat16 panels with float32
-    arithmetic (csrc/cpu/bf16_linear.cpp) instead: it streams the weights once per
-    call, which is all a decode step of a few rows does. On a 2-core AMD EPYC with
-    AVX2 only (2026-12-07) the panels took 8.6/11.0/14.9/26.6/37.8 ms at 1/2/4/8/12
-    rows against 15.3/17.8/18.8/27.1/29.1 for float32 on oneDNN-packed weights: up to 8;
+  * the largest call (up to 16 rows with AVX-512, 128 with AVX2) that reads bfloat16
+    panels with float32 arithmetic (csrc/cpu/bf16_linear.cpp) instead: it streams the
+    weights once per call, which is all a decode step of a few rows does, and its AVX2
+    tiles run near the FMA peak. On a 2-core AMD EPYC with AVX2 only (2026-12-07) the
+    panels took 7.8/14.0/20.6 ms at 1/8/16 rows against 16.1/24.9/34.7 for float32 on
+    oneDNN-packed weights, and 53/100/193 at 32/64/128 against 77/130/234: up to 128;
   * the largest call that runs oneDNN on weights packed once rather than re-laid out
     per call (engine/model/packed_linear.py): for bfloat16 on the Xeon above, 30-40%
     faster from 1 to 128 rows; for float32 on the AMD EPYC below, 20-40% less time than
@@ -34,7 +35,7 @@ times the candidates on this model's own layer shapes, at a few row counts:
     packed bfloat16 linears took 0.21/0.20 ms per row at 128/256 rows and plain ones 0.20
     at 1,024 (engine/model/packed_linear.py): by those timings, 128.
 
-The probe takes ~5 s on the 2-core Xeon and ~40 s on the 2-core AMD EPYC with AVX2
+The probe takes ~5 s on the 2-core Xeon and 40-80 s on the 2-core AMD EPYC with AVX2
 (2026-12-07; its emulated bfloat16 GEMMs 15-20 s of that), so its result is kept in
 a small JSON file keyed by the CPU, torch, the thread count and the shapes; a CPU that
 differs probes anew.
@@ -67,10 +68,14 @@ from engine.model.packed_linear import (
 
 log = logging.getLogger(__name__)
 
-# Row counts timed for the compute type: one decode, a small batch, a busy one, a full one.
-DTYPE_ROWS = (1, 8, 32, 128)
-# Row counts at which the panel kernel is tried against the compute type's GEMM.
-PANEL_ROWS = (1, 2, 4, 8, 12, 16)
+# Row counts timed for the compute type: one decode, a small batch, a busy one, a full
+# one, and a full one beside a prefill chunk. The last is past the panels' reach, so
+# the type is judged on its own GEMM too: where the panels win everywhere below (the
+# AMD EPYC with AVX2), the two types would otherwise differ by the panels' casts alone.
+DTYPE_ROWS = (1, 8, 32, 128, 256)
+# Row counts at which the panel kernel is tried against the compute type's GEMM, up
+# to the most this build's kernel takes (16 with AVX-512, 128 with AVX2).
+PANEL_ROWS = (1, 2, 4, 8, 12, 16, 32, 64, 128)
 # A further row count at which weights packed for oneDNN are tried against plain calls
 # (the compute type is decided on DTYPE_ROWS): a decode batch with a prefill chunk beside
 # it. On the Xeon packed bfloat16 weights won up to 256 rows (30 layers' linears 50.6
@@ -86,7 +91,7 @@ FULL_RATE_SLACK = 0.10
 _MAX_PROBE_BYTES = 256 * 2**20
 _REPEATS = 3
 # Part of the cache key: a probe that measures other candidates decides anew.
-_CANDIDATES = "float32, bfloat16, both oneDNN-packed to 256 rows, panels, prefill 128-512 rows as run"
+_CANDIDATES = "float32, bfloat16, both oneDNN-packed to 256 rows, panels to 128, prefill 128-512 rows as run"
 
 
 @dataclass(frozen=True)
@@ -174,6 +179,14 @@ class _Layers:
             return self.onednn_ms(rows, dtype)
         return self.float32_plain_ms(rows) if dtype == "float32" else self.bfloat16_ms(rows)
 
+    def kind_ms(self, kind: str, rows: int) -> float:
+        """A GEMM as `measure` keys it: float32, bfloat16, or either oneDNN-packed."""
+        if kind == "float32":
+            return self.float32_ms(rows)
+        if kind == "bfloat16":
+            return self.bfloat16_ms(rows)
+        return self.onednn_ms(rows, kind.removesuffix("-onednn"))
+
     def panels_ms(self, rows: int, dtype: torch.dtype) -> float:
         """The panel kernel as PackedLinear runs it for a model of `dtype` (casts included)."""
         if self.panels is None:
@@ -188,7 +201,7 @@ class _Layers:
 
 
 def measure(config: PretrainedConfig, panels_available: bool) -> GemmChoice:
-    """Time the candidates on this machine now (5-40 s on 2 cores) and pick."""
+    """Time the candidates on this machine now (5-80 s on 2 cores) and pick."""
     *layer_shapes, head_shape = linear_shapes(config)
     layer_bytes = 4 * sum(n * k for n, k in layer_shapes)
     num_layers = max(1, min(config.num_hidden_layers, _MAX_PROBE_BYTES // layer_bytes))
@@ -205,16 +218,24 @@ def measure(config: PretrainedConfig, panels_available: bool) -> GemmChoice:
                 timings[f"{dtype}-onednn"][str(rows)] = packed
     if panels_available:
         for dtype in ("float32", "bfloat16"):
-            gemm = _gemm(timings, dtype)[1]
-            for rows in PANEL_ROWS:
-                panels = timings["panels"][f"{dtype}/{rows}"] = layers.panels_ms(rows, getattr(torch, dtype))
-                if panels >= gemm[str(rows)]:
+            packed_max_rows = _gemm(timings, dtype)[0]
+            for rows in (r for r in PANEL_ROWS if r <= ops.bf16_linear_max_rows()):
+                # Panels, the GEMM again, panels again, each kept at its best: the host's
+                # speed drifts over seconds, and a GEMM timed only in the first sweep once
+                # beat the panels at 64 rows by 12% where they won by 25-35% at 32 and 128.
+                kind = f"{dtype}-onednn" if rows <= packed_max_rows else dtype
+                panels = layers.panels_ms(rows, getattr(torch, dtype))
+                gemm = timings[kind][str(rows)] = min(timings[kind][str(rows)], layers.kind_ms(kind, rows))
+                panels = timings["panels"][f"{dtype}/{rows}"] = min(panels, layers.panels_ms(rows, getattr(torch, dtype)))
+                if panels >= gemm:
                     break  # the GEMM wins from here on: it only gets better per row
-    dtype, _, packed_max_rows = _types(timings)
+    dtype, panel_max_rows, packed_max_rows = _types(timings)
     # Row counts already timed as the engine runs them (128, 256) are not timed again.
     gemm = _gemm(timings, dtype)[1]
     timings["prefill"] = {
-        str(rows): gemm.get(str(rows)) or layers.prefill_ms(rows, dtype, packed_max_rows) for rows in PREFILL_ROWS
+        str(rows): timings["panels"][f"{dtype}/{rows}"] if rows <= panel_max_rows
+        else gemm.get(str(rows)) or layers.prefill_ms(rows, dtype, packed_max_rows)
+        for rows in PREFILL_ROWS
     }
     return pick(timings)
 

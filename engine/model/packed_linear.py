@@ -170,17 +170,20 @@ class PackedLinear(nn.Module):
         # finetuning recompute and adapters (LoRA) use it.
         self.weight = weight
         self.bias = bias
-        self.onednn = onednn_pack(weight) if onednn_max_rows and onednn_packing_available(weight) else None
-        self.onednn_max_rows = onednn_max_rows if self.onednn is not None else 0
-        # MKL's copy only where it would serve calls that oneDNN's does not.
-        self.packed = None
-        if mkl_packing_available(weight) and self.onednn_max_rows < MKL_PACKED_MAX_ROWS:
-            self.packed = mkl_pack(weight)
-        self.panel_max_rows = min(panel_max_rows, ops.BF16_LINEAR_MAX_ROWS)
+        self.panel_max_rows = min(panel_max_rows, ops.bf16_linear_max_rows())
         self.bf16_panels = self.panel_bias = None
         if self.panel_max_rows:
             self.bf16_panels = ops.pack_bf16_weight(weight)  # [ceil(out / 16), in, 16]
             self.panel_bias = None if bias is None else bias.float()
+        # The packed copies only where they would serve calls that the panels (then
+        # oneDNN's copy) do not.
+        self.onednn = None
+        if onednn_max_rows > self.panel_max_rows and onednn_packing_available(weight):
+            self.onednn = onednn_pack(weight)
+        self.onednn_max_rows = onednn_max_rows if self.onednn is not None else 0
+        self.packed = None
+        if mkl_packing_available(weight) and max(self.panel_max_rows, self.onednn_max_rows) < MKL_PACKED_MAX_ROWS:
+            self.packed = mkl_pack(weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]

@@ -85,8 +85,8 @@ def test_packed_float32_weights_where_they_beat_mkl():
     # head without oneDNN (MKL-packed or plain, as the engine runs them) against
     # oneDNN-packed, in ms, measured at 1/8/32/128/256 rows, the rows between interpolated;
     # bfloat16 emulated there.
-    mkl = {1: 34.1, 2: 36.0, 4: 45.0, 8: 73.0, 12: 85.0, 16: 95.0, 32: 114.5, 128: 285.1, 256: 554.1}
-    onednn = {1: 26.9, 2: 29.0, 4: 35.0, 8: 45.5, 12: 55.0, 16: 60.0, 32: 78.6, 128: 252.3, 256: 486.0}
+    mkl = {1: 34.1, 2: 36.0, 4: 45.0, 8: 73.0, 12: 85.0, 16: 95.0, 32: 114.5, 64: 170.0, 128: 285.1, 256: 554.1}
+    onednn = {1: 26.9, 2: 29.0, 4: 35.0, 8: 45.5, 12: 55.0, 16: 60.0, 32: 78.6, 64: 140.0, 128: 252.3, 256: 486.0}
     choice = pick(_timings(lambda r: mkl[r], lambda r: 5.6 * mkl[r], lambda r: 500.0, float32_packed=lambda r: onednn[r]))
     assert (choice.dtype, choice.panel_max_rows, choice.packed_max_rows) == ("float32", 0, 256)
     # With them float32 wins where bfloat16 would have without them.
@@ -95,9 +95,22 @@ def test_packed_float32_weights_where_they_beat_mkl():
     assert (choice.dtype, choice.packed_max_rows) == ("float32", 256)
 
 
+def test_avx2_panels_winning_everywhere_keep_float32():
+    # The AMD EPYC with AVX2 only, with the AVX2 panel kernel (gemm_probe's docstring): the
+    # panels beat oneDNN-packed float32 at every row count they take, for either type (they
+    # differ by casts only); the type is decided where only its GEMM runs, at 256 rows,
+    # where emulated bfloat16 is 5.6x float32.
+    mkl = {1: 34.1, 2: 36.0, 4: 45.0, 8: 73.0, 12: 85.0, 16: 95.0, 32: 114.5, 64: 170.0, 128: 285.1, 256: 554.1}
+    onednn = {1: 16.1, 2: 17.8, 4: 20.4, 8: 24.9, 12: 31.3, 16: 34.7, 32: 77.0, 64: 130.0, 128: 234.0, 256: 368.7}
+    panels = {1: 7.8, 2: 7.4, 4: 9.3, 8: 14.0, 12: 16.1, 16: 20.6, 32: 53.0, 64: 100.0, 128: 193.0}
+    choice = pick(_timings(lambda r: mkl[r], lambda r: 5.6 * mkl[r], lambda r: panels[r],
+                           float32_packed=lambda r: onednn[r]))
+    assert (choice.dtype, choice.panel_max_rows, choice.packed_max_rows) == ("float32", 128, 256)
+
+
 def test_panels_stop_at_their_first_loss():
     # Panels win at 1 and 4 rows but lose at 2: only 1 row is trusted to them.
-    panels = {1: 5.0, 2: 50.0, 4: 5.0, 8: 5.0, 12: 5.0, 16: 5.0}
+    panels = {1: 5.0, 2: 50.0, 4: 5.0, 8: 5.0, 12: 5.0, 16: 5.0, 32: 5.0, 64: 5.0, 128: 5.0}
     choice = pick(_timings(lambda r: 30.0, lambda r: 10.0 + r / 100, lambda r: panels[r]))
     assert choice.panel_max_rows == 1
 
