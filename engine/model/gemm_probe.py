@@ -12,8 +12,8 @@ while on a 2-core AMD EPYC with AVX512-BF16 but no AMX, bfloat16 GEMMs were abou
 2.5x float32 at 32 rows and more, and slower below 16. So `dtype: auto` on a CPU
 times the candidates on this model's own layer shapes, at a few row counts:
 
-  * the compute type (weights and activations): float32 or bfloat16, whichever runs
-    the whole range faster (the sum over the row counts, the best kernel of each
+  * the compute type (weights and activations): float32 or bfloat16, whichever GEMM
+    runs the whole range faster (the sum over the row counts, the best GEMM of each
     type at each count);
   * the largest call (up to 16 rows with AVX-512, 128 with AVX2) that reads bfloat16
     panels with float32 arithmetic (csrc/cpu/bf16_linear.cpp) instead: it streams the
@@ -68,11 +68,8 @@ from engine.model.packed_linear import (
 
 log = logging.getLogger(__name__)
 
-# Row counts timed for the compute type: one decode, a small batch, a busy one, a full
-# one, and a full one beside a prefill chunk. The last is past the panels' reach, so
-# the type is judged on its own GEMM too: where the panels win everywhere below (the
-# AMD EPYC with AVX2), the two types would otherwise differ by the panels' casts alone.
-DTYPE_ROWS = (1, 8, 32, 128, 256)
+# Row counts timed for the compute type: one decode, a small batch, a busy one, a full one.
+DTYPE_ROWS = (1, 8, 32, 128)
 # Row counts at which the panel kernel is tried against the compute type's GEMM, up
 # to the most this build's kernel takes (16 with AVX-512, 128 with AVX2).
 PANEL_ROWS = (1, 2, 4, 8, 12, 16, 32, 64, 128)
@@ -263,10 +260,12 @@ def pick(timings: dict[str, dict[str, float]]) -> GemmChoice:
 
 
 def _types(timings: dict[str, dict[str, float]]) -> tuple[str, int, int]:
-    """(dtype, panel_max_rows, packed_max_rows): per type, its GEMM (oneDNN-packed or
-    not, see _gemm), panels up to the last row count where they beat that GEMM
-    without a loss before; then the type whose kernels take the least time summed over
-    DTYPE_ROWS."""
+    """(dtype, panel_max_rows, packed_max_rows): the type whose GEMM (oneDNN-packed or
+    not, see _gemm) takes the least time summed over DTYPE_ROWS; then, for it, panels
+    up to the last row count where they beat that GEMM without a loss before. The
+    panels do not weigh in the type: they are one kernel for either type (the types'
+    timings differ by casts only), and where they reach far (128 rows with AVX2) the
+    types would be told apart by those casts alone."""
     best: tuple[float, str, int, int] | None = None
     for dtype in ("float32", "bfloat16"):
         packed_max_rows, gemm = _gemm(timings, dtype)
@@ -276,10 +275,7 @@ def _types(timings: dict[str, dict[str, float]]) -> tuple[str, int, int]:
             if panels is None or panels >= gemm[str(rows)]:
                 break
             panel_max_rows = rows
-        total = sum(
-            min(gemm[str(rows)], timings["panels"][f"{dtype}/{rows}"]) if rows <= panel_max_rows else gemm[str(rows)]
-            for rows in DTYPE_ROWS
-        )
+        total = sum(gemm[str(rows)] for rows in DTYPE_ROWS)
         if best is None or total < best[0]:
             best = (total, dtype, panel_max_rows, packed_max_rows)
     _, dtype, panel_max_rows, packed_max_rows = best

@@ -21,8 +21,10 @@ same machine: 4 to 24 rows 33-48 ms packed against 49-70 ms plain.
 With `panel_max_rows` set, each layer also keeps its weight as bfloat16 panels, and
 calls of up to that many rows run csrc/cpu/bf16_linear.cpp on them: the weights
 streamed once per call at half the bytes of float32, float32 arithmetic. How many
-rows that pays for is measured per CPU (engine/model/gemm_probe.py); it applies to
-a bfloat16 model too, whose GEMM is no faster than the panels at a few rows.
+rows that pays for is measured per CPU (engine/model/gemm_probe.py): a few rows on the
+Xeon with AMX, up to 128 on the AMD EPYC with AVX2, where the panel kernel runs near
+the FMA peak and beat oneDNN's float32 GEMM at every row count it takes. It applies
+to a bfloat16 model too, whose GEMM is no faster than the panels at a few rows.
 
 A weight is packed for oneDNN too, once, into the blocked layout its kernels read
 (AMX tiles for bfloat16, where the CPU has them): `F.linear` re-lays the weight out on
@@ -34,8 +36,9 @@ plain call was faster (1024 rows: 206 against 226). On a 2-core AMD EPYC with AV
 34.1/85.5/125.8/179.8/319.7 ms at 1/8/32/64/128 rows MKL-packed, 41.5/73.0/114.5/174.9/285.1
 plain and 26.9/45.5/78.6/138.5/252.3 packed for oneDNN, at 256 rows 554 plain against 486;
 at 512 plain won (888 against 948). Which calls run on oneDNN-packed weights is measured per CPU
-(engine/model/gemm_probe.py), and where they cover MKL's calls the MKL copy is not
-made. Outputs are those of `F.linear` to the type's rounding.
+(engine/model/gemm_probe.py); a packed copy is made only for calls that the panels
+(then oneDNN's copy) do not take. Outputs are those of `F.linear` to the type's
+rounding.
 
 oneDNN builds (JIT-compiles) and caches one primitive per distinct input shape, and a
 packed-weight primitive holds about 0.6 MiB: with every row count from 2 to 256 seen

@@ -98,13 +98,17 @@ def test_packed_float32_weights_where_they_beat_mkl():
 def test_avx2_panels_winning_everywhere_keep_float32():
     # The AMD EPYC with AVX2 only, with the AVX2 panel kernel (gemm_probe's docstring): the
     # panels beat oneDNN-packed float32 at every row count they take, for either type (they
-    # differ by casts only); the type is decided where only its GEMM runs, at 256 rows,
-    # where emulated bfloat16 is 5.6x float32.
+    # differ by casts only, here not at all); the type is decided on the GEMMs, where
+    # emulated bfloat16 is 5.6x float32.
     mkl = {1: 34.1, 2: 36.0, 4: 45.0, 8: 73.0, 12: 85.0, 16: 95.0, 32: 114.5, 64: 170.0, 128: 285.1, 256: 554.1}
     onednn = {1: 16.1, 2: 17.8, 4: 20.4, 8: 24.9, 12: 31.3, 16: 34.7, 32: 77.0, 64: 130.0, 128: 234.0, 256: 368.7}
     panels = {1: 7.8, 2: 7.4, 4: 9.3, 8: 14.0, 12: 16.1, 16: 20.6, 32: 53.0, 64: 100.0, 128: 193.0}
-    choice = pick(_timings(lambda r: mkl[r], lambda r: 5.6 * mkl[r], lambda r: panels[r],
-                           float32_packed=lambda r: onednn[r]))
+    timings = _timings(lambda r: mkl[r], lambda r: 5.6 * mkl[r], lambda r: panels[r],
+                       float32_packed=lambda r: onednn[r])
+    # Casts that happen to time 5% faster for bfloat16 do not make it the type.
+    for r in PANEL_ROWS:
+        timings["panels"][f"bfloat16/{r}"] *= 0.95
+    choice = pick(timings)
     assert (choice.dtype, choice.panel_max_rows, choice.packed_max_rows) == ("float32", 128, 256)
 
 
