@@ -87,8 +87,10 @@ FULL_RATE_SLACK = 0.10
 # (the working set of a few layers would sit in cache), at most this many bytes.
 _MAX_PROBE_BYTES = 256 * 2**20
 _REPEATS = 3
+# Calls of each of two kernels timed in turn where one is to replace the other.
+_SIDE_BY_SIDE_ROUNDS = 5
 # Part of the cache key: a probe that measures other candidates decides anew.
-_CANDIDATES = "float32, bfloat16, both oneDNN-packed to 256 rows, panels to 128, prefill 128-512 rows as run"
+_CANDIDATES = "float32, bfloat16, both oneDNN-packed to 256 rows, panels to 128 side by side, prefill 128-512 rows as run"
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,8 @@ class GemmChoice:
     packed_max_rows: int
     # Prefills are packed to this many tokens an iteration (engine/scheduler.py).
     prefill_pack_rows: int
-    # Milliseconds for the timed layers, per candidate and row count (for logs and docs).
+    # Milliseconds for the timed layers, per candidate and row count (for logs and docs);
+    # the panels' as their GEMM's times the median ratio of the two timed side by side.
     timings_ms: dict[str, dict[str, float]]
 
 
@@ -176,25 +179,46 @@ class _Layers:
             return self.onednn_ms(rows, dtype)
         return self.float32_plain_ms(rows) if dtype == "float32" else self.bfloat16_ms(rows)
 
-    def kind_ms(self, kind: str, rows: int) -> float:
-        """A GEMM as `measure` keys it: float32, bfloat16, or either oneDNN-packed."""
-        if kind == "float32":
-            return self.float32_ms(rows)
-        if kind == "bfloat16":
-            return self.bfloat16_ms(rows)
-        return self.onednn_ms(rows, kind.removesuffix("-onednn"))
+    def gemm_step(self, kind: str, rows: int):
+        """One call of a GEMM as PackedLinear runs it, `kind` as `measure` keys it:
+        float32 (MKL-packed weights up to 64 rows where MKL packs, plain above), bfloat16,
+        or either oneDNN-packed."""
+        if kind.endswith("-onednn"):
+            dtype = kind.removesuffix("-onednn")
+            x = self.inputs(rows, getattr(torch, dtype))
+            weights = self.fp32 if dtype == "float32" else self.bf16
+            return lambda: [onednn_linear(x[w.shape[1]], p, None) for w, p in zip(weights, self.onednn[dtype])]
+        if kind == "float32" and self.mkl is not None and rows <= MKL_PACKED_MAX_ROWS:
+            x = self.inputs(rows, torch.float32)
+            return lambda: [mkl_linear(x[w.shape[1]], p, w, None) for w, p in zip(self.fp32, self.mkl)]
+        weights = self.fp32 if kind == "float32" else self.bf16
+        x = self.inputs(rows, weights[0].dtype)
+        return lambda: [F.linear(x[w.shape[1]], w) for w in weights]
 
-    def panels_ms(self, rows: int, dtype: torch.dtype) -> float:
-        """The panel kernel as PackedLinear runs it for a model of `dtype` (casts included)."""
+    def panels_step(self, rows: int, dtype: torch.dtype):
+        """One call of the panel kernel as PackedLinear runs it for a model of `dtype` (casts included)."""
         if self.panels is None:
             self.panels = [ops.pack_bf16_weight(w) for w in self.bf16]
         x = self.inputs(rows, dtype)
-        return best_ms(
-            lambda: [
-                ops.bf16_linear(x[w.shape[1]].float(), p, w.shape[0], None).to(dtype)
-                for w, p in zip(self.bf16, self.panels)
-            ]
-        )
+        return lambda: [
+            ops.bf16_linear(x[w.shape[1]].float(), p, w.shape[0], None).to(dtype) for w, p in zip(self.bf16, self.panels)
+        ]
+
+
+def side_by_side_ms(step_a, step_b, rounds: int = _SIDE_BY_SIDE_ROUNDS) -> tuple[float, float, float]:
+    """(best ms of a, best ms of b, median of a / b over the rounds): the two called in
+    turn, once each per round, after a warm-up call of each. The host's speed drifts
+    over seconds; a ratio of neighbouring calls is not moved by it, a best-of-N kept
+    from different moments is."""
+    step_a(), step_b()
+    times_a, times_b = [], []
+    for _ in range(rounds):
+        for step, times in ((step_a, times_a), (step_b, times_b)):
+            started = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - started) * 1000)
+    ratios = sorted(a / b for a, b in zip(times_a, times_b))
+    return min(times_a), min(times_b), ratios[len(ratios) // 2]
 
 
 def measure(config: PretrainedConfig, panels_available: bool) -> GemmChoice:
@@ -217,14 +241,19 @@ def measure(config: PretrainedConfig, panels_available: bool) -> GemmChoice:
         for dtype in ("float32", "bfloat16"):
             packed_max_rows = _gemm(timings, dtype)[0]
             for rows in (r for r in PANEL_ROWS if r <= ops.bf16_linear_max_rows()):
-                # Panels, the GEMM again, panels again, each kept at its best: the host's
-                # speed drifts over seconds, and a GEMM timed only in the first sweep once
-                # beat the panels at 64 rows by 12% where they won by 25-35% at 32 and 128.
+                # Panels and the GEMM they would replace, side by side: timed in separate
+                # sweeps, each at its best, the GEMM once beat the panels at 64 rows by
+                # 12% where they won by 25-35% at 32 and 128, and in a next start the
+                # panels it lost at 128 against 64.
                 kind = f"{dtype}-onednn" if rows <= packed_max_rows else dtype
-                panels = layers.panels_ms(rows, getattr(torch, dtype))
-                gemm = timings[kind][str(rows)] = min(timings[kind][str(rows)], layers.kind_ms(kind, rows))
-                panels = timings["panels"][f"{dtype}/{rows}"] = min(panels, layers.panels_ms(rows, getattr(torch, dtype)))
-                if panels >= gemm:
+                _, gemm, ratio = side_by_side_ms(
+                    layers.panels_step(rows, getattr(torch, dtype)), layers.gemm_step(kind, rows)
+                )
+                # Recorded as the GEMM's best time scaled by the median ratio, so that
+                # the choice (_types) compares what was measured side by side.
+                timings[kind][str(rows)] = gemm
+                timings["panels"][f"{dtype}/{rows}"] = gemm * ratio
+                if ratio >= 1:
                     break  # the GEMM wins from here on: it only gets better per row
     dtype, panel_max_rows, packed_max_rows = _types(timings)
     # Row counts already timed as the engine runs them (128, 256) are not timed again.
