@@ -26,7 +26,7 @@ completed and failed requests, and the share of the CPU other processes took
 quiet) and the share the idle server took: read numbers with a high share as skewed.
 The client runs on the same cores as the server, the same for both. Writes
 bench/results/<date>-<time>-load.json and .md (machine, versions, command, env). About
-32 minutes on 2 cores (2026-12-07).
+32-34 minutes on 2 cores (2026-12-07).
 
 Options: --concurrency 1,8,32,64,128, --prompts-per-level 2 and --min-prompts 16
 (requests per concurrency level), --rates 1,2,4,inf, --rate-prompts 64,

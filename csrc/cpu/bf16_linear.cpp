@@ -207,8 +207,8 @@ bool bf16_linear_supported() {
 // The most rows a call may have: 16 with AVX-512, whose tiles hold all rows at once;
 // 128 with AVX2, whose tiles take groups of rows, so that the engine's probe may
 // measure it against the float32 GEMM up to a full decode batch (on the 2-core AMD
-// EPYC it won at every size it was timed: 30 layers' linears took 53/100/193 ms at
-// 32/64/128 rows against 77/130/234 for oneDNN on packed float32 weights).
+// EPYC, streaming a model's weights, it won from 1 to 64 rows and tied at 128, where
+// both are bound by compute).
 int64_t bf16_linear_max_rows() { return kMaxRows; }
 
 void bf16_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias) {

@@ -20,7 +20,8 @@ times the candidates on this model's own layer shapes, at a few row counts:
     weights once per call, which is all a decode step of a few rows does, and its AVX2
     tiles run near the FMA peak. On a 2-core AMD EPYC with AVX2 only (2026-12-07) the
     panels took 7.8/14.0/20.6 ms at 1/8/16 rows against 16.1/24.9/34.7 for float32 on
-    oneDNN-packed weights, and 53/100/193 at 32/64/128 against 77/130/234: up to 128;
+    oneDNN-packed weights; timed side by side, 50.8/101.7/194.5 at 32/64/128 rows
+    against 57.8/112.5/189.6: up to 64;
   * the largest call that runs oneDNN on weights packed once rather than re-laid out
     per call (engine/model/packed_linear.py): for bfloat16 on the Xeon above, 30-40%
     faster from 1 to 128 rows; for float32 on the AMD EPYC below, 20-40% less time than
@@ -242,9 +243,8 @@ def measure(config: PretrainedConfig, panels_available: bool) -> GemmChoice:
             packed_max_rows = _gemm(timings, dtype)[0]
             for rows in (r for r in PANEL_ROWS if r <= ops.bf16_linear_max_rows()):
                 # Panels and the GEMM they would replace, side by side: timed in separate
-                # sweeps, each at its best, the GEMM once beat the panels at 64 rows by
-                # 12% where they won by 25-35% at 32 and 128, and in a next start the
-                # panels it lost at 128 against 64.
+                # sweeps, each at its best, the choice moved between starts (panels to 32,
+                # 64 or 128 rows on the AMD EPYC) with the host's drift.
                 kind = f"{dtype}-onednn" if rows <= packed_max_rows else dtype
                 _, gemm, ratio = side_by_side_ms(
                     layers.panels_step(rows, getattr(torch, dtype)), layers.gemm_step(kind, rows)

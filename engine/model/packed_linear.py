@@ -22,9 +22,9 @@ With `panel_max_rows` set, each layer also keeps its weight as bfloat16 panels, 
 calls of up to that many rows run csrc/cpu/bf16_linear.cpp on them: the weights
 streamed once per call at half the bytes of float32, float32 arithmetic. How many
 rows that pays for is measured per CPU (engine/model/gemm_probe.py): a few rows on the
-Xeon with AMX, up to 128 on the AMD EPYC with AVX2, where the panel kernel runs near
-the FMA peak and beat oneDNN's float32 GEMM at every row count it takes. It applies
-to a bfloat16 model too, whose GEMM is no faster than the panels at a few rows.
+Xeon with AMX; on the AMD EPYC with AVX2, where the panel kernel runs near the FMA peak,
+it beat oneDNN's float32 GEMM from 1 to 64 rows and tied at 128. It applies to a
+bfloat16 model too, whose GEMM is no faster than the panels at a few rows.
 
 A weight is packed for oneDNN too, once, into the blocked layout its kernels read
 (AMX tiles for bfloat16, where the CPU has them): `F.linear` re-lays the weight out on

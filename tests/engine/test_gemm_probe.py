@@ -96,10 +96,10 @@ def test_packed_float32_weights_where_they_beat_mkl():
 
 
 def test_avx2_panels_winning_everywhere_keep_float32():
-    # The AMD EPYC with AVX2 only, with the AVX2 panel kernel (gemm_probe's docstring): the
-    # panels beat oneDNN-packed float32 at every row count they take, for either type (they
-    # differ by casts only, here not at all); the type is decided on the GEMMs, where
-    # emulated bfloat16 is 5.6x float32.
+    # Shaped like the AMD EPYC with AVX2 only, with the AVX2 panel kernel, in a run where
+    # the panels beat oneDNN-packed float32 at every row count they take, for either type
+    # (they differ by casts only, here not at all); the type is decided on the GEMMs,
+    # where emulated bfloat16 is 5.6x float32.
     mkl = {1: 34.1, 2: 36.0, 4: 45.0, 8: 73.0, 12: 85.0, 16: 95.0, 32: 114.5, 64: 170.0, 128: 285.1, 256: 554.1}
     onednn = {1: 16.1, 2: 17.8, 4: 20.4, 8: 24.9, 12: 31.3, 16: 34.7, 32: 77.0, 64: 130.0, 128: 234.0, 256: 368.7}
     panels = {1: 7.8, 2: 7.4, 4: 9.3, 8: 14.0, 12: 16.1, 16: 20.6, 32: 53.0, 64: 100.0, 128: 193.0}
@@ -110,6 +110,25 @@ def test_avx2_panels_winning_everywhere_keep_float32():
         timings["panels"][f"bfloat16/{r}"] *= 0.95
     choice = pick(timings)
     assert (choice.dtype, choice.panel_max_rows, choice.packed_max_rows) == ("float32", 128, 256)
+
+
+def test_side_by_side_timing_alternates_and_takes_the_median_ratio(monkeypatch):
+    # A fake clock that each call advances: a takes 2, 2, 9, 2, 2 ms over the rounds (one
+    # slow moment), b takes 4 ms. The calls alternate after a warm-up call of each, and
+    # the median ratio (0.5) is not moved by the slow moment.
+    clock, calls = [0.0], []
+    a_times = iter([1.0, 2.0, 2.0, 9.0, 2.0, 2.0])  # warm-up first
+
+    def step(name, ms):
+        def call():
+            calls.append(name)
+            clock[0] += (ms() if callable(ms) else ms) / 1000
+        return call
+
+    monkeypatch.setattr(gemm_probe.time, "perf_counter", lambda: clock[0])
+    best_a, best_b, ratio = gemm_probe.side_by_side_ms(step("a", lambda: next(a_times)), step("b", 4.0), rounds=5)
+    assert calls == ["a", "b"] + ["a", "b"] * 5
+    assert (best_a, best_b, ratio) == pytest.approx((2.0, 4.0, 0.5))
 
 
 def test_panels_stop_at_their_first_loss():
