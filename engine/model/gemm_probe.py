@@ -91,7 +91,7 @@ _REPEATS = 3
 # Calls of each of two kernels timed in turn where one is to replace the other.
 _SIDE_BY_SIDE_ROUNDS = 5
 # Part of the cache key: a probe that measures other candidates decides anew.
-_CANDIDATES = "float32, bfloat16, both oneDNN-packed to 256 rows, panels to 128 side by side, prefill 128-512 rows as run"
+_CANDIDATES = "float32, bfloat16, both oneDNN-packed to 256 rows, panels to 128 side by side for the type, prefill 128-512 rows as run"
 
 
 @dataclass(frozen=True)
@@ -238,23 +238,24 @@ def measure(config: PretrainedConfig, panels_available: bool) -> GemmChoice:
             packed = layers.onednn_ms(rows, dtype)
             if packed is not None:
                 timings[f"{dtype}-onednn"][str(rows)] = packed
+    # The type first: the panels do not weigh in it (_types), so they are timed for the
+    # chosen type only (on the AMD EPYC that skips ~20 s of emulated bfloat16 GEMMs).
+    dtype, _, packed_max_rows = _types(timings)
     if panels_available:
-        for dtype in ("float32", "bfloat16"):
-            packed_max_rows = _gemm(timings, dtype)[0]
-            for rows in (r for r in PANEL_ROWS if r <= ops.bf16_linear_max_rows()):
-                # Panels and the GEMM they would replace, side by side: timed in separate
-                # sweeps, each at its best, the choice moved between starts (panels to 32,
-                # 64 or 128 rows on the AMD EPYC) with the host's drift.
-                kind = f"{dtype}-onednn" if rows <= packed_max_rows else dtype
-                _, gemm, ratio = side_by_side_ms(
-                    layers.panels_step(rows, getattr(torch, dtype)), layers.gemm_step(kind, rows)
-                )
-                # Recorded as the GEMM's best time scaled by the median ratio, so that
-                # the choice (_types) compares what was measured side by side.
-                timings[kind][str(rows)] = gemm
-                timings["panels"][f"{dtype}/{rows}"] = gemm * ratio
-                if ratio >= 1:
-                    break  # the GEMM wins from here on: it only gets better per row
+        for rows in (r for r in PANEL_ROWS if r <= ops.bf16_linear_max_rows()):
+            # Panels and the GEMM they would replace, side by side: timed in separate
+            # sweeps, each at its best, the choice moved between starts (panels to 32,
+            # 64 or 128 rows on the AMD EPYC) with the host's drift.
+            kind = f"{dtype}-onednn" if rows <= packed_max_rows else dtype
+            _, gemm, ratio = side_by_side_ms(
+                layers.panels_step(rows, getattr(torch, dtype)), layers.gemm_step(kind, rows)
+            )
+            # Recorded as the GEMM's best time scaled by the median ratio, so that the
+            # choice (_types) compares what was measured side by side.
+            timings[kind][str(rows)] = gemm
+            timings["panels"][f"{dtype}/{rows}"] = gemm * ratio
+            if ratio >= 1:
+                break  # the GEMM wins from here on: it only gets better per row
     dtype, panel_max_rows, packed_max_rows = _types(timings)
     # Row counts already timed as the engine runs them (128, 256) are not timed again.
     gemm = _gemm(timings, dtype)[1]
@@ -290,24 +291,19 @@ def pick(timings: dict[str, dict[str, float]]) -> GemmChoice:
 
 def _types(timings: dict[str, dict[str, float]]) -> tuple[str, int, int]:
     """(dtype, panel_max_rows, packed_max_rows): the type whose GEMM (oneDNN-packed or
-    not, see _gemm) takes the least time summed over DTYPE_ROWS; then, for it, panels
-    up to the last row count where they beat that GEMM without a loss before. The
-    panels do not weigh in the type: they are one kernel for either type (the types'
-    timings differ by casts only), and where they reach far (128 rows with AVX2) the
-    types would be told apart by those casts alone."""
-    best: tuple[float, str, int, int] | None = None
-    for dtype in ("float32", "bfloat16"):
-        packed_max_rows, gemm = _gemm(timings, dtype)
-        panel_max_rows = 0
-        for rows in PANEL_ROWS:
-            panels = timings["panels"].get(f"{dtype}/{rows}")
-            if panels is None or panels >= gemm[str(rows)]:
-                break
-            panel_max_rows = rows
-        total = sum(gemm[str(rows)] for rows in DTYPE_ROWS)
-        if best is None or total < best[0]:
-            best = (total, dtype, panel_max_rows, packed_max_rows)
-    _, dtype, panel_max_rows, packed_max_rows = best
+    not, see _gemm) takes the least time summed over DTYPE_ROWS (float32 on a tie); then,
+    for it, panels up to the last row count where they beat that GEMM without a loss
+    before. The panels do not weigh in the type: they are one kernel for either type
+    (the types' timings differ by casts only), and where they reach far (128 rows with
+    AVX2) the types would be told apart by those casts alone."""
+    dtype = min(("float32", "bfloat16"), key=lambda t: sum(_gemm(timings, t)[1][str(rows)] for rows in DTYPE_ROWS))
+    packed_max_rows, gemm = _gemm(timings, dtype)
+    panel_max_rows = 0
+    for rows in PANEL_ROWS:
+        panels = timings["panels"].get(f"{dtype}/{rows}")
+        if panels is None or panels >= gemm[str(rows)]:
+            break
+        panel_max_rows = rows
     return dtype, panel_max_rows, packed_max_rows
 
 
