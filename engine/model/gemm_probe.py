@@ -239,7 +239,8 @@ def measure(config: PretrainedConfig, panels_available: bool) -> GemmChoice:
             if packed is not None:
                 timings[f"{dtype}-onednn"][str(rows)] = packed
     # The type first: the panels do not weigh in it (_types), so they are timed for the
-    # chosen type only (on the AMD EPYC that skips ~20 s of emulated bfloat16 GEMMs).
+    # chosen type only (on the AMD EPYC that skips the side-by-side calls of emulated
+    # bfloat16 GEMMs, about 15 s by their timings; the probe took 45 s at 11:58).
     dtype, _, packed_max_rows = _types(timings)
     if panels_available:
         for rows in (r for r in PANEL_ROWS if r <= ops.bf16_linear_max_rows()):
