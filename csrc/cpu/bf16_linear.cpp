@@ -181,8 +181,8 @@ void run(int64_t rows, const float* x, int64_t K, const at::BFloat16* w, int64_t
         const int n = static_cast<int>((rows - r0) / (groups - g));
         if (per_tile == 2 && p + 2 <= panels) {
           group<2>(n, x + r0 * K, K, w, p, bias, y + r0 * N, N);
-        } else {  // one panel at a time: more rows, or an odd last panel
-          for (int64_t q = p; q < std::min(p + per_tile, panels); ++q) group<1>(n, x + r0 * K, K, w, q, bias, y + r0 * N, N);
+        } else {  // one panel: more rows, or an odd last panel
+          group<1>(n, x + r0 * K, K, w, p, bias, y + r0 * N, N);
         }
         r0 += n;
       }
