@@ -145,32 +145,43 @@ class _Layers:
     def inputs(self, rows: int, dtype: torch.dtype) -> dict[int, torch.Tensor]:
         return {k: torch.randn(rows, k, dtype=dtype) for k in {w.shape[1] for w in self.fp32}}
 
-    def float32_plain_ms(self, rows: int) -> float:
+    def _weights(self, dtype: str) -> list[torch.Tensor]:
+        return self.fp32 if dtype == "float32" else self.bf16
+
+    def plain_step(self, rows: int, dtype: str):
+        """One call of every linear as `F.linear` runs it, in `dtype`."""
+        weights = self._weights(dtype)
+        x = self.inputs(rows, weights[0].dtype)
+        return lambda: [F.linear(x[w.shape[1]], w) for w in weights]
+
+    def mkl_step(self, rows: int):
+        """One call of every linear on MKL-packed float32 weights."""
         x = self.inputs(rows, torch.float32)
-        return best_ms(lambda: [F.linear(x[w.shape[1]], w) for w in self.fp32])
+        return lambda: [mkl_linear(x[w.shape[1]], p, w, None) for w, p in zip(self.fp32, self.mkl)]
+
+    def onednn_step(self, rows: int, dtype: str):
+        """One call of every linear on oneDNN-packed weights of `dtype`."""
+        x = self.inputs(rows, getattr(torch, dtype))
+        return lambda: [onednn_linear(x[w.shape[1]], p, None) for w, p in zip(self._weights(dtype), self.onednn[dtype])]
+
+    def float32_plain_ms(self, rows: int) -> float:
+        return best_ms(self.plain_step(rows, "float32"))
 
     def float32_ms(self, rows: int) -> float:
         """float32 without oneDNN: the faster of plain and MKL-packed calls, where those serve."""
         plain = self.float32_plain_ms(rows)
         if self.mkl is None or rows > MKL_PACKED_MAX_ROWS:
             return plain
-        x = self.inputs(rows, torch.float32)
-        packed = best_ms(
-            lambda: [mkl_linear(x[w.shape[1]], p, w, None) for w, p in zip(self.fp32, self.mkl)]
-        )
-        return min(plain, packed)
+        return min(plain, best_ms(self.mkl_step(rows)))
 
     def bfloat16_ms(self, rows: int) -> float:
-        x = self.inputs(rows, torch.bfloat16)
-        return best_ms(lambda: [F.linear(x[w.shape[1]], w) for w in self.bf16])
+        return best_ms(self.plain_step(rows, "bfloat16"))
 
     def onednn_ms(self, rows: int, dtype: str) -> float | None:
         """oneDNN on packed weights of `dtype`; None where it does not pack them."""
         if dtype not in self.onednn:
             return None
-        x = self.inputs(rows, getattr(torch, dtype))
-        weights = self.fp32 if dtype == "float32" else self.bf16
-        return best_ms(lambda: [onednn_linear(x[w.shape[1]], p, None) for w, p in zip(weights, self.onednn[dtype])])
+        return best_ms(self.onednn_step(rows, dtype))
 
     def prefill_ms(self, rows: int, dtype: str, packed_max_rows: int) -> float:
         """The type's GEMM at a prefill chunk's rows, as the engine runs it: oneDNN-packed
@@ -185,16 +196,10 @@ class _Layers:
         float32 (MKL-packed weights up to 64 rows where MKL packs, plain above), bfloat16,
         or either oneDNN-packed."""
         if kind.endswith("-onednn"):
-            dtype = kind.removesuffix("-onednn")
-            x = self.inputs(rows, getattr(torch, dtype))
-            weights = self.fp32 if dtype == "float32" else self.bf16
-            return lambda: [onednn_linear(x[w.shape[1]], p, None) for w, p in zip(weights, self.onednn[dtype])]
+            return self.onednn_step(rows, kind.removesuffix("-onednn"))
         if kind == "float32" and self.mkl is not None and rows <= MKL_PACKED_MAX_ROWS:
-            x = self.inputs(rows, torch.float32)
-            return lambda: [mkl_linear(x[w.shape[1]], p, w, None) for w, p in zip(self.fp32, self.mkl)]
-        weights = self.fp32 if kind == "float32" else self.bf16
-        x = self.inputs(rows, weights[0].dtype)
-        return lambda: [F.linear(x[w.shape[1]], w) for w in weights]
+            return self.mkl_step(rows)
+        return self.plain_step(rows, kind)
 
     def panels_step(self, rows: int, dtype: torch.dtype):
         """One call of the panel kernel as PackedLinear runs it for a model of `dtype` (casts included)."""
