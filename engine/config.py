@@ -6,6 +6,7 @@ builds one `EngineConfig` from them and hands it to the engine process.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +64,30 @@ def resolve_panel_rows(decode_weights: str, dtype: str, device: str, probed_rows
     return ops.BF16_LINEAR_MAX_ROWS
 
 
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def resolve_kv_cache_dtype(name: str, dtype_setting: str, dtype: torch.dtype, device: str, kernels: bool,
+                           bfloat16_pays: Callable[[], bool]) -> torch.dtype:
+    """The KV cache's type, for a model computing in `dtype`.
+
+    `auto`: the model's, except a float32 model on the CPU kernels under `dtype: auto`
+    (which already reads its decode weights as bfloat16 panels): there the cache is
+    bfloat16 where its decode attention measures no slower (`bfloat16_pays`): half the
+    bytes each decode step reads, twice the tokens the same memory holds. An explicit
+    type other than the model's exists only as bfloat16 under float32 on the CPU kernels
+    (the tests that compare with transformers keep float32 throughout).
+    """
+    mixed_ok = device == "cpu" and kernels and dtype == torch.float32
+    if name == "auto":
+        return torch.bfloat16 if mixed_ok and dtype_setting == "auto" and bfloat16_pays() else dtype
+    wanted = _DTYPES[name]
+    if wanted != dtype and not (mixed_ok and wanted == torch.bfloat16):
+        raise ValueError(f"kv_cache_dtype {name} under a {dtype_name(dtype)} model is not supported here: the KV "
+                         "cache takes the model's type, or bfloat16 under float32 on the CPU kernels")
+    return wanted
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return next(k for k, v in _DTYPES.items() if v == dtype)
 
@@ -78,6 +103,8 @@ class EngineConfig:
     # (see resolve_panel_rows).
     decode_weights: str = "auto"
     device: str = "cpu"
+    # The KV cache's type: auto, float32 or bfloat16 (see resolve_kv_cache_dtype).
+    kv_cache_dtype: str = "auto"
     # Tokens per KV-cache block.
     block_size: int = 16
     # Memory for the KV cache; the number of blocks follows from it.
@@ -152,4 +179,6 @@ class EngineConfig:
         if self.power_mode not in POWER_MODES:
             raise ValueError(f"power_mode must be one of {', '.join(POWER_MODES)}; got {self.power_mode!r}")
         check_dtype(self.dtype)
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {self.kv_cache_dtype!r}")
         _check_decode_weights(self.decode_weights)  # resolved (and the kernels built) by the engine

@@ -15,7 +15,9 @@ from transformers import AutoTokenizer
 
 from engine.block_manager import BlockManager
 from engine.coserving_policy import CoServingPolicy
-from engine.config import EngineConfig, dtype_name, explicit_dtype, resolve_panel_rows
+from engine import ops
+from engine.attention import bfloat16_cache_is_no_slower
+from engine.config import EngineConfig, dtype_name, explicit_dtype, resolve_kv_cache_dtype, resolve_panel_rows
 from engine.finetune.coordinator import FinetuneCoordinator
 from engine.finetune.runs import FinetuneRuns
 from engine.grammar.compiler import GrammarCompiler, GrammarError
@@ -73,9 +75,20 @@ def _compute_types(config: EngineConfig) -> tuple[torch.dtype, int, int, int | N
     return dtype, panel_rows, packed_rows, pack_tokens
 
 
-def kv_cache_blocks(config: EngineConfig, model: LlamaForCausalLM, dtype: torch.dtype) -> int:
+def kv_cache_blocks(config: EngineConfig, model: LlamaForCausalLM, kv_dtype: torch.dtype) -> int:
     """KV blocks that fit kv_cache_memory_gb (per tensor-parallel rank: each caches its KV heads)."""
-    return int(config.kv_cache_memory_gb * 2**30 // ModelRunner.kv_bytes_per_block(model, config.block_size, dtype))
+    return int(config.kv_cache_memory_gb * 2**30 // ModelRunner.kv_bytes_per_block(model, config.block_size, kv_dtype))
+
+
+def _kv_cache_dtype(config: EngineConfig, dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's type (config.resolve_kv_cache_dtype), timing the decode kernel on
+    both caches where `auto` leaves it to this CPU."""
+    model_config = load_config(config.model_dir)
+    heads, kv_heads = model_config.num_attention_heads, model_config.num_key_value_heads
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+    kernels = config.device == "cpu" and ops.cpu_kernels_available()
+    return resolve_kv_cache_dtype(config.kv_cache_dtype, config.dtype, dtype, config.device, kernels,
+                                  lambda: bfloat16_cache_is_no_slower(heads, kv_heads, head_dim, config.block_size))
 
 
 def model_len_limit(config: EngineConfig, model_config, num_blocks: int) -> int:
@@ -96,18 +109,19 @@ class LLMEngine:
         if config.num_threads or config.tensor_parallel_size > 1:
             torch.set_num_threads(threads_per_rank(config))
         self.dtype, self.panel_rows, self.packed_rows, self.prefill_pack_tokens = _compute_types(config)
+        self.kv_dtype = _kv_cache_dtype(config, self.dtype)
         # Tensor parallelism: this process is rank 0 and starts the others
         # (engine/parallel/workers.py), once the model is known to split.
         self.ranks = tensor_parallel = None
         if config.tensor_parallel_size > 1:
             check_divides(load_config(config.model_dir), config.tensor_parallel_size)
-            self.ranks = TensorParallelRanks(config, self.dtype, self.panel_rows, self.packed_rows)
+            self.ranks = TensorParallelRanks(config, self.dtype, self.kv_dtype, self.panel_rows, self.packed_rows)
             tensor_parallel = self.ranks.tp
         self.model = load_model(config.model_dir, self.dtype, config.device, self.panel_rows, self.packed_rows,
                                 tensor_parallel)
         model_config = self.model.config
 
-        num_blocks = kv_cache_blocks(config, self.model, self.dtype)
+        num_blocks = kv_cache_blocks(config, self.model, self.kv_dtype)
         self.max_model_len = model_len_limit(config, model_config, num_blocks)
         self.block_manager = BlockManager(
             num_blocks, config.block_size, prefix_caching=config.enable_prefix_caching,
@@ -138,7 +152,7 @@ class LLMEngine:
         )
         self.runner = ModelRunner(
             self.model, num_blocks, config.block_size, self.max_model_len, config.device,
-            lora_backend=self.loras.backend,
+            lora_backend=self.loras.backend, kv_dtype=self.kv_dtype,
         )
         if self.ranks is not None:
             self.ranks.loras = self.loras
@@ -168,11 +182,11 @@ class LLMEngine:
             None if self.ranks is None else self.ranks.send_job_operation,
         )
         log.info(
-            "engine ready: %s, dtype=%s%s%s, %d KV blocks of %d tokens, max_model_len=%d%s",
+            "engine ready: %s, dtype=%s%s%s, %d KV blocks of %d tokens (%s), max_model_len=%d%s",
             config.model_dir, dtype_name(self.dtype),
             f" (bfloat16 panels up to {self.panel_rows} rows)" if self.panel_rows else "",
             f" (oneDNN-packed weights up to {self.packed_rows} rows)" if self.packed_rows else "",
-            num_blocks, config.block_size, self.max_model_len,
+            num_blocks, config.block_size, dtype_name(self.kv_dtype), self.max_model_len,
             f", {config.tensor_parallel_size} tensor-parallel ranks" if self.ranks is not None else "",
         )
 

@@ -57,11 +57,13 @@ class ModelRunner:
         device: str,
         use_kernels: bool | None = None,
         lora_backend: LoRABackend | None = None,
+        kv_dtype: torch.dtype | None = None,
     ):
         """use_kernels: None = use the csrc/ kernels where they build and take the model's
         type, False = native PyTorch only.
         lora_backend: computes the LoRA deltas of the tokens whose sequences have an
-        adapter slot (None: a model served without adapters)."""
+        adapter slot (None: a model served without adapters).
+        kv_dtype: the KV cache's type (config.resolve_kv_cache_dtype); None = the model's."""
         self.model = model
         self.lora_backend = lora_backend
         # Tensor parallelism: sends each batch to the other ranks before rank 0 runs it
@@ -87,8 +89,9 @@ class ModelRunner:
         config = model.config
         # Per layer (k, v), each [num_blocks, block_size, kv_heads, head_dim].
         shape = (num_blocks, block_size, model.num_kv_heads, model.head_dim)
+        self.kv_dtype = kv_dtype = kv_dtype or dtype
         self.kv_caches = [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            (torch.zeros(shape, dtype=kv_dtype, device=device), torch.zeros(shape, dtype=kv_dtype, device=device))
             for _ in range(config.num_hidden_layers)
         ]
         cos, sin = rope_tables(config, model.head_dim, max_model_len)

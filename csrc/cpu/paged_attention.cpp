@@ -3,7 +3,8 @@
 // The native path gathers every decode sequence's blocks into a contiguous copy
 // before SDPA; at 32 sequences that copy moved more bytes than the attention read.
 // This kernel reads K and V in place through the block table, one pass, with an
-// exact (two-pass) softmax in float32.
+// exact (two-pass) softmax in float32. The cache is of q's type, or bfloat16 under float32
+// queries (half the bytes to read: a float32 model with a bfloat16 cache).
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -208,17 +209,18 @@ std::pair<GroupFn, GroupFn> group_kernels(int64_t group, int64_t head_dim) {
 }
 #endif
 
-template <typename T>
+// Q: the type of q and out; T: the cache's (the same, or bfloat16 under float32 queries).
+template <typename Q, typename T>
 void decode_kernel(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
   const int64_t num_seqs = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
   const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2);
   const int64_t group = num_heads / kv_heads;
   const int64_t max_blocks = block_tables.size(1);
-  const T* q_ptr = q.data_ptr<T>();
+  const Q* q_ptr = q.data_ptr<Q>();
   const T* k_ptr = k_cache.data_ptr<T>();
   const T* v_ptr = v_cache.data_ptr<T>();
-  T* out_ptr = out.data_ptr<T>();
+  Q* out_ptr = out.data_ptr<Q>();
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
   // Strides of q/out rows may differ from a packed layout (q is a view of qkv).
@@ -245,7 +247,7 @@ void decode_kernel(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cac
       for (int64_t t = 0; t < ctx; ++t)
         offsets[t] = (tables[seq * max_blocks + t / block_size] * block_size + t % block_size) * token_stride;
       for (int64_t h = 0; h < num_heads; ++h) {
-        const T* src = q_ptr + seq * q_seq_stride + h * q_head_stride;
+        const Q* src = q_ptr + seq * q_seq_stride + h * q_head_stride;
         for (int64_t d = 0; d < head_dim; ++d) query[h * head_dim + d] = static_cast<float>(src[d]) * float(scale);
       }
       // Pass 1: scores for every cached token. scores: [heads, ctx]
@@ -307,8 +309,8 @@ void decode_kernel(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cac
             axpy(scores[h * ctx + t], row + (h / group) * head_dim, &acc[h * head_dim], head_dim);
         }
       }
-      T* dst = out_ptr + seq * num_heads * head_dim;
-      for (int64_t i = 0; i < num_heads * head_dim; ++i) dst[i] = static_cast<T>(acc[i]);
+      Q* dst = out_ptr + seq * num_heads * head_dim;
+      for (int64_t i = 0; i < num_heads * head_dim; ++i) dst[i] = static_cast<Q>(acc[i]);
     }
   });
 }
@@ -324,8 +326,10 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tens
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
   TORCH_CHECK(k_cache.size(3) == q.size(2), "head_dim of q and cache differ");
   TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "heads must be a multiple of kv_heads");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == out.scalar_type(),
-              "q, cache and out must share a dtype");
+  TORCH_CHECK(q.scalar_type() == out.scalar_type() && k_cache.scalar_type() == v_cache.scalar_type() &&
+                  (q.scalar_type() == k_cache.scalar_type() ||
+                   (q.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kBFloat16)),
+              "q and out must share a dtype, the caches that one or bfloat16 under float32 q");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.dim() == 2 && block_tables.is_contiguous(),
               "block_tables must be contiguous int64 [num_seqs, max_blocks]");
   TORCH_CHECK(context_lens.scalar_type() == at::kLong && context_lens.numel() == q.size(0),
@@ -339,8 +343,12 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tens
       TORCH_CHECK(len[s] >= 1 && len[s] <= capacity, "context length ", len[s], " of sequence ", s,
                   " is outside 1..", capacity, " (its block table's tokens)");
   }
+  if (q.scalar_type() != k_cache.scalar_type()) {  // float32 queries over a bfloat16 cache
+    decode_kernel<float, c10::BFloat16>(out, q, k_cache, v_cache, block_tables, lens, scale);
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "paged_decode_attention", [&] {
-    decode_kernel<scalar_t>(out, q, k_cache, v_cache, block_tables, lens, scale);
+    decode_kernel<scalar_t, scalar_t>(out, q, k_cache, v_cache, block_tables, lens, scale);
   });
 }
 

@@ -110,7 +110,8 @@ class Attention(nn.Module):
         if lora is not None:
             qkv = lora.apply(qkv, x, self.layer, QKV_PROJ)
         fused = (
-            self.fused and kv_cache is not None and qkv.dtype == kv_cache[0].dtype == cos.dtype and qkv.is_contiguous()
+            self.fused and kv_cache is not None and qkv.dtype == cos.dtype and qkv.is_contiguous()
+            and kv_cache[0].dtype in (qkv.dtype, torch.bfloat16)  # a bfloat16 cache under float32 too
         )
         if fused:  # rotated in place and cached in one pass
             ops.rope_write_kv(qkv, cos, sin, *kv_cache, meta.slot_mapping, self.num_heads, self.num_kv_heads)

@@ -76,7 +76,8 @@ def _join_group(rank: int, size: int, device: str) -> TensorParallel:
 class TensorParallelRanks:
     """Rank 0's handle on ranks 1..N-1: starts them, joins the group, feeds them batches."""
 
-    def __init__(self, config: EngineConfig, dtype: torch.dtype, panel_rows: int, packed_rows: int):
+    def __init__(self, config: EngineConfig, dtype: torch.dtype, kv_dtype: torch.dtype, panel_rows: int,
+                 packed_rows: int):
         size = config.tensor_parallel_size
         if config.device.startswith("cuda"):
             last = rank_device(config.device, size - 1)
@@ -88,7 +89,7 @@ class TensorParallelRanks:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         context = multiprocessing.get_context("spawn")
         self.processes = [
-            context.Process(target=_rank_main, args=(rank, config, dtype, panel_rows, packed_rows),
+            context.Process(target=_rank_main, args=(rank, config, dtype, kv_dtype, panel_rows, packed_rows),
                             name=f"coserve-rank{rank}")
             for rank in range(1, size)
         ]
@@ -116,7 +117,8 @@ class TensorParallelRanks:
         dist.destroy_process_group()
 
 
-def _rank_main(rank: int, config: EngineConfig, dtype: torch.dtype, panel_rows: int, packed_rows: int) -> None:
+def _rank_main(rank: int, config: EngineConfig, dtype: torch.dtype, kv_dtype: torch.dtype, panel_rows: int,
+               packed_rows: int) -> None:
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:
@@ -131,11 +133,11 @@ def _rank_main(rank: int, config: EngineConfig, dtype: torch.dtype, panel_rows: 
         torch.cuda.set_device(device)  # NCCL's communicator for this rank lives on its GPU
     tp = _join_group(rank, config.tensor_parallel_size, device)
     model = load_model(config.model_dir, dtype, device, panel_rows, packed_rows, tensor_parallel=tp)
-    num_blocks = kv_cache_blocks(config, model, dtype)
+    num_blocks = kv_cache_blocks(config, model, kv_dtype)
     layout = model.lora_layout()
     slots = LoRASlots(shard_layout(layout, tp.size), config.max_loras, config.max_lora_rank, dtype, device)
     runner = ModelRunner(model, num_blocks, config.block_size, model_len_limit(config, model.config, num_blocks),
-                         device, lora_backend=NativeLoRABackend(slots))
+                         device, lora_backend=NativeLoRABackend(slots), kv_dtype=kv_dtype)
     jobs: dict[str, JobShard] = {}
 
     def slot_weights(load: SlotLoad):

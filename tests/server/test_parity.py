@@ -99,7 +99,7 @@ def test_float32_with_bfloat16_panels_equals_rounded_weights(tmp_path, reference
 
 
 def test_default_dtype_is_the_measured_choice(tmp_path):
-    """`dtype: auto` serves with what the CPU probe measured, and says so."""
+    """`dtype: auto` serves with what the CPU probe measured, and says so, with the KV cache's type."""
     from tests.server.conftest import start_server
 
     live = start_server(tmp_path, "--dtype", "auto")
@@ -109,6 +109,9 @@ def test_default_dtype_is_the_measured_choice(tmp_path):
         probed = log.split("CPU GEMM probe: ", 1)[1].split(",", 1)[0]
         assert probed in ("float32", "bfloat16")
         assert f"dtype={probed}" in log
+        # The KV cache: bfloat16 under a bfloat16 model; under float32, as the decode kernel measured.
+        kv = log.split(" tokens (", 1)[1].split(")", 1)[0]
+        assert kv == "bfloat16" if probed == "bfloat16" else kv in ("float32", "bfloat16")
         assert httpx.get(f"{live.url}/health").status_code == 200
     finally:
         live.stop()
