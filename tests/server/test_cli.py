@@ -36,3 +36,10 @@ def test_invalid_setting_value():
     result = serve("--block-size", "3")
     assert result.returncode != 0
     assert "block_size must be a positive power of two" in result.stderr
+
+
+def test_unsupported_kv_cache_type(tmp_path):
+    """No kernel reads a float32 cache under bfloat16 queries: refused at start, by name."""
+    result = serve("--dtype", "bfloat16", "--kv-cache-dtype", "float32", "--data-dir", str(tmp_path))
+    assert result.returncode != 0
+    assert "kv_cache_dtype float32 under a bfloat16 model is not supported" in result.stderr
