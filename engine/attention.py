@@ -165,15 +165,18 @@ def bfloat16_cache_is_no_slower(heads: int, kv_heads: int, head_dim: int, block_
     from engine.model.gemm_probe import side_by_side_ms
 
     seqs, tokens, layers = 64, 192, 4
-    blocks_per_seq = tokens // block_size
+    blocks_per_seq = -(-tokens // block_size)
     shape = (seqs * blocks_per_seq, block_size, kv_heads, head_dim)
-    q = torch.randn(seqs, heads, head_dim)
-    tables = torch.randperm(shape[0]).view(seqs, blocks_per_seq)  # scattered blocks, as a cache holds them
+    gen = torch.Generator().manual_seed(0)  # the global generator is the requests'
+    q = torch.randn(seqs, heads, head_dim, generator=gen)
+    # Scattered blocks, as a cache holds them.
+    tables = torch.randperm(shape[0], generator=gen).view(seqs, blocks_per_seq)
     lens = torch.full((seqs,), tokens, dtype=torch.long)
     out = torch.empty_like(q)
 
     def step(dtype: torch.dtype):
-        caches = [(torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)) for _ in range(layers)]
+        caches = [(torch.randn(shape, generator=gen).to(dtype), torch.randn(shape, generator=gen).to(dtype))
+                  for _ in range(layers)]
 
         def run() -> None:
             for k_cache, v_cache in caches:

@@ -64,6 +64,10 @@ def test_the_measurement_times_the_decode_kernel_on_both_caches(monkeypatch):
         real(out, q, k_cache, *args)
 
     monkeypatch.setattr(ops, "paged_decode_attention", recording)
+    torch.manual_seed(0)
+    before = torch.randn(3)
+    torch.manual_seed(0)
     assert isinstance(bfloat16_cache_is_no_slower(9, 3, 64, 16), bool)
+    assert torch.equal(torch.randn(3), before), "the measurement must leave the global generator alone"
     assert set(seen) == {torch.bfloat16, torch.float32}
     assert seen[:4] == [torch.bfloat16] * 4 and seen[4:8] == [torch.float32] * 4  # four layers each, in turn
