@@ -27,7 +27,7 @@ from engine.lora.adapter import AdapterError
 from engine.lora.manager import LoRAManager
 from engine.messages import EngineReady, EngineRequest, IterationStats, RequestOutput
 from engine.model import gemm_probe
-from engine.model.llama import LlamaForCausalLM
+from engine.model.llama import LlamaForCausalLM, head_dim_of
 from engine.model.loader import load_config, load_model
 from engine.parallel.tensor_parallel import check_divides
 from engine.parallel.workers import TensorParallelRanks, threads_per_rank
@@ -85,7 +85,7 @@ def _kv_cache_dtype(config: EngineConfig, dtype: torch.dtype) -> torch.dtype:
     both caches where `auto` leaves it to this CPU."""
     model_config = load_config(config.model_dir)
     heads, kv_heads = model_config.num_attention_heads, model_config.num_key_value_heads
-    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+    head_dim = head_dim_of(model_config)
     kernels = config.device == "cpu" and ops.cpu_kernels_available()
     return resolve_kv_cache_dtype(config.kv_cache_dtype, config.dtype, dtype, config.device, kernels,
                                   lambda: bfloat16_cache_is_no_slower(heads, kv_heads, head_dim, config.block_size))

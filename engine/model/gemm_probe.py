@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from transformers import PretrainedConfig
 
 from engine import ops
+from engine.model.llama import head_dim_of
 from engine.model.packed_linear import (
     MKL_PACKED_MAX_ROWS,
     mkl_linear,
@@ -110,7 +111,7 @@ class GemmChoice:
 def linear_shapes(config: PretrainedConfig) -> list[tuple[int, int]]:
     """(out, in) of one decoder layer's fused linears (engine/model/llama.py), then the LM head's."""
     hidden = config.hidden_size
-    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    head_dim = head_dim_of(config)
     q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
     inter = config.intermediate_size
     return [(q + 2 * kv, hidden), (hidden, q), (2 * inter, hidden), (hidden, inter), (config.vocab_size, hidden)]

@@ -184,12 +184,17 @@ def _rows_of_sum(x: torch.Tensor, delta: torch.Tensor | None, rows: torch.Tensor
     return picked if delta is None else picked + delta.index_select(0, rows)
 
 
+def head_dim_of(config: PretrainedConfig) -> int:
+    """Per-head width: the config's `head_dim` where it sets one, else hidden / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 class LlamaForCausalLM(nn.Module):
     # qkv_bias: Qwen2 has biases on q/k/v but not on o; the loader reads it off the checkpoint.
     def __init__(self, config: PretrainedConfig, qkv_bias: bool = False):
         super().__init__()
         self.config = config
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.head_dim = head_dim_of(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             DecoderLayer(config, i, self.head_dim, qkv_bias) for i in range(config.num_hidden_layers)
