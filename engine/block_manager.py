@@ -13,6 +13,15 @@ allocation takes never-used or unregistered blocks first, then evicts the least
 recently freed cached block. A sequence frees its blocks tail first, so its deepest
 blocks, the least likely to be shared, are evicted before its first ones.
 
+Where the chain of whole blocks ends, a lookup also takes the leading tokens of a cached
+block that continues the same chain (same previous block, same adapter) as far as its
+tokens agree with the sequence's: the next turn of a conversation shares the previous
+prompt to its last token, but the block holding that token also holds what the model
+answered, so no whole block matches it. Those tokens' KV is copied into a block of the
+sequence's own before the forward (`BlockCopy`; a cached block is never written), and
+only the rest is computed: in a 4-turn chat with 300-token system prompts (2026-12-07,
+bench/bench_prefix.py) about 8 tokens a turn of ~180 computed.
+
 Pins. A finished request may ask that its KV outlive it for a while (an agent's next
 turn after a tool call): its blocks stay referenced by a pin until the pin expires, so
 LRU eviction cannot take them. Pinned blocks are bounded (`max_pinned_blocks`): a pin
@@ -24,7 +33,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.prefix_hash import block_hashes
 from engine.sequence import Sequence
@@ -42,6 +51,37 @@ class PrefixCacheCounters:
     pin_expiries: int = 0  # pins that ran out (their blocks became evictable)
 
 
+@dataclass(frozen=True)
+class BlockCopy:
+    """KV of slots [0, num_tokens) of block `source` to the same slots of `target`, in
+    every layer, before an iteration's forward. Copies run in the order planned: a later
+    one may take as its target a cached block an earlier one reads (it was evictable),
+    never the other way round, and the forward writes only after all of them."""
+
+    source: int
+    target: int
+    num_tokens: int
+
+
+@dataclass
+class CachedPrefix:
+    """What a lookup found for a sequence: whole cached blocks, then possibly the leading
+    `tail_tokens` tokens of the cached block `tail_source` (see the module docstring)."""
+
+    blocks: list[int] = field(default_factory=list)
+    tail_source: int | None = None
+    tail_tokens: int = 0
+
+    def num_tokens(self, block_size: int) -> int:
+        return len(self.blocks) * block_size + self.tail_tokens
+
+
+# How many cached blocks a lookup compares for its tail, most recently registered first:
+# continuations of one chain that begin with the same token are few in any real workload,
+# and the bound keeps a crafted flood of them from slowing admission.
+_TAIL_CANDIDATES = 32
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = False, max_pinned_blocks: int = 0):
         if num_blocks <= 0:
@@ -55,6 +95,10 @@ class BlockManager:
         self.block_hash: list[bytes | None] = [None] * num_blocks
         self.cached: dict[bytes, int] = {}  # hash -> the block that holds it
         self.evictable: OrderedDict[int, None] = OrderedDict()  # unreferenced cached blocks, LRU first
+        # Registered blocks by (adapter salt, previous block's hash or b"", first token),
+        # with their tokens: where a lookup's tail looks (see the module docstring).
+        self.continuations: dict[tuple[bytes, bytes, int], dict[int, tuple[int, ...]]] = {}
+        self.continuation_key: list[tuple[bytes, bytes, int] | None] = [None] * num_blocks
         self.counters = PrefixCacheCounters()
         # Pins: (expiry, pin id) in a heap; pin id -> its blocks.
         self._pin_expiries: list[tuple[float, int]] = []
@@ -73,19 +117,30 @@ class BlockManager:
 
     # -- prefix lookup ----------------------------------------------------------
 
-    def cached_prefix(self, seq: Sequence) -> list[int]:
-        """The blocks holding the longest cached chain of `seq`'s leading full blocks,
-        leaving at least its last token to compute (its logits are needed). Nothing is
-        taken yet: `allocate(..., prefix=...)` does that."""
+    def cached_prefix(self, seq: Sequence) -> CachedPrefix:
+        """The longest cached chain of `seq`'s leading full blocks, then the longest run of
+        its next tokens that a cached block continuing that chain begins with, leaving at
+        least its last token to compute (its logits are needed). Nothing is taken yet:
+        `allocate(..., prefix=...)` does that."""
+        prefix = CachedPrefix()
         if not self.prefix_caching:
-            return []
+            return prefix
         limit = (seq.num_tokens - 1) // self.block_size
-        prefix = []
-        for digest in self._hashes(seq, limit):
+        digests = self._hashes(seq, limit)
+        for digest in digests:
             block = self.cached.get(digest)
             if block is None:
                 break
-            prefix.append(block)
+            prefix.blocks.append(block)
+        start = len(prefix.blocks) * self.block_size
+        wanted = seq.token_ids[start : min(start + self.block_size - 1, seq.num_tokens - 1)]
+        if wanted:
+            parent = digests[len(prefix.blocks) - 1] if prefix.blocks else b""
+            candidates = self.continuations.get((seq.cache_salt, parent, wanted[0]), {})
+            for block in itertools.islice(reversed(candidates), _TAIL_CANDIDATES):
+                agreed = _agreeing(candidates[block], wanted)
+                if agreed > prefix.tail_tokens:
+                    prefix.tail_source, prefix.tail_tokens = block, agreed
         return prefix
 
     def record_lookup(self, prompt_tokens: int, cached_tokens: int) -> None:
@@ -104,33 +159,41 @@ class BlockManager:
 
     # -- allocation ---------------------------------------------------------------
 
-    def blocks_needed(self, seq: Sequence, num_tokens: int, prefix: list[int] = ()) -> int:
+    def blocks_needed(self, seq: Sequence, num_tokens: int, prefix: CachedPrefix | None = None) -> int:
         """Blocks an allocation of `seq`'s first `num_tokens` tokens takes from the free
         pool: new blocks, and cached prefix blocks that nobody holds (they leave the LRU)."""
+        blocks = prefix.blocks if prefix is not None else []
         total = -(-num_tokens // self.block_size)
-        revived = sum(1 for block in prefix if self.ref_counts[block] == 0)
-        return max(0, total - len(seq.block_table) - len(prefix)) + revived
+        revived = sum(1 for block in blocks if self.ref_counts[block] == 0)
+        return max(0, total - len(seq.block_table) - len(blocks)) + revived
 
-    def can_allocate(self, seq: Sequence, num_tokens: int, prefix: list[int] = ()) -> bool:
+    def can_allocate(self, seq: Sequence, num_tokens: int, prefix: CachedPrefix | None = None) -> bool:
         return self.blocks_needed(seq, num_tokens, prefix) <= self.num_free_blocks
 
-    def allocate(self, seq: Sequence, num_tokens: int, prefix: list[int] = ()) -> None:
+    def allocate(self, seq: Sequence, num_tokens: int, prefix: CachedPrefix | None = None) -> BlockCopy | None:
         """Grow `seq.block_table` to cover `num_tokens` tokens, starting with the cached
-        `prefix` blocks (only for a sequence that holds none yet)."""
+        `prefix` (only for a sequence that holds no blocks yet). Returns the copy that
+        fills the first new block with the prefix's tail, if it has one; the copy must
+        run before the next forward."""
         needed = self.blocks_needed(seq, num_tokens, prefix)
         if needed > self.num_free_blocks:
             raise RuntimeError(f"KV cache out of blocks: need {needed}, have {self.num_free_blocks}")
-        if prefix:
+        if prefix is not None:
             assert not seq.block_table, "a cached prefix starts an empty block table"
-            for block in prefix:
+            for block in prefix.blocks:
                 self._hold(block)
-            seq.block_table.extend(prefix)
-            seq.num_registered_blocks = len(prefix)
+            seq.block_table.extend(prefix.blocks)
+            seq.num_registered_blocks = len(prefix.blocks)
         total = -(-num_tokens // self.block_size)
         while len(seq.block_table) < total:
             block = self._take_free()
             self.ref_counts[block] = 1
             seq.block_table.append(block)
+        if prefix is None or prefix.tail_source is None:
+            return None
+        # The source may just have been evicted into this very table (then it is its
+        # own target, and the copy leaves its slots as they are).
+        return BlockCopy(prefix.tail_source, seq.block_table[len(prefix.blocks)], prefix.tail_tokens)
 
     def _hold(self, block: int) -> None:
         if self.ref_counts[block] == 0:
@@ -143,6 +206,12 @@ class BlockManager:
         block, _ = self.evictable.popitem(last=False)
         del self.cached[self.block_hash[block]]
         self.block_hash[block] = None
+        key = self.continuation_key[block]
+        siblings = self.continuations[key]
+        del siblings[block]
+        if not siblings:
+            del self.continuations[key]
+        self.continuation_key[block] = None
         self.counters.evictions += 1
         return block
 
@@ -172,11 +241,16 @@ class BlockManager:
         if full <= seq.num_registered_blocks:
             return
         digests = self._hashes(seq, full)
+        bs = self.block_size
         for i in range(seq.num_registered_blocks, full):
             block, digest = seq.block_table[i], digests[i]
             if self.block_hash[block] is None and digest not in self.cached:
                 self.block_hash[block] = digest
                 self.cached[digest] = block
+                tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
+                key = (seq.cache_salt, digests[i - 1] if i else b"", tokens[0])
+                self.continuations.setdefault(key, {})[block] = tokens
+                self.continuation_key[block] = key
         seq.num_registered_blocks = full
 
     # -- pins -------------------------------------------------------------------------
@@ -215,3 +289,13 @@ class BlockManager:
             self.num_pinned_blocks -= len(blocks)
             self.counters.pin_expiries += 1
             self._release(reversed(blocks))
+
+
+def _agreeing(cached: tuple[int, ...], wanted: list[int]) -> int:
+    """How many leading tokens of `wanted` the cached block's tokens begin with."""
+    count = 0
+    for a, b in zip(cached, wanted):
+        if a != b:
+            break
+        count += 1
+    return count

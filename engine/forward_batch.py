@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.block_manager import BlockCopy
 from engine.plan import IterationPlan
 
 
@@ -46,6 +47,8 @@ class ForwardBatch:
     # (job id, sequence id) of each finetuning chunk, in order: whose layer inputs the
     # forward captures (every rank keeps its own, engine/finetune/job_shard.py).
     finetune_owners: list[tuple[str, str]]
+    # KV copied between blocks before the forward, in order (engine/block_manager.py).
+    kv_copies: list[BlockCopy]
 
     @property
     def num_tokens(self) -> int:
@@ -85,4 +88,4 @@ def forward_batch(plan: IterationPlan, block_size: int, logits_rows: list[int]) 
         chunks.append(ChunkSpan(chunk.num_new_tokens, start, table))
     owners = [(chunk.seq.job.job_id, chunk.seq.request_id) for chunk in plan.finetune_chunks]
     return ForwardBatch(input_ids, positions, cache_slots, lora_slots, chunks, plan.num_finetune_tokens, logits_rows,
-                        owners)
+                        owners, list(plan.kv_copies))

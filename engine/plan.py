@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.block_manager import BlockCopy
 from engine.finetune.backward_work import BackwardAllowance, BackwardWork
 from engine.latency_model import IterationShape, causal_context
 from engine.sequence import Sequence
@@ -40,6 +41,8 @@ class IterationPlan:
     # Forward chunks of training sequences, after all inference; never sampled.
     finetune_chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    # KV the forward needs copied first: admitted sequences' cached tails (engine/block_manager.py).
+    kv_copies: list[BlockCopy] = field(default_factory=list)
     # Prompt tokens were ready but prefill packing kept them for later iterations
     # (engine/scheduler.py): inference is not leaving this iteration idle, so it carries
     # no finetuning (coserving_policy.py).

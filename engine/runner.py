@@ -145,6 +145,10 @@ class ModelRunner:
         one for the last layer's output; empty without finetuning tokens)."""
         if self.broadcast is not None:
             self.broadcast(batch)
+        for copy in batch.kv_copies:
+            for k_cache, v_cache in self.kv_caches:  # [num_blocks, block_size, kv_heads, head_dim]
+                k_cache[copy.target, : copy.num_tokens] = k_cache[copy.source, : copy.num_tokens]
+                v_cache[copy.target, : copy.num_tokens] = v_cache[copy.source, : copy.num_tokens]
         meta = self._metadata(batch)
         pos = self._tensor(batch.positions)
         cos, sin = self.cos.index_select(0, pos), self.sin.index_select(0, pos)  # [num_tokens, head_dim]

@@ -26,8 +26,9 @@ chunk of up to the whole budget: split finer, a prompt of 1,152 tokens took thre
 passes beside the decodes and its TTFT at 2 req/s tripled (bench/results/history.md).
 
 With prefix caching, a sequence admitted from the queue first takes the cached blocks
-of its longest cached prefix (engine/block_manager.py) and its first chunk starts after
-them; every chunk's newly full blocks are registered after the iteration. A request
+of its longest cached prefix (engine/block_manager.py), and the plan copies the KV of
+the tokens it shares with a cached block beyond them; its first chunk starts after
+those. Every chunk's newly full blocks are registered after the iteration. A request
 that returns prompt logprobs computes its whole prompt.
 
 Training sequences of finetuning jobs come last: their forward chunks take at most
@@ -49,7 +50,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
-from engine.block_manager import BlockManager
+from engine.block_manager import BlockManager, CachedPrefix
 from engine.plan import IterationPlan, ScheduledChunk
 from engine.sequence import Sequence, SequenceStatus
 
@@ -160,8 +161,8 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]  # holds no blocks: new, or preempted
             # Its prompt logprobs are computed, not read from the cache.
-            prefix = [] if seq.wants_prompt_logprobs() else self.block_manager.cached_prefix(seq)
-            cached_tokens = len(prefix) * self.block_manager.block_size
+            prefix = CachedPrefix() if seq.wants_prompt_logprobs() else self.block_manager.cached_prefix(seq)
+            cached_tokens = prefix.num_tokens(self.block_manager.block_size)
             num_new = self._packed(min(seq.num_tokens - cached_tokens, budget), scheduled, plan)
             if num_new == 0:
                 break
@@ -170,7 +171,9 @@ class Scheduler:
             if seq.lora is not None and not self.adapter_slots.activate(seq.lora):
                 break
             self.waiting.pop(0)
-            self.block_manager.allocate(seq, cached_tokens + num_new, prefix)
+            copy = self.block_manager.allocate(seq, cached_tokens + num_new, prefix)
+            if copy is not None:
+                plan.kv_copies.append(copy)
             seq.num_computed_tokens = cached_tokens
             if seq.num_cached_tokens is None:  # first admission: what the request is told
                 seq.num_cached_tokens = cached_tokens

@@ -1,10 +1,11 @@
-"""Block manager with prefix caching, without a model: hashing, reference counts, LRU, pins."""
+"""Block manager with prefix caching, without a model: hashing, reference counts, LRU,
+cached tails, pins."""
 
 from __future__ import annotations
 
 import pytest
 
-from engine.block_manager import BlockManager
+from engine.block_manager import BlockCopy, BlockManager, CachedPrefix
 from engine.messages import SamplingParams
 from engine.prefix_hash import block_hashes
 from engine.sequence import Sequence
@@ -18,7 +19,7 @@ def make_seq(request_id: str, tokens: list[int]) -> Sequence:
     return Sequence(request_id, tokens, SamplingParams(max_tokens=4, temperature=0.0), 0.0)
 
 
-def compute(blocks: BlockManager, seq: Sequence, prefix: list[int] = ()) -> None:
+def compute(blocks: BlockManager, seq: Sequence, prefix: CachedPrefix | None = None) -> None:
     """Admit `seq` with `prefix`, 'compute' its whole prompt and register what is full."""
     blocks.allocate(seq, seq.num_tokens, prefix)
     seq.num_computed_tokens = seq.num_tokens
@@ -45,25 +46,64 @@ def test_shared_prefix_is_reused_and_reference_counted():
     compute(blocks, first)
     second = make_seq("b", list(range(8)) + [50, 51, 52])
     prefix = blocks.cached_prefix(second)
-    assert prefix == first.block_table[:2]
+    assert prefix == CachedPrefix(first.block_table[:2])  # first's third block is not full: no tail
     compute(blocks, second, prefix)
     assert second.block_table[:2] == first.block_table[:2]
-    assert [blocks.ref_counts[b] for b in prefix] == [2, 2]
+    assert [blocks.ref_counts[b] for b in prefix.blocks] == [2, 2]
     assert second.block_table[2] != first.block_table[2]
     blocks.free(first)
-    assert [blocks.ref_counts[b] for b in prefix] == [1, 1]
+    assert [blocks.ref_counts[b] for b in prefix.blocks] == [1, 1]
     blocks.free(second)
     assert blocks.num_free_blocks == 16  # cached blocks count as free: allocation may evict them
     assert blocks.cached_prefix(make_seq("c", list(range(9)))) == prefix  # contents kept
 
 
 def test_prefix_leaves_the_last_prompt_token_to_compute():
-    """A prompt that ends on a block boundary reuses all but its last block: the last
-    token's logits are needed, so at least it is computed."""
+    """A prompt that ends on a block boundary reuses its last block only as a tail, up to
+    its last token: that token's logits are needed, so at least it is computed."""
     blocks = BlockManager(16, BS, prefix_caching=True)
-    compute(blocks, make_seq("a", list(range(8))))
-    assert len(blocks.cached_prefix(make_seq("b", list(range(8))))) == 1
-    assert len(blocks.cached_prefix(make_seq("c", list(range(9))))) == 2
+    a = make_seq("a", list(range(8)))
+    compute(blocks, a)
+    again = blocks.cached_prefix(make_seq("b", list(range(8))))
+    assert again == CachedPrefix(a.block_table[:1], tail_source=a.block_table[1], tail_tokens=3)
+    assert again.num_tokens(BS) == 7
+    assert blocks.cached_prefix(make_seq("c", list(range(9)))) == CachedPrefix(a.block_table[:2])
+
+
+def test_a_tail_copies_the_leading_tokens_of_a_block_that_continues_the_chain():
+    """The next turn of a conversation: the previous prompt ends inside a block that also
+    holds the model's answer; the tokens they share are copied, not recomputed."""
+    blocks = BlockManager(16, BS, prefix_caching=True)
+    turn = make_seq("turn-1", list(range(12)))  # three full blocks: its prompt, then its answer
+    compute(blocks, turn)
+    nxt = make_seq("turn-2", list(range(10)) + [70, 71, 72])
+    prefix = blocks.cached_prefix(nxt)
+    assert prefix == CachedPrefix(turn.block_table[:2], tail_source=turn.block_table[2], tail_tokens=2)
+    copy = blocks.allocate(nxt, nxt.num_tokens, prefix)
+    assert copy == BlockCopy(turn.block_table[2], nxt.block_table[2], 2)
+    assert nxt.block_table[2] != turn.block_table[2]  # a cached block is never written
+    assert blocks.ref_counts[turn.block_table[2]] == 1  # the source is read, not held
+    # Another chain before the same tokens: not a continuation.
+    other = make_seq("other", list(range(4)) + [90, 91, 92, 93] + [8, 9, 70])
+    assert blocks.cached_prefix(other) == CachedPrefix(turn.block_table[:1])
+    # The tail, too, stops before the last prompt token.
+    assert blocks.cached_prefix(make_seq("short", list(range(11)))).tail_tokens == 2
+
+
+def test_a_tail_source_evicted_into_the_same_table_is_its_own_target():
+    """With nothing free, the allocation may evict the very block the tail reads: the copy
+    then keeps its slots in place, and the block leaves the cache."""
+    blocks = BlockManager(3, BS, prefix_caching=True)
+    turn = make_seq("turn-1", list(range(12)))
+    compute(blocks, turn)
+    third = turn.block_table[2]
+    blocks.free(turn)  # the third block is the least recently used
+    nxt = make_seq("turn-2", list(range(10)) + [70])
+    prefix = blocks.cached_prefix(nxt)
+    source = prefix.tail_source
+    assert source == third and prefix.tail_tokens == 2
+    assert blocks.allocate(nxt, nxt.num_tokens, prefix) == BlockCopy(source, source, 2)
+    assert blocks.block_hash[source] is None and not any(source in c for c in blocks.continuations.values())
 
 
 def test_eviction_takes_never_used_blocks_first_then_least_recently_freed_tail_first():
@@ -71,6 +111,7 @@ def test_eviction_takes_never_used_blocks_first_then_least_recently_freed_tail_f
     old, new = make_seq("old", list(range(8))), make_seq("new", list(range(100, 108)))
     compute(blocks, old)
     compute(blocks, new)
+    first_of_old = old.block_table[0]
     blocks.free(old)
     blocks.free(new)
     assert len(blocks.free_blocks) == 2 and len(blocks.evictable) == 4
@@ -80,8 +121,8 @@ def test_eviction_takes_never_used_blocks_first_then_least_recently_freed_tail_f
     assert blocks.counters.evictions == 1
     assert old.block_hashes[1] not in blocks.cached and old.block_hashes[0] in blocks.cached
     assert all(h in blocks.cached for h in new.block_hashes)
-    # old's first block still matches; its second does not.
-    assert len(blocks.cached_prefix(make_seq("again", list(range(9))))) == 1
+    # old's first block still matches; its second, evicted, is not even a tail.
+    assert blocks.cached_prefix(make_seq("again", list(range(9)))) == CachedPrefix([first_of_old])
 
 
 def test_reviving_a_cached_block_takes_it_from_the_free_pool():
@@ -91,7 +132,7 @@ def test_reviving_a_cached_block_takes_it_from_the_free_pool():
     blocks.free(first)
     second = make_seq("b", list(range(8)) + [9])
     prefix = blocks.cached_prefix(second)
-    assert len(prefix) == 2
+    assert len(prefix.blocks) == 2
     assert blocks.blocks_needed(second, 9, prefix) == 3  # 2 revived + 1 new
     assert blocks.can_allocate(second, 9, prefix)
     assert not blocks.can_allocate(second, 13, prefix)
@@ -115,8 +156,8 @@ def test_duplicate_contents_keep_the_first_registration():
 def test_caching_off_never_matches():
     blocks = BlockManager(8, BS, prefix_caching=False)
     compute(blocks, make_seq("a", list(range(9))))
-    assert blocks.cached_prefix(make_seq("b", list(range(9)))) == []
-    assert not blocks.cached
+    assert blocks.cached_prefix(make_seq("b", list(range(9)))) == CachedPrefix()
+    assert not blocks.cached and not blocks.continuations
 
 
 def test_pins_hold_blocks_until_they_expire():
@@ -132,7 +173,7 @@ def test_pins_hold_blocks_until_they_expire():
     assert blocks.num_pinned_blocks == 2
     blocks.expire_pins(10.0)
     assert blocks.num_pinned_blocks == 0 and blocks.counters.pin_expiries == 1
-    assert len(blocks.cached_prefix(make_seq("next-turn", list(range(12))))) == 2
+    assert len(blocks.cached_prefix(make_seq("next-turn", list(range(12)))).blocks) == 2
 
 
 def test_a_pin_over_the_bound_is_refused_and_freed():

@@ -106,7 +106,8 @@ def test_shared_system_prompt(tiny):
         lambda _: [("first", system + tokens(2, 5), None, 6)],
         lambda _: [(f"r{i}", system + tokens(10 + i, 3 + i), None, 6) for i in range(4)],
     ])
-    assert served.hits_per_wave == [0, 4 * 20]
+    # Five whole blocks, and the two system tokens of the sixth copied as a tail.
+    assert served.hits_per_wave == [0, 4 * 22]
 
 
 def test_multi_turn_history(tiny):
@@ -136,10 +137,22 @@ def test_adapters_never_share_and_each_reuses_its_own(tiny):
     assert served.hits_per_wave == [0, 0, 3 * 20]
 
 
-def test_prompt_on_a_block_boundary_recomputes_its_last_block(tiny):
+def test_prompt_on_a_block_boundary_recomputes_only_its_last_token(tiny):
     prompt = tokens(7, 16)
     served = both(tiny, [lambda _: [("x", prompt, None, 4)], lambda _: [("y", prompt, None, 4)]])
-    assert served.hits_per_wave == [0, 12]
+    assert served.hits_per_wave == [0, 15]  # three blocks, and three tokens of the fourth as a tail
+
+
+def test_a_tail_whose_source_is_evicted_into_the_same_table(tiny):
+    """A cache of four blocks, all cached and unreferenced: the next request's tail reads
+    the least recently used one, which its own allocation then evicts as its target."""
+    turn1 = tokens(14, 14)  # with 3 outputs: 16 computed tokens, four full blocks
+    served = both(tiny, [
+        lambda _: [("t1", turn1, None, 3)],
+        lambda _: [("t2", turn1[:13] + tokens(15, 3), None, 1)],
+    ], num_blocks=4)
+    assert served.counters.evictions == 1
+    assert served.hits_per_wave == [0, 13]
 
 
 def test_eviction_under_a_tiny_cache(tiny):
@@ -168,25 +181,45 @@ def test_prompt_logprobs_are_computed_not_read_from_the_cache(tiny):
     assert len(served.prompt_logprobs["echo"]) == len(prompt) - 1
 
 
-def test_logits_after_a_cached_prefix_match_transformers(tmp_path):
-    """Every row computed on top of cached blocks against transformers on the full sequence."""
+def teacher_forced_against_transformers(tmp_path, waves: list[list[Sequence]]) -> BlockManager:
+    """Runs the waves of sequences one after the other (random teacher-forced outputs)
+    and compares every logits row computed in the last wave with transformers' on the
+    whole final sequence; returns the block manager, for its counters."""
     reference = write_tiny_model(tmp_path, tiny_llama_config())
     model = load_model(tmp_path, torch.float32)
     blocks = BlockManager(64, BS, prefix_caching=True)
     runner = ModelRunner(model, 64, BS, max_model_len=256, device="cpu")
     scheduler = Scheduler(blocks, 16, 8, 256, eos_token_ids=[])
     gen = torch.Generator().manual_seed(2)
-    shared = tokens(9, 17)
-    scheduler.add(Sequence("first", shared + [5], SamplingParams(max_tokens=3, temperature=0.0), 0.0))
-    run_teacher_forced(scheduler, runner, gen)
-    seqs = [Sequence(f"s{i}", shared + tokens(50 + i, 6), SamplingParams(max_tokens=4, temperature=0.0), 0.0)
-            for i in range(3)]
-    for seq in seqs:
-        scheduler.add(seq)
-    computed, _ = run_teacher_forced(scheduler, runner, gen)
-    assert blocks.counters.hits == 3 * 16
-    assert len(computed) == sum(s.num_tokens - 1 - 16 for s in seqs)  # the cached 16 were not recomputed
+    for wave in waves:
+        for seq in wave:
+            scheduler.add(seq)
+        computed, _ = run_teacher_forced(scheduler, runner, gen)
     with torch.no_grad():
-        expected = {s.request_id: reference(torch.tensor([s.token_ids])).logits[0] for s in seqs}
+        expected = {s.request_id: reference(torch.tensor([s.token_ids])).logits[0] for s in waves[-1]}
     for seq, position, ours in computed:
         torch.testing.assert_close(ours, expected[seq.request_id][position], atol=1e-4, rtol=0)
+    return blocks
+
+
+def greedy(request_id: str, prompt: list[int], max_tokens: int) -> Sequence:
+    return Sequence(request_id, prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0), 0.0)
+
+
+def test_logits_after_a_cached_prefix_match_transformers(tmp_path):
+    """Every row computed on top of cached blocks against transformers on the full sequence."""
+    shared = tokens(9, 17)
+    seqs = [greedy(f"s{i}", shared + tokens(50 + i, 6), 4) for i in range(3)]
+    blocks = teacher_forced_against_transformers(tmp_path, [[greedy("first", shared + [5], 3)], seqs])
+    # Four whole blocks, and shared[16] as a tail (the block where "first" ended).
+    assert blocks.counters.hits == 3 * 17
+
+
+def test_logits_of_the_next_turn_after_a_copied_tail_match_transformers(tmp_path):
+    """A chat client resends the history with its own copy of the reply: the block where
+    the previous prompt ended holds the model's answer after it, so only the prompt's
+    part of that block is shared, copied rather than recomputed."""
+    turn1 = tokens(11, 18)  # four full blocks, then two tokens in the block the answer fills
+    turn2 = greedy("t2", turn1 + tokens(12, 9) + tokens(13, 5), 4)
+    blocks = teacher_forced_against_transformers(tmp_path, [[greedy("t1", turn1, 8)], [turn2]])
+    assert blocks.counters.hits == 18
