@@ -37,14 +37,22 @@ def test_a_repeated_prompt_is_read_from_the_cache_with_the_same_output(client, m
     first = client.completions.create(model=model_name, prompt=prompt, max_tokens=8, temperature=0)
     second = client.completions.create(model=model_name, prompt=prompt, max_tokens=8, temperature=0)
     prompt_tokens = first.usage.prompt_tokens
-    assert first.usage.prompt_tokens_details.cached_tokens == 0
-    # Every full block but the one holding the last prompt token, which is computed again.
-    expected = (prompt_tokens - 1) // BLOCK_SIZE * BLOCK_SIZE
+    # A new prompt finds no whole block (its first holds a uuid): at most the leading
+    # tokens of a block that another test's prompt began with ("Note ").
+    found_first = first.usage.prompt_tokens_details.cached_tokens
+    assert found_first < BLOCK_SIZE
+    # Every full block before the one holding the last prompt token (computed again);
+    # of that block, the tokens before it too, where the first request filled the block
+    # (its prompt and the 7 outputs it computed) so that it was cached.
+    last_block = (prompt_tokens - 1) // BLOCK_SIZE
+    filled = (last_block + 1) * BLOCK_SIZE <= prompt_tokens + 7
+    expected = prompt_tokens - 1 if filled else last_block * BLOCK_SIZE
     assert expected > 0
     assert second.usage.prompt_tokens_details.cached_tokens == expected
     assert second.choices[0].text == first.choices[0].text
-    hits = wait_for(server.url, "coserve:prefix_cache_hits_total", value(before, "coserve:prefix_cache_hits_total") + expected)
-    assert hits - value(before, "coserve:prefix_cache_hits_total") == expected
+    hits_before = value(before, "coserve:prefix_cache_hits_total")
+    hits = wait_for(server.url, "coserve:prefix_cache_hits_total", hits_before + found_first + expected)
+    assert hits - hits_before == found_first + expected
     queries = value(scrape(server.url), "coserve:prefix_cache_queries_total")
     assert queries - value(before, "coserve:prefix_cache_queries_total") == 2 * prompt_tokens
 
@@ -55,7 +63,9 @@ def test_chat_turns_share_the_system_prompt_and_stream_the_cached_count(client, 
         model=model_name, messages=[system, {"role": "user", "content": "Where is my parcel?"}], max_tokens=4,
         temperature=0,
     )
-    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    # A new session finds no whole block: at most the chat template's opening tokens
+    # ("<|im_start|>system\nSession "), as the leading tokens of a block earlier chats began with.
+    assert first.usage.prompt_tokens_details.cached_tokens < BLOCK_SIZE
     history = [system, {"role": "user", "content": "Where is my parcel?"},
                {"role": "assistant", "content": first.choices[0].message.content},
                {"role": "user", "content": "And can I return it?"}]
