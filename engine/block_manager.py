@@ -20,7 +20,7 @@ prompt to its last token, but the block holding that token also holds what the m
 answered, so no whole block matches it. Those tokens' KV is copied into a block of the
 sequence's own before the forward (`BlockCopy`; a cached block is never written), and
 only the rest is computed: in a 4-turn chat with 300-token system prompts (2026-12-07,
-bench/bench_prefix.py) about 8 tokens a turn of ~180 computed.
+bench/bench_prefix.py) about 8 tokens a turn of ~175 computed.
 
 Pins. A finished request may ask that its KV outlive it for a while (an agent's next
 turn after a tool call): its blocks stay referenced by a pin until the pin expires, so

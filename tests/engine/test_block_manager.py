@@ -90,6 +90,15 @@ def test_a_tail_copies_the_leading_tokens_of_a_block_that_continues_the_chain():
     assert blocks.cached_prefix(make_seq("short", list(range(11)))).tail_tokens == 2
 
 
+def test_a_tail_takes_the_continuation_that_agrees_longest():
+    blocks = BlockManager(16, BS, prefix_caching=True)
+    short, long_ = make_seq("short", [0, 1, 2, 3, 4, 9, 9, 9]), make_seq("long", [0, 1, 2, 3, 4, 5, 9, 9])
+    compute(blocks, long_)
+    compute(blocks, short)  # registered last, so compared first
+    prefix = blocks.cached_prefix(make_seq("next", [0, 1, 2, 3, 4, 5, 6, 7, 8]))
+    assert prefix == CachedPrefix(long_.block_table[:1], tail_source=long_.block_table[1], tail_tokens=2)
+
+
 def test_a_tail_source_evicted_into_the_same_table_is_its_own_target():
     """With nothing free, the allocation may evict the very block the tail reads: the copy
     then keeps its slots in place, and the block leaves the cache."""
