@@ -99,6 +99,18 @@ def test_a_tail_takes_the_continuation_that_agrees_longest():
     assert prefix == CachedPrefix(long_.block_table[:1], tail_source=long_.block_table[1], tail_tokens=2)
 
 
+@pytest.mark.parametrize("newer", [31, 32])
+def test_a_tail_compares_only_the_32_most_recent_continuations(newer):
+    """A flood of continuations of one chain that begin with the same token cannot make
+    admission compare them all: beyond the 32 most recently registered, none is looked at."""
+    blocks = BlockManager(2 * (newer + 2), BS, prefix_caching=True)
+    compute(blocks, make_seq("oldest", [0, 1, 2, 3, 4, 5, 6, 7]))
+    for i in range(newer):
+        compute(blocks, make_seq(f"newer{i}", [0, 1, 2, 3, 4, 100 + i, 0, 0]))
+    found = blocks.cached_prefix(make_seq("next", [0, 1, 2, 3, 4, 5, 6, 9, 9]))
+    assert found.tail_tokens == (3 if newer < 32 else 1)
+
+
 def test_a_tail_source_evicted_into_the_same_table_is_its_own_target():
     """With nothing free, the allocation may evict the very block the tail reads: the copy
     then keeps its slots in place, and the block leaves the cache."""
