@@ -84,6 +84,7 @@ from bench.bench_serving import (  # noqa: E402
 )
 from bench.cpu_monitor import ForeignCpu, wait_for_quiet  # noqa: E402
 from bench.loadgen import warmup  # noqa: E402
+from engine.block_manager import common_prefix_length  # noqa: E402
 
 PREFIX_WORK = WORK / "prefix"
 RAW = PREFIX_WORK / "raw"  # vllm bench serve's own result files (overwritten per run)
@@ -122,15 +123,6 @@ def _words(rng: random.Random, tokenizer, n_tokens: int, end: str = ".") -> str:
             return text if text.endswith(".") else text + end
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def make_chat_dataset(tokenizer, args: argparse.Namespace) -> dict:
     """Writes the rows (turn-major order) as vLLM's custom JSONL dataset; returns what they
     are: per row its conversation, turn and prompt length, and the prompt tokens an ideal
@@ -154,7 +146,7 @@ def make_chat_dataset(tokenizer, args: argparse.Namespace) -> dict:
             prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             ids = tokenizer(prompt, add_special_tokens=False).input_ids
             # The last token is always computed (its logits are needed), as both servers do.
-            shared = min(max((_common_prefix(ids, s) for s in seen), default=0), len(ids) - 1)
+            shared = min(max((common_prefix_length(ids, s) for s in seen), default=0), len(ids) - 1)
             seen.append(ids)
             rows.append(prompt)
             meta.append({"conversation": c, "turn": turn + 1, "prompt_tokens": len(ids), "shared_tokens": shared})

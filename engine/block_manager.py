@@ -33,6 +33,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import OrderedDict, deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from engine.prefix_hash import block_hashes
@@ -138,7 +139,7 @@ class BlockManager:
             parent = digests[len(prefix.blocks) - 1] if prefix.blocks else b""
             candidates = self.continuations.get((seq.cache_salt, parent, wanted[0]), {})
             for block in itertools.islice(reversed(candidates), _TAIL_CANDIDATES):
-                agreed = _agreeing(candidates[block], wanted)
+                agreed = common_prefix_length(candidates[block], wanted)
                 if agreed > prefix.tail_tokens:
                     prefix.tail_source, prefix.tail_tokens = block, agreed
         return prefix
@@ -291,11 +292,11 @@ class BlockManager:
             self._release(reversed(blocks))
 
 
-def _agreeing(cached: tuple[int, ...], wanted: list[int]) -> int:
-    """How many leading tokens of `wanted` the cached block's tokens begin with."""
+def common_prefix_length(a: Iterable[int], b: Iterable[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
     count = 0
-    for a, b in zip(cached, wanted):
-        if a != b:
+    for x, y in zip(a, b):
+        if x != y:
             break
         count += 1
     return count
