@@ -78,7 +78,11 @@ async def _conversation(client: openai.AsyncOpenAI, model: str, conv: Conversati
         result, reply = await _turn(client, model, messages, turn, max_tokens, temperature)
         results.append(result)
         if not result.ok:
-            break  # the rest of this conversation has no history to send
+            # The later turns have no history to send: failed too, so that the count of
+            # failures is the count of turns the conversation did not get answered.
+            results += [TurnResult(later, False, error="not sent: an earlier turn failed")
+                        for later in range(turn + 1, len(conv.user_messages) + 1)]
+            break
         messages.append({"role": "assistant", "content": reply})
     return results
 
