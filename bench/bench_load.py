@@ -33,8 +33,8 @@ Options: --concurrency 1,8,32,64,128, --prompts-per-level 2 and --min-prompts 16
 --input-len/--output-len 128, --temperature 1.0, --order coserve,vllm (which starts
 first and runs first at the first level), --skip-coserve, --skip-vllm, --port 8321,
 --quiet-wait 20, --out-dir, --coserve-arg ARG (repeatable: extra `coserve serve`
-arguments), --vllm-arg ARG (the same for `vllm serve`, whose bfloat16 default
---vllm-arg=--dtype=float32 overrides), --vllm-own-binding.
+arguments), --vllm-arg ARG (the same for `vllm serve`; its --dtype defaults to the
+type coserve's GEMM probe chose on this CPU, bench_serving.peer_dtype), --vllm-own-binding.
 """
 
 from __future__ import annotations
@@ -493,7 +493,7 @@ def parse_args() -> argparse.Namespace:
                     help="extra argument to `coserve serve` (repeatable; e.g. --coserve-arg=--max-num-seqs=128)")
     ap.add_argument("--vllm-arg", action="append", default=[], metavar="ARG",
                     help="extra argument to `vllm serve` (repeatable), after the defaults it overrides: e.g. "
-                         "--vllm-arg=--dtype=float32 on a CPU without bfloat16 arithmetic")
+                         "--vllm-arg=--dtype=bfloat16 (the default is the type coserve measured fastest here)")
     ap.add_argument("--vllm-own-binding", action="store_true",
                     help="let vLLM bind its OpenMP threads itself (it computes on one core and reserves one); "
                          "by default it computes on all cores, like coserve")

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.bench_serving import (  # noqa: E402
-    BENCH, VLLM_ENV, VLLM_VENV, WORK, bind_vllm_threads_to_all_cores, offline, online, result_header,
+    BENCH, VLLM_ENV, VLLM_VENV, WORK, bind_vllm_threads_to_all_cores, offline, online, peer_dtype, result_header,
 )
 from bench.prompts import make_prompts  # noqa: E402
 
@@ -101,6 +101,7 @@ def main() -> None:
         **result_header(started, name),
         "settings": vars(args),
         "vllm_env": dict(VLLM_ENV),
+        "vllm_dtype": peer_dtype(model_dir),
         "scenarios": {},
     }
     offline_ids = make_prompts(tokenizer, args.num_prompts, 32, 256, seed=0)
@@ -155,8 +156,8 @@ def markdown(results: dict, rate: float) -> str:
         "",
         f"Machine: {m['cpu_model']}, {m['cores']} cores, {m['ram_gib']} GiB RAM. torch {m['torch']}, "
         f"vLLM {m['vllm']}, coserve {m['coserve_commit']}. Model {results['model']}; {NUM_ADAPTERS} random "
-        f"rank-{RANK} adapters on all projections; max_loras = number of adapters. coserve dtype auto "
-        f"(float32 here), vLLM bfloat16.",
+        f"rank-{RANK} adapters on all projections; max_loras = number of adapters. coserve dtype auto, "
+        f"vLLM {results['vllm_dtype']} (the type coserve's GEMM probe chose on this CPU).",
         "",
         f"Command: `{results['command']}`",
         "",

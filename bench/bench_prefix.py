@@ -544,7 +544,7 @@ def parse_args() -> argparse.Namespace:
                     help="extra argument to both coserve servers (repeatable; e.g. --coserve-arg=--max-num-seqs=64)")
     ap.add_argument("--vllm-arg", action="append", default=[], metavar="ARG",
                     help="extra argument to `vllm serve` (repeatable), after the defaults it overrides: e.g. "
-                         "--vllm-arg=--dtype=float32 on a CPU without bfloat16 arithmetic")
+                         "--vllm-arg=--dtype=bfloat16 (the default is the type coserve measured fastest here)")
     ap.add_argument("--vllm-own-binding", action="store_true",
                     help="let vLLM bind its OpenMP threads itself (it computes on one core and reserves one); "
                          "by default it computes on all cores, like coserve")

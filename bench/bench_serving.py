@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import functools
 import json
 import os
 import platform
@@ -118,8 +119,9 @@ def result_header(started: dt.datetime, model: str) -> dict:
 def offline(backend: str, model_dir: Path, prompts_file: Path, output_len: int, quiet_wait: float,
             extra_args: tuple[str, ...] = (), tag: str = "") -> dict:
     python = REPO / ".venv/bin/python" if backend == "coserve" else VLLM_VENV / "bin/python"
+    dtype = ("--dtype", peer_dtype(model_dir)) if backend == "vllm" else ()
     cmd = [str(python), "-m", "bench.offline", "--backend", backend, "--model-dir", str(model_dir),
-           "--prompts", str(prompts_file), "--output-len", str(output_len), *extra_args]
+           "--prompts", str(prompts_file), "--output-len", str(output_len), *dtype, *extra_args]
     log = WORK / "logs" / f"offline-{backend}{tag}.log"
     print(f"[offline] {backend}: {shlex.join(cmd)}  (log: {log})", flush=True)
     wait_for_quiet(quiet_wait)
@@ -140,13 +142,29 @@ def _tail(path: Path, n: int = 15) -> str:
 # ---------------------------------------------------------------- online
 
 
+@functools.cache
+def peer_dtype(model_dir: Path) -> str:
+    """The type vLLM-CPU computes in: the one coserve's `dtype: auto` takes for this model
+    on this CPU, which its GEMM probe measured fastest (engine/model/gemm_probe.py; kept in
+    coserve's cache directory, so measured here only where coserve has not started yet).
+    Neither server then computes in a type this CPU only emulates: bfloat16 without
+    AVX-512 BF16 or AMX took 5.6x float32's time at 128 rows on a 2-core AMD EPYC with
+    AVX2 (2026-12-07). `--dtype` among a script's vLLM arguments still overrides it."""
+    from engine.model import gemm_probe
+    from engine.model.loader import load_config
+
+    cache_dir = Path(os.environ.get("COSERVE_CACHE_DIR", "~/.cache/coserve")).expanduser()
+    return gemm_probe.choose(load_config(model_dir), cache_dir).dtype
+
+
 def server_cmd(backend: str, model_dir: Path, name: str, port: int, extra_args: tuple[str, ...] = ()) -> list[str]:
     if backend == "coserve":
         return [str(REPO / ".venv/bin/python"), "-m", "server.cli", "serve", "--model", str(model_dir),
                 "--served-model-name", name, "--port", str(port), "--data-dir", str(WORK / "coserve-data"),
                 *extra_args]
     return [str(VLLM_VENV / "bin/vllm"), "serve", str(model_dir), "--served-model-name", name,
-            "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16", "--seed", "0", *extra_args]
+            "--host", "127.0.0.1", "--port", str(port), "--dtype", peer_dtype(model_dir), "--seed", "0",
+            *extra_args]
 
 
 def wait_healthy(base_url: str, proc: subprocess.Popen, timeout: float = 900) -> None:
@@ -315,7 +333,8 @@ def write_markdown(results: dict, stem: Path) -> str:
     header = (f"# coserve vs vLLM-CPU, {results['date']}\n\n"
               f"Machine: {m['cpu_model']}, {m['cores']} cores, {m['ram_gib']} GiB RAM. "
               f"torch {m['torch']}, vLLM {m['vllm']}, coserve {m['coserve_commit']}. Model {name}; "
-              f"dtype: coserve `auto` (what its CPU GEMM probe measured fastest), vLLM bfloat16; "
+              f"dtype: coserve `auto` (what its CPU GEMM probe measured fastest), vLLM the same unless the command "
+              f"set it; "
               f"vLLM env {results.get('vllm_env')}.\n\n"
               f"Command: `{results['command']}`\n\n")
     stem.with_suffix(".md").write_text(header + md + "\n")

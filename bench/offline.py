@@ -96,13 +96,15 @@ def main() -> None:
     ap.add_argument("--model-dir", required=True)
     ap.add_argument("--prompts", required=True)
     ap.add_argument("--output-len", type=int, default=128)
-    # Each side in its own best type: coserve's `auto` (what its CPU GEMM probe measured
-    # fastest), vLLM-CPU's bfloat16.
-    ap.add_argument("--dtype", default=None, help="default: auto for coserve, bfloat16 for vLLM")
+    # coserve's `auto` (what its CPU GEMM probe measured fastest); vLLM-CPU gets the same
+    # type from bench_serving (peer_dtype), which this vLLM-side process cannot measure.
+    ap.add_argument("--dtype", default=None, help="default for coserve: auto; required for vllm")
     ap.add_argument("--lora-root", type=Path)
     ap.add_argument("--adapters", help="JSON list: each prompt's adapter name under --lora-root, or null")
     ap.add_argument("--max-loras", type=int, default=8)
     args = ap.parse_args()
+    if args.backend == "vllm" and args.dtype is None:
+        ap.error("--dtype is required with --backend vllm")
     with open(args.prompts) as f:
         prompts = json.load(f)
     per_prompt = [None] * len(prompts)
@@ -111,7 +113,7 @@ def main() -> None:
             per_prompt = json.load(f)
     loras = Loras(args.lora_root, per_prompt, args.max_loras)
     run = run_coserve if args.backend == "coserve" else run_vllm
-    dtype = args.dtype or ("auto" if args.backend == "coserve" else "bfloat16")
+    dtype = args.dtype or "auto"
     result = run(args.model_dir, prompts, args.output_len, dtype, loras)
     result.update(
         backend=args.backend,
