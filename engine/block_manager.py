@@ -20,7 +20,10 @@ prompt to its last token, but the block holding that token also holds what the m
 answered, so no whole block matches it. Those tokens' KV is copied into a block of the
 sequence's own before the forward (`BlockCopy`; a cached block is never written), and
 only the rest is computed: in a 4-turn chat with 300-token system prompts (2026-12-07,
-bench/bench_prefix.py) about 8 tokens a turn of ~175 computed.
+bench/bench_prefix.py) about 8 tokens a turn of ~175 computed. A finished request's
+last, partial block is such a source too (never a whole cached block): a chat's next
+turn resends the model's reply, whose last tokens sit there; it stays in the LRU like a
+cached block until it is evicted.
 
 Pins. A finished request may ask that its KV outlive it for a while (an agent's next
 turn after a tool call): its blocks stay referenced by a pin until the pin expires, so
@@ -205,8 +208,9 @@ class BlockManager:
         if self.free_blocks:
             return self.free_blocks.popleft()
         block, _ = self.evictable.popitem(last=False)
-        del self.cached[self.block_hash[block]]
-        self.block_hash[block] = None
+        if self.block_hash[block] is not None:  # else a finished request's partial block
+            del self.cached[self.block_hash[block]]
+            self.block_hash[block] = None
         key = self.continuation_key[block]
         siblings = self.continuations[key]
         del siblings[block]
@@ -216,16 +220,35 @@ class BlockManager:
         self.counters.evictions += 1
         return block
 
-    def free(self, seq: Sequence) -> None:
+    def free(self, seq: Sequence, finished: bool = False) -> None:
+        """Release `seq`'s blocks. `finished`: an inference request that ended, whose last,
+        partial block then stays a source of tails (see the module docstring); never for
+        a training sequence, whose adapter changes with every step."""
+        if finished and self.prefix_caching:
+            self._keep_partial_block(seq)
         self._release(reversed(seq.block_table))
         seq.block_table = []
         seq.num_registered_blocks = 0
+
+    def _keep_partial_block(self, seq: Sequence) -> None:
+        """Index the computed tokens of `seq`'s last block, where it is partial, as a
+        continuation of its chain of registered blocks."""
+        full, computed = divmod(seq.num_computed_tokens, self.block_size)
+        if computed == 0 or full >= len(seq.block_table) or full != seq.num_registered_blocks:
+            return
+        block = seq.block_table[full]
+        if self.ref_counts[block] != 1 or self.continuation_key[block] is not None:
+            return
+        tokens = tuple(seq.token_ids[full * self.block_size : full * self.block_size + computed])
+        key = (seq.cache_salt, seq.block_hashes[full - 1] if full else b"", tokens[0])
+        self.continuations.setdefault(key, {})[block] = tokens
+        self.continuation_key[block] = key
 
     def _release(self, blocks) -> None:
         for block in blocks:
             self.ref_counts[block] -= 1
             if self.ref_counts[block] == 0:
-                if self.block_hash[block] is None:
+                if self.block_hash[block] is None and self.continuation_key[block] is None:
                     self.free_blocks.append(block)
                 else:
                     self.evictable[block] = None  # most recently used: evicted last
@@ -266,7 +289,7 @@ class BlockManager:
                 break
             blocks.append(self.cached[digest])
         if not blocks:  # nothing cached to keep (e.g. aborted while waiting)
-            self.free(seq)
+            self.free(seq, finished=True)
             return False
         fits = self.num_pinned_blocks + len(blocks) <= self.max_pinned_blocks
         if fits:
@@ -279,7 +302,7 @@ class BlockManager:
             self.counters.pins += 1
         else:
             self.counters.pins_refused += 1
-        self.free(seq)
+        self.free(seq, finished=True)
         return fits
 
     def expire_pins(self, now: float) -> None:

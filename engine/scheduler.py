@@ -331,7 +331,7 @@ class Scheduler:
         if seq.kv_ttl_s:
             self.block_manager.pin(seq, until=self.clock() + seq.kv_ttl_s)
         else:
-            self.block_manager.free(seq)
+            self.block_manager.free(seq, finished=True)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         self._priority.pop(seq.request_id, None)

@@ -127,6 +127,37 @@ def test_a_tail_source_evicted_into_the_same_table_is_its_own_target():
     assert blocks.block_hash[source] is None and not any(source in c for c in blocks.continuations.values())
 
 
+def test_a_finished_request_s_partial_block_is_a_tail_source_until_evicted():
+    """The next turn resends the model's reply, whose last computed tokens sit in the
+    finished request's partial block: a tail source, held in the LRU without a hash."""
+    blocks = BlockManager(4, BS, prefix_caching=True)
+    turn = make_seq("turn-1", list(range(11)))
+    compute(blocks, turn)  # two full blocks, then three tokens
+    table = list(turn.block_table)
+    partial = table[2]
+    blocks.free(turn, finished=True)
+    assert partial in blocks.evictable and partial not in blocks.free_blocks
+    assert blocks.block_hash[partial] is None  # never a whole cached block
+    nxt = make_seq("turn-2", list(range(12)) + [70])
+    assert blocks.cached_prefix(nxt) == CachedPrefix(table[:2], tail_source=partial, tail_tokens=3)
+    # Evicted (the last free block, then the LRU): it leaves the index.
+    blocks.allocate(make_seq("filler", list(range(100, 108))), 8)
+    assert partial not in blocks.evictable and blocks.continuation_key[partial] is None
+    assert blocks.cached_prefix(nxt).tail_source is None
+
+
+def test_a_released_training_sequence_leaves_no_partial_block():
+    """Freed without `finished` (a training sequence, whose adapter changes every step),
+    the partial block goes back to the free pool and serves no tail."""
+    blocks = BlockManager(4, BS, prefix_caching=True)
+    seq = make_seq("train", list(range(11)))
+    compute(blocks, seq)
+    partial = seq.block_table[2]
+    blocks.free(seq)
+    assert partial in blocks.free_blocks and blocks.continuation_key[partial] is None
+    assert blocks.cached_prefix(make_seq("next", list(range(12)) + [70])).tail_source is None
+
+
 def test_eviction_takes_never_used_blocks_first_then_least_recently_freed_tail_first():
     blocks = BlockManager(6, BS, prefix_caching=True)
     old, new = make_seq("old", list(range(8))), make_seq("new", list(range(100, 108)))

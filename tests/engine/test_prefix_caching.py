@@ -121,9 +121,10 @@ def test_multi_turn_history(tiny):
 
     served = both(tiny, [lambda _: [("t1", turn1, None, 8)], turn2, turn3])
     # Turn 2 finds turn 1's prompt and the output tokens whose KV was computed (all but
-    # the last): 18 + 7 = 25 tokens, 6 full blocks; turn 3 likewise finds turn 2's.
-    assert served.hits_per_wave[1] == 24
-    assert served.hits_per_wave[2] == (25 + 7 + 5) // BS * BS
+    # the last): 18 + 7 = 25 tokens, 6 full blocks and the one token of turn 1's last,
+    # partial block; turn 3 likewise all of turn 2's 33 + 5.
+    assert served.hits_per_wave[1] == 25
+    assert served.hits_per_wave[2] == 33 + 5
 
 
 def test_adapters_never_share_and_each_reuses_its_own(tiny):
@@ -181,8 +182,11 @@ def test_prompt_logprobs_are_computed_not_read_from_the_cache(tiny):
     assert len(served.prompt_logprobs["echo"]) == len(prompt) - 1
 
 
-def teacher_forced_against_transformers(tmp_path, waves: list[list[Sequence]]) -> BlockManager:
-    """Runs the waves of sequences one after the other (random teacher-forced outputs)
+def teacher_forced_against_transformers(
+    tmp_path, waves: list[list[Sequence] | Callable[[], list[Sequence]]]
+) -> BlockManager:
+    """Runs the waves of sequences one after the other (random teacher-forced outputs; a
+    wave given as a function is built when its turn comes, from what earlier waves made)
     and compares every logits row computed in the last wave with transformers' on the
     whole final sequence; returns the block manager, for its counters."""
     reference = write_tiny_model(tmp_path, tiny_llama_config())
@@ -192,11 +196,12 @@ def teacher_forced_against_transformers(tmp_path, waves: list[list[Sequence]]) -
     scheduler = Scheduler(blocks, 16, 8, 256, eos_token_ids=[])
     gen = torch.Generator().manual_seed(2)
     for wave in waves:
+        wave = wave() if callable(wave) else wave
         for seq in wave:
             scheduler.add(seq)
         computed, _ = run_teacher_forced(scheduler, runner, gen)
     with torch.no_grad():
-        expected = {s.request_id: reference(torch.tensor([s.token_ids])).logits[0] for s in waves[-1]}
+        expected = {s.request_id: reference(torch.tensor([s.token_ids])).logits[0] for s in wave}
     for seq, position, ours in computed:
         torch.testing.assert_close(ours, expected[seq.request_id][position], atol=1e-4, rtol=0)
     return blocks
@@ -223,3 +228,15 @@ def test_logits_of_the_next_turn_after_a_copied_tail_match_transformers(tmp_path
     turn2 = greedy("t2", turn1 + tokens(12, 9) + tokens(13, 5), 4)
     blocks = teacher_forced_against_transformers(tmp_path, [[greedy("t1", turn1, 8)], [turn2]])
     assert blocks.counters.hits == 18
+
+
+def test_logits_of_the_next_turn_after_the_model_s_own_reply_match_transformers(tmp_path):
+    """A chat client resends the model's own reply: its last tokens sit in the finished
+    turn's last, partial block, which the next turn copies from as a tail."""
+    turn1 = greedy("t1", tokens(14, 18), 6)  # 18 + 5 computed: five full blocks, then three tokens
+
+    def turn2() -> list[Sequence]:
+        return [greedy("t2", turn1.token_ids + tokens(15, 5), 4)]
+
+    blocks = teacher_forced_against_transformers(tmp_path, [[turn1], turn2])
+    assert blocks.counters.hits == 18 + 5
