@@ -152,9 +152,9 @@ def peer_dtype(model_dir: Path) -> str:
     AVX2 (2026-12-07). `--dtype` among a script's vLLM arguments still overrides it."""
     from engine.model import gemm_probe
     from engine.model.loader import load_config
+    from server.settings import Settings
 
-    cache_dir = Path(os.environ.get("COSERVE_CACHE_DIR", "~/.cache/coserve")).expanduser()
-    return gemm_probe.choose(load_config(model_dir), cache_dir).dtype
+    return gemm_probe.choose(load_config(model_dir), Settings().cache_dir).dtype
 
 
 def server_cmd(backend: str, model_dir: Path, name: str, port: int, extra_args: tuple[str, ...] = ()) -> list[str]:

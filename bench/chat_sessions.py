@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import openai
 
+from bench.loadgen import percentile
+
 
 @dataclass
 class Conversation:
@@ -105,14 +107,8 @@ async def run_sessions(base_url: str, model: str, conversations: list[Conversati
 
 
 def _percentile_ms(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    # Linear interpolation between closest ranks, as numpy's default (vLLM's reports use it).
-    pos = (len(ordered) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return (ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)) * 1000
+    """None where nothing completed (the report prints n/a)."""
+    return percentile(values, q) * 1000 if values else None
 
 
 def summarize(results: list[TurnResult], duration_s: float) -> dict:

@@ -72,7 +72,7 @@ async def _one_request(client: httpx.AsyncClient, model: str, prompt: str, outpu
     return RequestResult(ok=True, ttft=ttft, e2e=e2e, output_tokens=usage_tokens or chunks)
 
 
-def _percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
     """Linear-interpolated percentile (numpy's default), without numpy."""
     if not values:
         return float("nan")
@@ -85,7 +85,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 def _stats(name: str, values: list[float]) -> dict:
     mean = sum(values) / len(values) if values else float("nan")
-    return {f"{name}_mean": mean, f"{name}_p50": _percentile(values, 50), f"{name}_p99": _percentile(values, 99)}
+    return {f"{name}_mean": mean, f"{name}_p50": percentile(values, 50), f"{name}_p99": percentile(values, 99)}
 
 
 def summarize(results: list[RequestResult], duration: float) -> dict:
